@@ -1,0 +1,87 @@
+"""The ``medidiff`` command.
+
+Each sub-command lives in ``medidiff/commands/<name>.py`` with two functions:
+``add_arguments(parser)`` (argparse only, so ``--help`` stays instant) and
+``run(args) -> int`` (heavy imports happen inside). Errors a user can fix are
+:class:`~medidiff.errors.MedidiffError` and are printed as one line with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# (name, module, one-line help) in the order of DESIGN.md's CLI.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("info", "medidiff.commands.info", "print a volume's shape, spacing, orientation, affine and range"),
+    ("train", "medidiff.commands.train", "train a diffusion U-Net from a YAML config"),
+    ("synthesize", "medidiff.commands.synthesize", "generate new scans from a checkpoint"),
+    ("calibrate", "medidiff.commands.calibrate", "anomaly thresholds from healthy scans at a target FPR"),
+    ("anomaly", "medidiff.commands.anomaly", "score scans for anomalies (maps, segmentations, scores)"),
+    ("evaluate", "medidiff.commands.evaluate", "voxel/scan metrics of anomaly maps against masks"),
+    ("demo", "medidiff.commands.demo", "the main job on the bundled model and sample_data"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medidiff import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="medidiff",
+        description=(
+            "Denoising-diffusion models for medical volumes (MRI, CT): train, synthesise "
+            "new scans, and detect anomalies by partial diffusion. Run "
+            "'medidiff COMMAND --help' for a command's options."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"medidiff {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name, help_text in COMMANDS:
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(module.__doc__ or help_text).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(_module=module_name)
+    return parser
+
+
+def _error(message: str) -> None:
+    # One line, no traceback: newlines inside a message are folded.
+    print(f"medidiff: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medidiff.errors import MedidiffError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except MedidiffError as exc:
+        _error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted (Ctrl-C); finished outputs are kept, unfinished ones were not written")
+        return 130
+    except MemoryError:
+        _error("out of memory; try a smaller --batch-size or a smaller input")
+        return 1
+    except Exception as exc:  # noqa: BLE001 - last line of defence; MEDIDIFF_DEBUG shows the trace
+        if os.environ.get("MEDIDIFF_DEBUG"):
+            raise
+        _error(f"unexpected {type(exc).__name__}: {exc} (set MEDIDIFF_DEBUG=1 for a traceback)")
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``medidiff`` CLI, one module each (argparse set-up + ``run``)."""

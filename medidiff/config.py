@@ -1,0 +1,315 @@
+"""Typed, validated run configuration (YAML in, frozen dataclasses out).
+
+A config has four sections — ``data``, ``model``, ``diffusion``, ``train`` — each a
+frozen dataclass below. Unknown keys and wrong types are refused with one line naming
+the key (``ConfigError: config key 'train.max_stepz' is unknown; known keys: ...``);
+nothing is silently corrected. ``--set section.key=value`` overrides are parsed as YAML
+scalars, so ``--set train.max_steps=20`` gives an int and
+``--set data.preprocessing.spacing=[2,2,2]`` a list.
+
+Example:
+    >>> from medidiff.config import Config
+    >>> cfg = Config.from_dict({"train": {"max_steps": 20}})
+    >>> cfg.train.max_steps, cfg.model.spatial_dims
+    (20, 2)
+    >>> cfg.with_overrides(["train.batch_size=4"]).train.batch_size
+    4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union
+
+from medidiff.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training scans are and how they are preprocessed.
+
+    Attributes:
+        datalist: folder, glob, CSV or Decathlon ``dataset.json`` (relative paths are
+            resolved against the config file's folder, then the working directory).
+        split: the Decathlon split (``training``, ``validation``, ...).
+        preprocessing: keys of :class:`medidiff.data.Preprocessing` (modality, spacing,
+            shape, intensity settings); validated by that class.
+        min_foreground: 2D models skip axial slices with less foreground than this.
+        patch_size: 3D models train on random patches of this size (None: whole volumes).
+        cache: ``memory`` (CacheDataset), ``disk`` (PersistentDataset) or ``none``.
+        cache_dir: folder for ``disk`` caching (default: ``RUN_DIR/cache``).
+        num_workers: DataLoader workers.
+    """
+
+    datalist: str = "sample_data/dataset.json"
+    split: str = "training"
+    preprocessing: dict = field(default_factory=dict)
+    min_foreground: float = 0.1
+    patch_size: Union[list[int], None] = None
+    cache: str = "memory"
+    cache_dir: Union[str, None] = None
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net: a preset of :func:`medidiff.models.build_model` plus overrides."""
+
+    spatial_dims: int = 2
+    preset: str = "small"
+    channels: Union[list[int], None] = None
+    attention_levels: Union[list[bool], None] = None
+    num_res_blocks: Union[int, None] = None
+    num_head_channels: Union[int, None] = None
+    norm_num_groups: Union[int, None] = None
+    num_class_embeds: Union[int, None] = None
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process and what the network predicts.
+
+    Attributes:
+        num_train_timesteps: T.
+        schedule: ``linear_beta``, ``scaled_linear_beta`` or ``cosine``.
+        beta_start, beta_end: endpoints of the (scaled-)linear schedules.
+        prediction_type: ``epsilon``, ``v_prediction`` or ``sample``.
+        noise: ``gaussian`` or ``simplex`` (AnoDDPM) — the noise the model learns to remove.
+        simplex_octaves, simplex_persistence, simplex_frequency: simplex-noise settings.
+    """
+
+    num_train_timesteps: int = 1000
+    schedule: str = "linear_beta"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"
+    noise: str = "gaussian"
+    simplex_octaves: int = 6
+    simplex_persistence: float = 0.8
+    simplex_frequency: Union[float, None] = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, logging and checkpointing.
+
+    Attributes:
+        max_steps: optimiser steps in total.
+        batch_size: per process (global batch = batch_size x world size).
+        lr, weight_decay: AdamW.
+        warmup_steps: linear warm-up, then cosine decay to ``lr * min_lr_ratio``.
+        grad_clip: max global gradient norm (0 disables).
+        ema_decay: EMA of weights used for sampling and saved as inference weights
+            (0 disables).
+        seed: fixes data order, noise and initialisation.
+        checkpoint_every, log_every, preview_every: in steps (0 disables previews).
+        amp: mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU.
+        channels_last: memory format on CUDA.
+        cond_drop_prob: class-label dropout for classifier-free guidance.
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 10
+    preview_every: int = 500
+    preview_samples: int = 4
+    preview_steps: int = 25
+    amp: bool = True
+    channels_last: bool = True
+    cond_drop_prob: float = 0.1
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: ``data``, ``model``, ``diffusion``, ``train`` sections."""
+
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: Any) -> "Config":
+        """Build and validate from a nested dict (e.g. parsed YAML)."""
+        cfg = _build(cls, raw, prefix="")
+        _check_values(cfg)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> "Config":
+        """Read a YAML file, apply ``key=value`` overrides, validate."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = _apply_overrides(raw, overrides or [])
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    def with_overrides(self, overrides: list[str]) -> "Config":
+        """A new config with ``section.key=value`` overrides applied and validated."""
+        return Config.from_dict(_apply_overrides(self.to_dict(), overrides))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    import copy
+
+    import yaml
+
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}': bad key '{key}'")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed = value
+        node = raw
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+            node = child
+        node[parts[-1]] = parsed
+    return raw
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_name(inner)}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; only int->float is widened."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix=key + ".")
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{where}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                f"config key '{prefix}{key}' is unknown; known keys: {', '.join(sorted(known))}"
+            )
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{value}'")
+
+
+def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}; got {value}")
+
+
+def _check_values(cfg: Config) -> None:
+    """Value checks beyond types (ranges and choices)."""
+    _choice("model.spatial_dims", str(cfg.model.spatial_dims), ("2", "3"))
+    _choice("diffusion.schedule", cfg.diffusion.schedule, ("linear_beta", "scaled_linear_beta", "cosine"))
+    _choice("diffusion.prediction_type", cfg.diffusion.prediction_type, ("epsilon", "v_prediction", "sample"))
+    _choice("diffusion.noise", cfg.diffusion.noise, ("gaussian", "simplex"))
+    _choice("data.cache", cfg.data.cache, ("memory", "disk", "none"))
+    _positive("diffusion.num_train_timesteps", cfg.diffusion.num_train_timesteps)
+    if not 0 < cfg.diffusion.beta_start < cfg.diffusion.beta_end < 1:
+        raise ConfigError("config keys 'diffusion.beta_start' < 'diffusion.beta_end' must lie in (0, 1)")
+    t = cfg.train
+    for key in ("max_steps", "batch_size"):
+        _positive(f"train.{key}", getattr(t, key))
+    _positive("train.lr", t.lr)
+    for key in ("warmup_steps", "grad_clip", "weight_decay", "checkpoint_every", "log_every",
+                "preview_every", "preview_samples", "preview_steps"):
+        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"config key 'train.ema_decay' must lie in [0, 1); got {t.ema_decay}")
+    if not 0 <= t.cond_drop_prob < 1:
+        raise ConfigError(f"config key 'train.cond_drop_prob' must lie in [0, 1); got {t.cond_drop_prob}")
+    if not 0 < t.min_lr_ratio <= 1:
+        raise ConfigError(f"config key 'train.min_lr_ratio' must lie in (0, 1]; got {t.min_lr_ratio}")
+    if cfg.data.preprocessing:
+        from medidiff.transforms import Preprocessing
+
+        Preprocessing.from_dict(cfg.data.preprocessing, prefix="data.preprocessing")
+    if not 0 <= cfg.data.min_foreground < 1:
+        raise ConfigError(f"config key 'data.min_foreground' must lie in [0, 1); got {cfg.data.min_foreground}")
