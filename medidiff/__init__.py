@@ -32,6 +32,11 @@ _EXPORTS = {
     "partial_reconstruction": "medidiff.diffusion",
     "load_inference": "medidiff.checkpoint",
     "Trainer": "medidiff.training",
+    "Synthesizer": "medidiff.synthesis",
+    "synthesize_to_folder": "medidiff.synthesis",
+    "evaluate_synthesis": "medidiff.synthesis_metrics",
+    "Case": "medidiff.metrics",
+    "evaluate_cases": "medidiff.metrics",
 }
 
 __all__ = ["__version__", "MedidiffError", *_EXPORTS]

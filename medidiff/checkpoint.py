@@ -717,12 +717,14 @@ def _sniff(head: bytes, size: int | None = None) -> str:
     size = len(head) if size is None else size
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
-    if head[:1] == b"\x80":
-        return "pickle"
+    # safetensors first: its 8-byte length may itself start with 0x80 (e.g. a 12160-byte
+    # header), which must not be mistaken for pickle's PROTO opcode.
     if len(head) >= 9 and size >= 8:
         header_len = int.from_bytes(head[:8], "little")
         if 2 <= header_len <= size - 8 and head[8:9] == b"{":
             return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
     return "unknown"
 
 

@@ -21,6 +21,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("calibrate", "medidiff.commands.calibrate", "anomaly thresholds from healthy scans at a target FPR"),
     ("anomaly", "medidiff.commands.anomaly", "score scans for anomalies (maps, segmentations, scores)"),
     ("evaluate", "medidiff.commands.evaluate", "voxel/scan metrics of anomaly maps against masks"),
+    ("evaluate-synthesis", "medidiff.commands.evaluate_synthesis",
+     "quality, diversity and memorisation metrics of synthetic scans"),
     ("demo", "medidiff.commands.demo", "the main job on the bundled model and sample_data"),
 ]
 

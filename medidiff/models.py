@@ -85,10 +85,15 @@ class ModelPreset:
     norm_num_groups: int
 
 
-# Measured by pipelines/benchmark_model_presets.py (2 CPU cores, batch 16, AdamW step):
-# 2D small ~1.1 M parameters. MONAI's generative tutorials use (128, 256, 256) with
-# attention at the two lower levels for 2D DDPM on 64x64 MedNIST, and (64, 64, 128) with
-# attention at the lowest level for 3D DDPM on 32x40x32 BraTS.
+# 2D small: 1.11 M parameters; one training step (batch 16, AdamW, 2 CPU cores, measured by
+# pipelines/benchmark_model_presets.py on an unloaded machine) takes ~1.1-1.2 s at 64x64
+# and ~2.9-3.0 s at 96x96, i.e. ~6000 or ~2400 steps in two hours. Wider variants cost
+# more per step for little gain at this budget: (32, 64, 96) 1.8 M ~1.3x at 96x96,
+# (32, 64, 128) 2.7 M ~1.6x, two res blocks 1.6 M ~1.5x; a single 64-channel head is
+# cheaper than MONAI's tutorial default of 32-channel heads. MONAI's generative tutorials
+# use (128, 256, 256) with attention at the two lower levels for 2D DDPM on 64x64 MedNIST
+# ("base" here) and (64, 64, 128) with attention at the lowest level for 3D DDPM on
+# 32x40x32 BraTS.
 _PRESETS: dict[tuple[int, str], ModelPreset] = {
     (2, "tiny"): ModelPreset((8, 16), (False, False), 1, 8, 8),
     (3, "tiny"): ModelPreset((8, 16), (False, False), 1, 8, 8),

@@ -405,9 +405,16 @@ class Trainer:
         model = build_model_from_kwargs(self.model_kwargs).to(self.device).eval()
         model.load_state_dict(self.inference_state_dict())
         shape = (c.preview_samples, 1, *self.dataset_spatial_shape())
+        model_fn = lambda x, t: model(x, timesteps=t)  # noqa: E731
+        n_classes = self.config.model.num_class_embeds
+        if n_classes:  # one sample per class in turn, plain conditional (guidance 1)
+            from medidiff.diffusion import guided_model_fn
+
+            labels = torch.arange(c.preview_samples, device=self.device) % n_classes
+            model_fn = guided_model_fn(model, labels, 1.0)
         with torch.no_grad():
             result = sample(
-                lambda x, t: model(x, timesteps=t),
+                model_fn,
                 self.schedule, shape, sampler="ddim", steps=c.preview_steps,
                 seeds=list(range(c.preview_samples)), device=self.device,
                 prediction_type=self.config.diffusion.prediction_type,
@@ -501,7 +508,7 @@ class _Logger:
     def __init__(self, run_dir: Path, append: bool) -> None:
         path = run_dir / "metrics.csv"
         keep = append and path.exists()
-        self.file = open(path, "a" if keep else "w", newline="")
+        self.file = open(path, "a" if keep else "w", newline="", encoding="utf-8")
         self.csv = csv.writer(self.file)
         if not keep:
             self.csv.writerow(METRICS_FIELDS)

@@ -2,7 +2,9 @@
 
 A step is what the Trainer does per batch: forward eps_theta(x_t, t), MSE against a target
 of the same shape, backward, AdamW update. Prints a table of parameter counts and seconds
-per step (median and minimum over the timed steps, after one warm-up step).
+per step (median and minimum over the timed steps, after one warm-up step). Steps of all
+configurations are interleaved, so on a shared machine the minimum is the best estimate
+of the uncontended time.
 
 Usage:
     python pipelines/benchmark_model_presets.py                       # 2D small, 64 and 96
@@ -43,26 +45,35 @@ CANDIDATES_2D: dict[str, dict] = {
 }
 
 
-def time_steps(model: torch.nn.Module, shape: tuple[int, ...], steps: int, device: str) -> list:
-    """Seconds per training step for ``steps`` steps after one warm-up step."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x_t = torch.randn(shape, device=device)
-    target = torch.randn(shape, device=device)
-    timesteps = torch.randint(0, 1000, (shape[0],), device=device)
-    times = []
-    for i in range(steps + 1):
-        if device.startswith("cuda"):
+class StepTimer:
+    """One model, one input shape, one attention mode: times single training steps.
+
+    Steps of all configurations are interleaved round by round (see ``main``), so load from
+    other processes on a shared machine spreads over all of them instead of skewing one.
+    """
+
+    def __init__(self, model: torch.nn.Module, shape: tuple[int, ...], flash: bool, device: str):
+        self.model, self.flash, self.device = model, flash, device
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.x_t = torch.randn(shape, device=device)
+        self.target = torch.randn(shape, device=device)
+        self.timesteps = torch.randint(0, 1000, (shape[0],), device=device)
+        self.times: list[float] = []
+
+    def step(self, record: bool = True) -> None:
+        set_flash(self.model, self.flash)
+        if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = torch.nn.functional.mse_loss(model(x_t, timesteps), target)
-        optimizer.zero_grad(set_to_none=True)
+        # eps_theta(x_t, t) against a target of the same shape, as in DDPM training.
+        loss = torch.nn.functional.mse_loss(self.model(self.x_t, self.timesteps), self.target)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        if device.startswith("cuda"):
+        self.optimizer.step()
+        if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        if i > 0:
-            times.append(time.perf_counter() - start)
-    return times
+        if record:
+            self.times.append(time.perf_counter() - start)
 
 
 def set_flash(model: torch.nn.Module, on: bool) -> None:
@@ -101,23 +112,28 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
+    timers: list[tuple[str, int, int, StepTimer]] = []
     for name, spec in models.items():
         spec = dict(spec)
         preset = spec.pop("preset")
         model = build_model(args.spatial_dims, preset, **spec).to(args.device)
-        n_params = count_parameters(model)
         for size in args.sizes:
             shape = (args.batch, 1) + (size,) * args.spatial_dims
             for flash in (False, True) if args.flash else (False,):
-                set_flash(model, flash)
-                times = time_steps(model, shape, args.steps, args.device)
-                print(
-                    f"{name:34s} {n_params / 1e6:7.2f}M {size:6d} "
-                    f"{'sdpa' if flash else 'dense':>6s} "
-                    f"{statistics.median(times):9.2f} {min(times):7.2f}",
-                    flush=True,
-                )
-
+                timer = StepTimer(model, shape, flash, args.device)
+                timers.append((name, count_parameters(model), size, timer))
+    for *_, timer in timers:
+        timer.step(record=False)  # warm-up: allocator, optimizer state
+    for _ in range(args.steps):
+        for *_, timer in timers:
+            timer.step()
+    for name, n_params, size, timer in timers:
+        print(
+            f"{name:34s} {n_params / 1e6:7.2f}M {size:6d} "
+            f"{'sdpa' if timer.flash else 'dense':>6s} "
+            f"{statistics.median(timer.times):9.2f} {min(timer.times):7.2f}",
+            flush=True,
+        )
 
 if __name__ == "__main__":
     main()

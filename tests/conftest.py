@@ -80,3 +80,57 @@ def run_cli(capfd: pytest.CaptureFixture[str]) -> Callable[[Sequence[Any]], CliR
         return CliRun(int(rc), out, err)
 
     return run
+
+
+# ---- trained tiny checkpoints (session-scoped: trained once per test run) ----------------
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train_tiny(out: Path, overrides: list[str]) -> Path:
+    from medidiff.config import Config
+    from medidiff.training import Trainer
+
+    cfg_path = _ROOT / "configs" / "tiny_test.yaml"
+    cfg = Config.from_yaml(
+        cfg_path,
+        ["train.max_steps=3", "train.checkpoint_every=0", "train.batch_size=4", *overrides],
+    )
+    return Trainer(cfg, out, progress=False, config_dir=cfg_path.parent).fit().model_path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``model.safetensors`` of a tiny 2D model trained 3 steps on sample_data (32x40 slices
+    of a 6 mm grid 32x40x32); it records its preprocessing like any real checkpoint."""
+    if not (_ROOT / "sample_data" / "dataset.json").exists():
+        pytest.skip("sample_data not built")
+    return _train_tiny(tmp_path_factory.mktemp("tiny2d"), [])
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 3D model (whole volumes, 12 mm grid 16x16x16) trained 3 steps on sample_data."""
+    if not (_ROOT / "sample_data" / "dataset.json").exists():
+        pytest.skip("sample_data not built")
+    return _train_tiny(
+        tmp_path_factory.mktemp("tiny3d"),
+        ["model.spatial_dims=3", "data.preprocessing.spacing=[12,12,12]",
+         "data.preprocessing.shape=[16,16,16]", "train.batch_size=2"],
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_2d_conditional(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny class-conditional 2D model (2 classes from a CSV datalist's ``label`` column,
+    condition dropout 0.2 for classifier-free guidance)."""
+    if not (_ROOT / "sample_data" / "dataset.json").exists():
+        pytest.skip("sample_data not built")
+    out = tmp_path_factory.mktemp("tiny2dcond")
+    images = sorted((_ROOT / "sample_data" / "train" / "images").glob("*.nii.gz"))[:6]
+    csv_path = out / "datalist.csv"
+    csv_path.write_text("image,label\n" + "".join(f"{p},{'a' if i % 2 else 'b'}\n" for i, p in enumerate(images)))
+    return _train_tiny(
+        out / "run",
+        [f"data.datalist={csv_path}", "model.num_class_embeds=2", "train.cond_drop_prob=0.2"],
+    )

@@ -458,3 +458,14 @@ def test_training_state_damaged_or_wrong_kind(tmp_path, tiny2d):
 def test_restore_rng_rejects_malformed():
     with pytest.raises(CheckpointError, match="RNG state"):
         restore_rng_state({"torch_cpu": torch.zeros(3, dtype=torch.uint8)})
+
+
+def test_sniff_safetensors_header_length_starting_with_0x80():
+    """A safetensors header of 12160 bytes encodes its length as 0x80 0x2f ...: not pickle."""
+    from medidiff.checkpoint import _sniff
+
+    header = b"{" + b" " * 12158 + b"}"
+    head = (12160).to_bytes(8, "little") + header[:1]
+    assert head[:1] == b"\x80"
+    assert _sniff(head, size=8 + 12160 + 16) == "safetensors"
+    assert _sniff(b"\x80\x04\x95" + b"\x00" * 10) == "pickle"

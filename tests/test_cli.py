@@ -9,7 +9,7 @@ import pytest
 
 from medidiff.cli import COMMANDS, main
 
-DESIGN_COMMANDS = ["info", "train", "synthesize", "calibrate", "anomaly", "evaluate", "demo"]
+DESIGN_COMMANDS = ["info", "train", "synthesize", "calibrate", "anomaly", "evaluate", "evaluate-synthesis", "demo"]
 
 
 def test_help_lists_all_commands(capsys):
@@ -43,6 +43,7 @@ def test_unbuilt_commands_say_so(name, tmp_path, capsys):
         "calibrate": ["--healthy", str(tmp_path), "--out", str(tmp_path / "t.json")],
         "anomaly": ["--input", str(tmp_path), "--out", str(tmp_path / "o")],
         "evaluate": ["--pred", str(tmp_path), "--truth", str(tmp_path)],
+        "evaluate-synthesis": ["--real", str(tmp_path), "--synthetic", str(tmp_path), "--out", str(tmp_path / "t.json")],
         "demo": ["--out", str(tmp_path / "o")],
     }[name]
     rc = main([name, *argv])

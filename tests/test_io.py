@@ -676,7 +676,7 @@ def test_atomic_path_failure_keeps_the_old_file(tmp_path):
     with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
         tmp.write_text("new")
         raise KeyboardInterrupt
-    assert target.read_text() == "old"
+    assert target.read_text(encoding="utf-8") == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 
@@ -700,7 +700,7 @@ def test_overwrite_false(tmp_path):
     target = write_text_atomic(tmp_path / "x.txt", "first")
     with pytest.raises(OutputError, match="x.txt"):
         write_text_atomic(target, "second", overwrite=False)
-    assert target.read_text() == "first"
+    assert target.read_text(encoding="utf-8") == "first"
 
 
 def test_written_files_have_normal_permissions(tmp_path):
@@ -722,7 +722,7 @@ def test_write_json_atomic_handles_numpy(tmp_path):
     out = write_json_atomic(
         tmp_path / "m.json", {"a": np.float32(0.5), "b": np.arange(3), "c": tmp_path}
     )
-    assert json.loads(out.read_text()) == {"a": 0.5, "b": [0, 1, 2], "c": str(tmp_path)}
+    assert json.loads(out.read_text(encoding="utf-8")) == {"a": 0.5, "b": [0, 1, 2], "c": str(tmp_path)}
 
 
 def test_save_volume_refuses_other_suffixes(tmp_path):

@@ -26,7 +26,7 @@ SPLIT_DIRS = ("train", "val", "test", "ct")
 
 @lru_cache(maxsize=None)
 def dataset() -> dict:
-    return json.loads((SAMPLE / "dataset.json").read_text())
+    return json.loads((SAMPLE / "dataset.json").read_text(encoding="utf-8"))
 
 
 @lru_cache(maxsize=None)
@@ -108,7 +108,7 @@ def test_dataset_json_paths_exist_and_counts_match():
 
 
 def test_readme_and_montage_present():
-    text = (SAMPLE / "README.md").read_text()
+    text = (SAMPLE / "README.md").read_text(encoding="utf-8")
     assert "montage.png" in text
     assert "Louis Collins" in text and "McGill University" in text
     assert "make_sample_data.py" in text

@@ -136,3 +136,15 @@ def test_cli_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train.max_steps" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_conditional_training_with_preview(tmp_path):
+    """Class labels reach the network, and the preview samples one image per class."""
+    data = [{"image": x, "class_label": i % 2} for i, x in enumerate(_toy_data())]
+    cfg = Config.from_dict({"model": {"preset": "tiny", "num_class_embeds": 2},
+                            "train": {"max_steps": 2, "batch_size": 4, "checkpoint_every": 0,
+                                      "preview_every": 2, "preview_samples": 2, "preview_steps": 2}})
+    trainer = Trainer(cfg, tmp_path / "c", dataset=data, progress=False)
+    assert trainer.model_kwargs["num_class_embeds"] == 3  # 2 classes + the null class
+    trainer.fit()
+    assert list((tmp_path / "c" / "previews").glob("*.png"))

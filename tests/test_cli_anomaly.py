@@ -1,0 +1,312 @@
+"""`medidiff calibrate` and `medidiff anomaly` end to end with the tiny checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_data"
+PIR = SAMPLE / "test" / "images" / "tumor-001.nii.gz"  # stored PIR
+RAS = SAMPLE / "test" / "images" / "tumor-000.nii.gz"
+FAST = ["--method", "ddim", "--t-start", "6", "--steps", "2"]
+
+pytestmark = pytest.mark.skipif(
+    not (SAMPLE / "dataset.json").exists(), reason="sample_data not built"
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_checkpoint_is_required(run_cli, tmp_path):
+    res = run_cli(["anomaly", "--input", RAS, "--out", tmp_path / "o"])
+    assert res.rc == 1 and "--checkpoint is required" in res.err and res.err.count("\n") == 1
+    res = run_cli(["calibrate", "--healthy", RAS, "--out", tmp_path / "t.json"])
+    assert res.rc == 1 and "--checkpoint is required" in res.err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "t.json").exists()
+
+
+def test_outputs_on_the_input_grid_and_resume(run_cli, tiny_checkpoint_2d, tmp_path):
+    out = tmp_path / "out"
+    args = ["anomaly", "--checkpoint", tiny_checkpoint_2d, "--input", PIR, RAS, "--out", out, *FAST]
+    res = run_cli(args)
+    assert res.rc == 0, res.err
+    assert res.out.strip().splitlines()[-1].startswith("wrote anomaly maps of 2 scan(s) to")
+    assert str(out) in res.out.strip().splitlines()[-1]
+    for src in (PIR, RAS):
+        name = src.name[: -len(".nii.gz")]
+        ref = nib.load(src)
+        for suffix, dtype in (("anomaly", np.float32), ("recon", np.float32)):
+            img = nib.load(out / f"{name}_{suffix}.nii.gz")
+            assert img.shape == ref.shape, (name, suffix)
+            np.testing.assert_allclose(img.affine, ref.affine, atol=1e-4)
+            assert nib.aff2axcodes(img.affine) == nib.aff2axcodes(ref.affine)
+            assert img.get_data_dtype() == dtype
+        assert not (out / f"{name}_seg.nii.gz").exists()  # no thresholds, no segmentation
+        assert (out / f"{name}_overlay.png").read_bytes()[:4] == b"\x89PNG"
+    assert nib.aff2axcodes(nib.load(out / "tumor-001_anomaly.nii.gz").affine) == ("P", "I", "R")
+    rows = _rows(out / "scores.csv")
+    assert [r["name"] for r in rows] == ["tumor-001", "tumor-000"]
+    assert rows[0]["file"] == str(PIR) and rows[0]["flagged"] == "" and float(rows[0]["score"]) > 0
+    assert int(rows[0]["network_evaluations"]) % 2 == 0 and rows[0]["nfe_per_input"] == "2"
+    record = json.loads((out / "anomaly_config.json").read_text(encoding="utf-8"))
+    from medidiff.checkpoint import file_sha256
+
+    assert record["checkpoint"]["sha256"] == file_sha256(tiny_checkpoint_2d)
+    assert record["method"]["steps"] == 2 and record["seed"] == 0 and record["medidiff_version"]
+
+    # a second run resumes: nothing is recomputed
+    before = (out / "tumor-000_anomaly.nii.gz").stat().st_mtime_ns
+    res = run_cli(args)
+    assert res.rc == 0 and "resumed: 2 scan(s)" in res.out
+    assert (out / "tumor-000_anomaly.nii.gz").stat().st_mtime_ns == before
+    assert len(_rows(out / "scores.csv")) == 2
+    # other options into the same folder: refused unless --overwrite
+    res = run_cli([*args, "--seed", "3"])
+    assert res.rc == 1 and "another run" in res.err and "seed" in res.err
+    res = run_cli([*args[:-2], "--steps", "3", "--input", RAS, "--overwrite", "--no-overlay"])
+    assert res.rc == 0 and _rows(out / "scores.csv")[0]["nfe_per_input"] == "3"
+
+
+def test_a_corrupt_file_is_reported_and_skipped(run_cli, tiny_checkpoint_2d, tmp_path):
+    bad = tmp_path / "inputs" / "broken.nii.gz"
+    bad.parent.mkdir()
+    raw = gzip.decompress(RAS.read_bytes())
+    bad.write_bytes(gzip.compress(raw[: len(raw) // 3]))  # truncated voxel data
+    good = tmp_path / "inputs" / "good.nii.gz"
+    good.write_bytes(RAS.read_bytes())
+    out = tmp_path / "out"
+    res = run_cli(
+        [
+            "anomaly",
+            "--checkpoint",
+            tiny_checkpoint_2d,
+            "--input",
+            tmp_path / "inputs",
+            "--out",
+            out,
+            "--no-overlay",
+            *FAST,
+        ]
+    )
+    assert res.rc == 4
+    error_lines = [line for line in res.err.splitlines() if line.startswith("medidiff: error:")]
+    assert len(error_lines) == 1 and str(bad) in error_lines[0]
+    assert "1 of 2 input(s) failed" in res.err
+    assert (out / "good_anomaly.nii.gz").exists() and (out / "good_recon.nii.gz").exists()
+    assert not list(out.glob("broken_*"))
+    assert [r["name"] for r in _rows(out / "scores.csv")] == ["good"]
+
+
+def test_calibrate_then_segment_and_refusals(
+    run_cli, tiny_checkpoint_2d, tiny_checkpoint_3d, tmp_path
+):
+    thresholds = tmp_path / "thresholds.json"
+    calib = [
+        "calibrate",
+        "--checkpoint",
+        tiny_checkpoint_2d,
+        "--healthy",
+        SAMPLE / "dataset.json",
+        "--split",
+        "validation",
+        "--out",
+        thresholds,
+        "--fpr",
+        "0.1",
+        *FAST,
+        "--erode",
+        "1",
+    ]
+    res = run_cli(calib)
+    assert res.rc == 0, res.err
+    assert res.out.strip().splitlines()[-1] == f"wrote thresholds to {thresholds}"
+    data = json.loads(thresholds.read_text(encoding="utf-8"))
+    assert data["num_scans"] == 6 and data["fpr"] == 0.1 and data["num_voxels"] > 1000
+    assert data["method"]["steps"] == 2 and data["postprocess"]["erode"] == 1
+    assert len(data["checkpoint"]["sha256"]) == 64 and data["medidiff_version"]
+    # 6 healthy scans at 10 %: ceil(0.9 * 6) = 6th smallest, i.e. the largest healthy score
+    assert data["scan_threshold"] == max(data["scan_scores"].values())
+    assert "largest healthy score" in data["scan_threshold_rule"]
+
+    res = run_cli(calib)
+    assert res.rc == 1 and "already exists" in res.err  # no silent overwrite
+
+    out = tmp_path / "out"
+    anomaly = [
+        "anomaly",
+        "--checkpoint",
+        tiny_checkpoint_2d,
+        "--input",
+        RAS,
+        "--out",
+        out,
+        "--thresholds",
+        thresholds,
+        *FAST,
+        "--erode",
+        "1",
+        "--no-overlay",
+    ]
+    res = run_cli(anomaly)
+    assert res.rc == 0, res.err
+    seg = nib.load(out / "tumor-000_seg.nii.gz")
+    assert seg.get_data_dtype() == np.uint8 and seg.shape == nib.load(RAS).shape
+    row = _rows(out / "scores.csv")[0]
+    assert row["flagged"] in ("0", "1")
+    assert int(row["voxels_over_threshold"]) == int(np.asarray(seg.dataobj).sum())
+
+    # another method config, another checkpoint: refused with one clear line
+    res = run_cli([*anomaly[:-1], "--steps", "3", "--out", tmp_path / "o2"])
+    assert res.rc == 1 and "another method config" in res.err and "steps" in res.err
+    assert res.err.count("\n") == 1
+    res = run_cli(
+        [
+            "anomaly",
+            "--checkpoint",
+            tiny_checkpoint_3d,
+            "--input",
+            RAS,
+            "--out",
+            tmp_path / "o3",
+            "--thresholds",
+            thresholds,
+            *FAST,
+            "--erode",
+            "1",
+        ]
+    )
+    assert res.rc == 1 and "calibrated for checkpoint" in res.err
+    assert not (tmp_path / "o2").exists() or not list((tmp_path / "o2").glob("*.nii.gz"))
+
+
+def test_3d_checkpoint_and_masks_folder(run_cli, tiny_checkpoint_3d, tmp_path):
+    out = tmp_path / "out"
+    res = run_cli(
+        [
+            "anomaly",
+            "--checkpoint",
+            tiny_checkpoint_3d,
+            "--input",
+            PIR,
+            "--out",
+            out,
+            "--masks",
+            SAMPLE / "test" / "brainmasks",
+            "--method",
+            "x0",
+            "--t-start",
+            "6",
+            "--erode",
+            "1",
+            "--no-overlay",
+        ]
+    )
+    assert res.rc == 0, res.err
+    amap = nib.load(out / "tumor-001_anomaly.nii.gz")
+    assert amap.shape == nib.load(PIR).shape
+    brain = np.asarray(nib.load(SAMPLE / "test" / "brainmasks" / "tumor-001.nii.gz").dataobj) > 0
+    assert (np.asarray(amap.dataobj)[~brain] == 0).all()  # nothing outside the given brain mask
+    assert _rows(out / "scores.csv")[0]["network_evaluations"] == "1"  # one volume, one shot
+    res = run_cli(
+        [
+            "anomaly",
+            "--checkpoint",
+            tiny_checkpoint_3d,
+            "--input",
+            PIR,
+            "--out",
+            tmp_path / "o2",
+            "--masks",
+            tmp_path,
+            "--method",
+            "x0",
+        ]
+    )
+    assert res.rc == 1 and "no mask for tumor-001" in res.err
+
+
+@pytest.mark.slow
+def test_torchrun_shards_inputs(tiny_checkpoint_2d, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    inputs = [
+        str(SAMPLE / "test" / "images" / f"{n}.nii.gz")
+        for n in ("tumor-000", "tumor-001", "ms-000")
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "medidiff",
+        "anomaly",
+        "--checkpoint",
+        str(tiny_checkpoint_2d),
+        "--input",
+        *inputs,
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-overlay",
+        *FAST,
+    ]
+    proc = subprocess.run(
+        cmd, check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["name"] for r in _rows(out / "scores.csv")] == ["tumor-000", "tumor-001", "ms-000"]
+    assert proc.stdout.count("wrote anomaly maps of 3 scan(s)") == 1  # rank 0 only
+    single = tmp_path / "single"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medidiff",
+            "anomaly",
+            "--checkpoint",
+            str(tiny_checkpoint_2d),
+            "--input",
+            inputs[1],
+            "--out",
+            str(single),
+            "--device",
+            "cpu",
+            "--no-overlay",
+            *FAST,
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    # the same seed gives the same map on whichever rank scores the scan
+    a = np.asarray(nib.load(out / "tumor-001_anomaly.nii.gz").dataobj)
+    b = np.asarray(nib.load(single / "tumor-001_anomaly.nii.gz").dataobj)
+    np.testing.assert_allclose(a, b, atol=1e-5)
