@@ -416,7 +416,7 @@ class Trainer:
             result = sample(
                 model_fn,
                 self.schedule, shape, sampler="ddim", steps=c.preview_steps,
-                seeds=list(range(c.preview_samples)), device=self.device,
+                seeds=list(range(c.preview_samples)), device=self.device, noise_spec=self.noise_spec,
                 prediction_type=self.config.diffusion.prediction_type,
             )
         path = self.run_dir / "previews" / f"step_{self.step:07d}.png"

@@ -30,27 +30,13 @@ def test_each_command_has_help(name, capsys):
     assert "usage: medidiff " + name in capsys.readouterr().out
 
 
-def _unbuilt() -> list[str]:
+def test_no_command_is_a_stub():
+    """Every DESIGN.md command is built: none still carries the not-implemented marker."""
     import importlib
 
-    return [name for name, mod, _ in COMMANDS if "NOT IMPLEMENTED YET" in (importlib.import_module(mod).__doc__ or "")]
-
-
-@pytest.mark.parametrize("name", _unbuilt())
-def test_unbuilt_commands_say_so(name, tmp_path, capsys):
-    argv = {
-        "synthesize": ["--num", "1", "--out", str(tmp_path / "o")],
-        "calibrate": ["--healthy", str(tmp_path), "--out", str(tmp_path / "t.json")],
-        "anomaly": ["--input", str(tmp_path), "--out", str(tmp_path / "o")],
-        "evaluate": ["--pred", str(tmp_path), "--truth", str(tmp_path)],
-        "evaluate-synthesis": ["--real", str(tmp_path), "--synthetic", str(tmp_path), "--out", str(tmp_path / "t.json")],
-        "demo": ["--out", str(tmp_path / "o")],
-    }[name]
-    rc = main([name, *argv])
-    err = capsys.readouterr().err
-    assert rc == 3
-    assert "not implemented yet" in err and err.count("\n") == 1
-    assert not (tmp_path / "o").exists() and not (tmp_path / "t.json").exists()
+    stubs = [name for name, mod, _ in COMMANDS
+             if "NOT IMPLEMENTED YET" in (importlib.import_module(mod).__doc__ or "")]
+    assert stubs == []
 
 
 def test_console_script_runs_without_traceback():
