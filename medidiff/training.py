@@ -84,23 +84,27 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) ->
 class EMA:
     """Exponential moving average of parameters and buffers, with the usual warm-up
     ``decay_t = min(decay, (1 + t) / (10 + t))`` so early averages are not dominated by
-    the random initialisation."""
+    the random initialisation. The update is one fused ``_foreach_lerp_`` over all
+    floating-point tensors: shadow <- shadow + (1 - decay_t) (theta - shadow)."""
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        state = model.state_dict()
+        self.shadow = {k: v.detach().clone().float() for k, v in state.items()}
         self.updates = 0
+        self._float_keys = [k for k, v in state.items() if v.dtype.is_floating_point]
+        self._other_keys = [k for k, v in state.items() if not v.dtype.is_floating_point]
+        self._shadow_float = [self.shadow[k] for k in self._float_keys]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for k, v in model.state_dict().items():
-            s = self.shadow[k]
-            if v.dtype.is_floating_point:
-                s.mul_(d).add_(v.detach().float(), alpha=1.0 - d)
-            else:
-                s.copy_(v)
+        state = model.state_dict(keep_vars=False)
+        live = [state[k].detach().float() for k in self._float_keys]
+        torch._foreach_lerp_(self._shadow_float, live, 1.0 - d)
+        for k in self._other_keys:
+            self.shadow[k].copy_(state[k])
 
     def state_dict(self) -> dict:
         return {"shadow": self.shadow, "updates": self.updates, "decay": self.decay}
@@ -213,9 +217,7 @@ class Trainer:
             persistence=c.diffusion.simplex_persistence,
             **({"frequency": c.diffusion.simplex_frequency} if c.diffusion.simplex_frequency else {}),
         )
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=c.train.lr, weight_decay=c.train.weight_decay
-        )
+        self.optimizer = _adamw(self.model.parameters(), lr=c.train.lr, weight_decay=c.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(s, c.train.warmup_steps, c.train.max_steps, c.train.min_lr_ratio),
@@ -490,6 +492,16 @@ class Trainer:
             run_dir=self.run_dir, model_path=self.run_dir / "model.safetensors", steps=self.step,
             final_loss=loss_value, seconds=time.perf_counter() - t_start, resumed_from=start,
         )
+
+
+def _adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where this torch build has one for the device (one
+    kernel per step instead of several foreach passes), else the foreach implementation."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, **kwargs)
 
 
 def _collate(items: list) -> dict:
