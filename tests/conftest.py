@@ -134,3 +134,15 @@ def tiny_checkpoint_2d_conditional(tmp_path_factory: pytest.TempPathFactory) -> 
         out / "run",
         [f"data.datalist={csv_path}", "model.num_class_embeds=2", "train.cond_drop_prob=0.2"],
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests use tiny networks, which run fastest on one thread; two threads fighting for
+    two cores with other processes (pytest workers, torchrun ranks) run many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

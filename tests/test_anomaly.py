@@ -32,15 +32,6 @@ FAST = {"t_start": 6}
 POST = PostprocessConfig(erode=0, median_size=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CPU is shared: one thread is much faster than two fighting for it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class CountingModel(torch.nn.Module):
     """Wraps a network and counts its calls and the inputs it evaluated."""
 

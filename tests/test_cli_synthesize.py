@@ -12,14 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / "sample_data" / "val" / "images"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("dims", [2, 3])
 def test_synthesize_then_evaluate(dims, request, run_cli, tmp_path):
     ckpt = request.getfixturevalue("tiny_checkpoint_2d" if dims == 2 else "tiny_checkpoint_3d")

@@ -19,15 +19,6 @@ from medidiff.synthesis import MANIFEST_COLUMNS, Synthesizer, synthesize_to_fold
 STEPS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and the CPU is shared with other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _manifest(folder: Path) -> list[dict[str, str]]:
     with (folder / "manifest.csv").open(newline="") as f:
         return list(csv.DictReader(f))

@@ -19,14 +19,6 @@ from medidiff.synthesis_metrics import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _blobs(n: int, shape=(32, 40), seed: int = 0) -> np.ndarray:
     """``n`` distinct smooth "scans": a bright ellipse with random position, size and texture."""
     rng = np.random.default_rng(seed)
