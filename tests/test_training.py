@@ -148,3 +148,22 @@ def test_conditional_training_with_preview(tmp_path):
     assert trainer.model_kwargs["num_class_embeds"] == 3  # 2 classes + the null class
     trainer.fit()
     assert list((tmp_path / "c" / "previews").glob("*.png"))
+
+
+def test_preview_samples_with_the_training_noise(tmp_path, monkeypatch):
+    """A simplex-trained model must be previewed from simplex noise, not Gaussian."""
+    import medidiff.diffusion as diffusion
+
+    seen = {}
+    real_sample = diffusion.sample
+
+    def spy(*args, **kwargs):
+        seen["kind"] = kwargs["noise_spec"].kind
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion, "sample", spy)
+    cfg = Config.from_dict({"model": {"preset": "tiny"}, "diffusion": {"noise": "simplex"},
+                            "train": {"max_steps": 1, "batch_size": 4, "checkpoint_every": 0,
+                                      "preview_every": 1, "preview_samples": 2, "preview_steps": 2}})
+    Trainer(cfg, tmp_path / "p", dataset=_toy_data(), progress=False).fit()
+    assert seen["kind"] == "simplex"
