@@ -100,7 +100,7 @@ def save_overlay(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medidiff.io import atomic_path
+    from medidiff.report import save_figure
 
     image = np.asarray(image, dtype=np.float32)
     amap = np.asarray(anomaly_map, dtype=np.float32)
@@ -150,8 +150,4 @@ def save_overlay(
         axes[row][0].text(1, 3, f"z={z}", color="yellow", fontsize=6, va="top")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=80)

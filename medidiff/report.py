@@ -42,8 +42,6 @@ def save_image_grid(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medidiff.io import atomic_path
-
     n = len(images)
     cols = max(1, min(columns, n))
     rows = int(np.ceil(n / cols))
@@ -52,13 +50,22 @@ def save_image_grid(
         ax.axis("off")
     for i, img in enumerate(images):
         ax = axes.ravel()[i]
-        # RAS (x, y): transpose to rows = y and flip so anterior is up, left-right as radiologists do not;
-        # we show neurological convention (patient's right on the right).
+        # RAS (x, y): transpose so rows are y, flip so anterior is up; neurological
+        # convention (patient's right on the right).
         ax.imshow(np.flipud(_mid_slice(img).T), cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
     if title:
         fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path, dpi=100)
+
+
+def save_figure(fig, path: str | os.PathLike, *, dpi: int = 100) -> Path:
+    """Lay out ``fig``, write it as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    from medidiff.io import atomic_path
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     return Path(path)

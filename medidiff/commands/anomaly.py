@@ -215,6 +215,23 @@ def configs_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     return method, post
 
 
+def build_detector(args: argparse.Namespace, checkpoint: Path, method: Any, post: Any, info: Any,
+                   *, thresholds: Any = None) -> Any:
+    """The :class:`~medidiff.anomaly.AnomalyDetector` the command-line options describe."""
+    from medidiff.anomaly import AnomalyDetector
+
+    return AnomalyDetector(
+        checkpoint,
+        method,
+        post,
+        device=info.device,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        thresholds=thresholds,
+        progress=info.is_main,
+    )
+
+
 def require_checkpoint(args: argparse.Namespace) -> Path:
     from medidiff.errors import ConfigError
 
@@ -395,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from medidiff.anomaly import AnomalyDetector, Thresholds
+    from medidiff.anomaly import Thresholds
     from medidiff.distributed import barrier, cleanup, init_distributed, shard
     from medidiff.errors import MedidiffError
     from medidiff.io import save_volume, write_json_atomic
@@ -406,16 +423,7 @@ def run(args: argparse.Namespace) -> int:
     entries = load_inputs(args.input, args.split, args.masks)
     info = init_distributed(args.device)
     try:
-        detector = AnomalyDetector(
-            checkpoint,
-            method,
-            post,
-            device=info.device,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            thresholds=thresholds,
-            progress=info.is_main,
-        )
+        detector = build_detector(args, checkpoint, method, post, info, thresholds=thresholds)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         record = detector.describe()

@@ -50,9 +50,10 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from medidiff.anomaly import AnomalyDetector, Thresholds
+    from medidiff.anomaly import Thresholds
     from medidiff.commands.anomaly import (
         EXIT_SOME_FAILED,
+        build_detector,
         configs_from_args,
         gather,
         load_inputs,
@@ -72,15 +73,7 @@ def run(args: argparse.Namespace) -> int:
     entries = load_inputs(args.healthy, args.split, args.masks)
     info = init_distributed(args.device)
     try:
-        detector = AnomalyDetector(
-            checkpoint,
-            method,
-            post,
-            device=info.device,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            progress=info.is_main,
-        )
+        detector = build_detector(args, checkpoint, method, post, info)
         voxels: dict[str, np.ndarray] = {}
         scores: dict[str, float] = {}
         failures: list[str] = []
