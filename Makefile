@@ -23,8 +23,9 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# the main job: default models on sample_data -> demo_out/report.html (a rerun replaces it)
 demo: $(STAMP)
-	$(VENV)/bin/medidiff demo --out demo_out
+	$(VENV)/bin/medidiff demo --out demo_out --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

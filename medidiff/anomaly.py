@@ -12,7 +12,7 @@ and a method (:class:`~medidiff.anomaly_methods.MethodConfig`: ``anoddpm``, ``dd
    MONAI's ``sliding_window_inference`` windows of the trained size when the grid is
    larger (Gaussian blending);
 3. scores the residual on the model grid (:mod:`medidiff.postprocess`: L1 residual, brain
-   mask, 5^3 median filter, eroded mask, top-1 % scan score, and with thresholds a
+   mask, 9^3 median filter, eroded mask, top-1 % scan score, and with thresholds a
    segmentation);
 4. takes the map, the reconstruction (in the input's intensity units) and the
    segmentation back to the input's own grid (:func:`medidiff.transforms.to_native`), so
@@ -309,6 +309,11 @@ class Thresholds:
                 f"{path}: not a medidiff thresholds file (format {THRESHOLDS_FORMAT!r} expected); "
                 "make one with 'medidiff calibrate'"
             )
+        for key in ("voxel_threshold", "scan_threshold", "fpr"):
+            value = raw.get(key)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value):
+                raise ConfigError(f"{path}: '{key}' must be a finite number; got {value!r}")
         try:
             ckpt = raw["checkpoint"]
             return cls(
@@ -364,6 +369,20 @@ class Thresholds:
 # --------------------------------------------------------------------------------------------
 
 
+def checkpoint_records(checkpoint: Any) -> tuple[Any, Preprocessing]:
+    """The typed training config and preprocessing stored in an inference checkpoint.
+
+    Raises:
+        CheckpointError: either record is invalid (named with the file).
+    """
+    from medidiff.config import Config
+
+    try:
+        return Config.from_dict(checkpoint.config), Preprocessing.from_dict(checkpoint.preprocessing)
+    except ConfigError as exc:
+        raise CheckpointError(f"{checkpoint.path}: stored config is invalid: {exc}") from None
+
+
 def _windows_per_axis(n: int, roi: int, overlap: float) -> int:
     """How many sliding windows MONAI places along an axis of size n (for progress bars)."""
     if n <= roi:
@@ -411,8 +430,8 @@ class AnomalyDetector:
         progress: bool = False,
     ) -> None:
         from medidiff.checkpoint import LoadedModel, build_model_from_checkpoint
-        from medidiff.config import Config
         from medidiff.diffusion import NoiseSchedule, resolve_null_label
+        from medidiff.models import prepare_for_inference
         from medidiff.distributed import resolve_device
         from medidiff.noise import NoiseSpec
 
@@ -426,15 +445,9 @@ class AnomalyDetector:
             if isinstance(checkpoint, LoadedModel)
             else build_model_from_checkpoint(checkpoint, self.device)
         )
-        self.model = loaded.model.to(self.device).eval()
+        self.model = prepare_for_inference(loaded.model, self.device)
         self.checkpoint = loaded.checkpoint
-        try:
-            config = Config.from_dict(self.checkpoint.config)
-            self.preprocessing = Preprocessing.from_dict(self.checkpoint.preprocessing)
-        except ConfigError as exc:
-            raise CheckpointError(
-                f"{self.checkpoint.path}: stored config is invalid: {exc}"
-            ) from None
+        config, self.preprocessing = checkpoint_records(self.checkpoint)
         self.spatial_dims = int(config.model.spatial_dims)
         shape = tuple(self.preprocessing.shape)
         if self.spatial_dims == 2:

@@ -58,7 +58,33 @@ def _error(message: str) -> None:
     print(f"medidiff: error: {' '.join(str(message).split())}", file=sys.stderr)
 
 
+_INTERRUPTED = "interrupted (Ctrl-C); finished outputs are kept, unfinished ones were not written"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``medidiff ARGV``; returns the exit status (130 after Ctrl-C, at any moment).
+
+    Called without ``argv`` (the ``medidiff`` command itself), a Ctrl-C ends the process
+    right after its one-line message: an interrupt can leave a library's lock or thread in
+    a state that blocks the interpreter's shutdown (atexit handlers, thread joins), and
+    everything medidiff writes is complete or already removed by then.
+    """
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:  # e.g. while the parser or a command module is imported
+        _error(_INTERRUPTED)
+        code = 130
+    if code == 130 and argv is None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - leaving anyway
+                pass
+        os._exit(130)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     from medidiff.errors import MedidiffError
 
     parser = build_parser()
@@ -73,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        _error("interrupted (Ctrl-C); finished outputs are kept, unfinished ones were not written")
+        _error(_INTERRUPTED)
         return 130
     except MemoryError:
         _error("out of memory; try a smaller --batch-size or a smaller input")

@@ -88,6 +88,8 @@ GAUSSIAN_NOISE = NoiseSpec("gaussian")
 
 #: A denoising network as the samplers see it: ``(x_t (B, C, ...), t (B,) long) -> output``.
 ModelFn = Callable[[Tensor, Tensor], Tensor]
+#: ``callback(t, x_t, pred_x0)``: observes one reverse step (see :func:`sample`)
+StepCallback = Callable[[int, Tensor, Tensor], None]
 
 # --------------------------------------------------------------------------------------------
 # Noise schedules (computed in float64)
@@ -840,11 +842,13 @@ def _reverse(
     clip_range: tuple[float, float] | None,
     spacing: str,
     progress: bool,
+    callback: StepCallback | None = None,
 ) -> Reconstruction:
     """Run the reverse process from x_t at ``t_start`` to t = -1 (clean data).
 
     The one loop behind :func:`sample`, :func:`denoise` and :func:`partial_reconstruction`.
-    ``model_fn`` is wrapped so that ``nfe`` counts its actual calls.
+    ``model_fn`` is wrapped so that ``nfe`` counts its actual calls. ``callback(t, x_t,
+    pred_x0)`` sees every visited state before it is replaced.
     """
     model = _CountingModel(model_fn)
     batch, device = x_t.shape[0], x_t.device
@@ -898,6 +902,8 @@ def _reverse(
             earlier = (result.pred_x0, t)
         if first_pred_x0 is None:
             first_pred_x0 = result.pred_x0
+        if callback is not None:
+            callback(t_int, x, result.pred_x0)
         x = result.prev_sample
 
     assert first_pred_x0 is not None  # internal: the timestep list is never empty
@@ -976,6 +982,7 @@ def sample(
     clip_range: tuple[float, float] | None = None,
     spacing: str = "trailing",
     progress: bool = False,
+    callback: StepCallback | None = None,
 ) -> SampleResult:
     """Generate samples from pure noise at t = T - 1.
 
@@ -998,6 +1005,10 @@ def sample(
         clip_range: clamp every x_0 estimate to ``(low, high)``; ``None`` disables.
         spacing: timestep spacing, see :func:`inference_timesteps`.
         progress: show a progress bar.
+        callback: ``callback(t, x_t, pred_x0)`` after each network evaluation, with the
+            visited timestep, the state ``(B, C, ...)`` the step started from and the
+            step's x_0 estimate (e.g. to draw the reverse trajectory); the tensors are
+            not copied, so copy what you keep.
 
     Returns:
         The samples, the number of network evaluations and the timesteps visited.
@@ -1028,6 +1039,7 @@ def sample(
         clip_range=clip_range,
         spacing=spacing,
         progress=progress,
+        callback=callback,
     )
     return SampleResult(sample=result.reconstruction, nfe=result.nfe, timesteps=result.timesteps)
 

@@ -1169,6 +1169,45 @@ def _umask() -> int:
     return mask
 
 
+def check_writable_folder(folder: str | os.PathLike) -> Path:
+    """Fail before any work when files cannot be written into ``folder``.
+
+    Nothing is left behind: the folder is not created; a temporary file is created and
+    removed in ``folder`` or, when it does not exist yet, in its nearest existing
+    ancestor (where creating it would have to write). Permission bits, read-only mounts
+    and immutable folders are all caught, since the probe really writes.
+
+    Args:
+        folder: the output folder (it may not exist yet).
+
+    Returns:
+        ``folder`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OutputError: ``folder`` or an ancestor is a file, or nothing can be written there.
+
+    Example:
+        >>> import tempfile
+        >>> check_writable_folder(tempfile.mkdtemp()).is_dir()
+        True
+    """
+    folder = Path(folder).expanduser()
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"{folder}: {probe} is a file, not a folder; choose another output")
+    where = "cannot write here" if probe == folder else f"cannot create it in {probe}"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".medidiff-write-test-", dir=probe)
+    except OSError as exc:
+        raise OutputError(f"{folder}: {where} ({exc.strerror})") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``.

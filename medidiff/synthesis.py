@@ -162,6 +162,9 @@ class SynthesisSummary:
         kind: ``"2d-slice"`` or ``"3d-volume"``.
         num_files: samples listed in the manifest (the whole folder, on rank 0).
         seconds: wall time of the call.
+        repaired: one line per damaged file found on resume (a sample file that does not
+            load, or has another shape, was deleted and generated again; an unreadable
+            manifest was rebuilt from the sample files); rank 0 only.
     """
 
     out_dir: Path
@@ -173,6 +176,7 @@ class SynthesisSummary:
     kind: str
     num_files: int
     seconds: float
+    repaired: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,6 +229,7 @@ class Synthesizer:
         progress: bool = False,
     ) -> None:
         from medidiff.checkpoint import InferenceCheckpoint, build_model_from_checkpoint, load_inference
+        from medidiff.models import prepare_for_inference
         from medidiff.config import Config
         from medidiff.diffusion import NoiseSchedule
         from medidiff.distributed import resolve_device
@@ -234,7 +239,7 @@ class Synthesizer:
         if checkpoint is None or (isinstance(checkpoint, str) and not checkpoint.strip()):
             raise CheckpointError(
                 "no checkpoint given: pass --checkpoint PATH/model.safetensors (a model "
-                "written by `medidiff train`; no bundled default model ships yet)"
+                "written by `medidiff train`) or a shipped model's name (brain_mri_2d, brain_mri_3d)"
             )
         ckpt = checkpoint if isinstance(checkpoint, InferenceCheckpoint) else load_inference(checkpoint)
         self.checkpoint = ckpt
@@ -296,7 +301,7 @@ class Synthesizer:
         self.intensity_reference: dict[str, Any] | None = (
             dict(ref) if isinstance(ref, Mapping) and "a_min" in ref and "a_max" in ref else None
         )
-        self.model = build_model_from_checkpoint(ckpt, device=self.device).model
+        self.model = prepare_for_inference(build_model_from_checkpoint(ckpt, device=self.device).model, self.device)
         self._null_label: int | None = None
         if self.num_classes is not None:
             from medidiff.diffusion import resolve_null_label
@@ -610,6 +615,40 @@ def _prepare_folder(out: Path, settings: Mapping[str, Any], num: int, overwrite:
     write_json_atomic(out / CONFIG_NAME, {**settings, "num_requested": int(num)})
 
 
+def _remove_damaged(out: Path, expected_shape: Sequence[int]) -> list[str]:
+    """Rank 0, on resume: delete sample files that do not load as a volume of
+    ``expected_shape`` (damaged or truncated by something other than medidiff, whose writes
+    are atomic) so they are generated again; note an unreadable manifest. Returns one line
+    per problem."""
+    from medidiff.errors import MedidiffError
+    from medidiff.io import load_volume
+
+    notes = []
+    for i in sorted(_existing_indices(out)):
+        path = out / synth_file_name(i)
+        try:
+            shape = load_volume(path).shape
+            problem = None if tuple(shape) == tuple(expected_shape) else (
+                f"shape {tuple(shape)}, not this model's {tuple(expected_shape)}")
+        except MedidiffError as exc:
+            problem = " ".join(str(exc).replace(str(path), "").split()).lstrip(": ")
+        if problem is not None:
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                raise OutputError(f"{path}: damaged ({problem}) and cannot be removed "
+                                  f"({exc.strerror})") from None
+            notes.append(f"{path}: damaged ({problem}); generated again")
+    manifest = out / MANIFEST_NAME
+    if manifest.is_file():
+        rows = read_manifest(manifest)
+        usable = rows and all(r.get("file") and str(r.get("index", "")).isdigit() for r in rows)
+        if not usable:
+            notes.append(f"{manifest}: unreadable or not a medidiff manifest; rebuilt from the "
+                         "sample files (earlier timings are lost)")
+    return notes
+
+
 def _distributed_ready(info: Any) -> bool:
     """True when collectives can run (a real ``torchrun`` job, not a simulated DistInfo)."""
     if not info.enabled:
@@ -665,9 +704,11 @@ def synthesize_to_folder(
 
     Resumable: files already present (complete, since every write is atomic) are skipped
     and keep their manifest rows; rows lost by an interruption are rebuilt from the file
-    names (seed, sampler, ...; ``seconds`` and ``nfe`` left empty). A folder made with a
-    different configuration (checkpoint, sampler, steps, seed, label, guidance, ...) is
-    refused unless ``overwrite``, which deletes the earlier samples first.
+    names (seed, sampler, ...; ``seconds`` and ``nfe`` left empty). A present file that
+    does not load (damaged by something else) is deleted and generated again, and an
+    unreadable manifest is rebuilt; both are listed in ``SynthesisSummary.repaired``. A
+    folder made with a different configuration (checkpoint, sampler, steps, seed, label,
+    guidance, ...) is refused unless ``overwrite``, which deletes the earlier samples first.
 
     Under ``torchrun``, rank ``r`` of ``n`` owns the indices ``i`` with ``i % n == r`` (each
     exactly once, whatever is already present); the manifest is gathered on rank 0, which
@@ -703,8 +744,10 @@ def synthesize_to_folder(
     out = Path(out_dir)
     settings = synthesizer.settings(int(seed))
     _check_folder(out, settings, overwrite)  # every rank: the same answer, no hang on refusal
+    repaired: list[str] = []
     if info.is_main:
         _prepare_folder(out, settings, num, overwrite)
+        repaired = _remove_damaged(out, synthesizer.output_shape)
     if _distributed_ready(info):
         barrier(info)
 
@@ -756,4 +799,5 @@ def synthesize_to_folder(
         out_dir=out, generated=tuple(sorted(int(r["index"]) for r in rows)),
         skipped=skipped, manifest=manifest_path, montage=montage_path, config=out / CONFIG_NAME,
         kind=synthesizer.kind, num_files=num_files, seconds=time.perf_counter() - began,
+        repaired=tuple(repaired),
     )

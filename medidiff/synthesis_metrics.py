@@ -220,6 +220,35 @@ class SyntheticSource:
     num_files: int
 
 
+def _check_recorded(recorded: Any, path: Path) -> None:
+    """Refuse a synthesis_config.json whose fields used here have the wrong type (one line)."""
+    from medidiff.synthesis import INTENSITY_NATIVE
+
+    def bad(key: str | None, want: str) -> DataError:
+        value = recorded.get(key) if key is not None else recorded
+        what = f"'{key}'" if key is not None else "the file"
+        return DataError(f"{path}: {what} must be {want}; got {value!r} (damaged or not written "
+                         "by 'medidiff synthesize')")
+
+    if not isinstance(recorded, dict):
+        raise bad(None, "a JSON object")
+    if not isinstance(recorded.get("preprocessing"), dict):
+        raise bad("preprocessing", "a mapping of settings")
+    if recorded.get("spatial_dims", 2) not in (2, 3):
+        raise bad("spatial_dims", "2 or 3")
+    fraction = recorded.get("min_foreground", 0.1)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise bad("min_foreground", "a number")
+    if recorded.get("intensity") == INTENSITY_NATIVE:
+        ref = recorded.get("intensity_reference")
+        numbers = isinstance(ref, dict) and all(
+            isinstance(ref.get(k), (int, float)) and not isinstance(ref.get(k), bool)
+            for k in ("a_min", "a_max"))
+        if not numbers or not math.isfinite(ref["a_max"] - ref["a_min"]) \
+                or ref["a_max"] == ref["a_min"]:
+            raise bad("intensity_reference", "a mapping with distinct numbers a_min, a_max")
+
+
 def load_synthetic_images(
     folder: str | os.PathLike,
     *,
@@ -258,6 +287,7 @@ def load_synthetic_images(
             recorded = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise DataError(f"{config_path}: unreadable ({exc})") from None
+        _check_recorded(recorded, config_path)
     if recorded is None and checkpoint is None:
         raise ConfigError(
             f"--synthetic {folder} has no {CONFIG_NAME} (not written by `medidiff synthesize`); "

@@ -38,7 +38,13 @@ import torch.nn.functional as F
 
 from medidiff.config import Config
 from medidiff.distributed import DistInfo, any_rank, all_reduce_mean, barrier, init_distributed
-from medidiff.errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
+from medidiff.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    OutputError,
+    TrainingDivergedError,
+)
 
 CHECKPOINT_NAME = "last.pt"
 METRICS_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "samples_per_s"]
@@ -443,7 +449,12 @@ class Trainer:
         c = self.config.train
         t_start = time.perf_counter()
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(
+                    f"{self.run_dir}: cannot create the run folder ({exc.strerror})"
+                ) from None
         barrier(self.info)
         start = self.load_checkpoint() if resume else 0
         if self.info.is_main:

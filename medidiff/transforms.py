@@ -395,14 +395,22 @@ def preprocess(volume: Volume, preprocessing: Preprocessing, *, mask: Volume | N
         The :class:`Preprocessed` result.
 
     Raises:
-        VolumeContentError: no voxel above the foreground threshold, a constant
-            foreground (MRI), or a mask on another grid.
+        VolumeContentError: a 2D image (an axis of size 1), no voxel above the
+            foreground threshold (e.g. a constant volume), a constant foreground (MRI),
+            or a mask on another grid.
     """
     from monai.transforms import ScaleIntensityRange
 
     source = str(volume.meta.get("source", "volume"))
     if volume.array.ndim != 3:
         raise VolumeContentError(f"{source}: preprocessing needs a 3D volume; got shape {volume.shape}")
+    if 1 in volume.shape:
+        # a single slice (2D image) resampled onto a volume grid would be one thin plane
+        # padded with background: scoring or training on it is meaningless
+        raise VolumeContentError(
+            f"{source}: a 2D image ({' x '.join(map(str, volume.shape))} voxels) where a 3D "
+            "volume is needed; give the whole scan (for DICOM, the series folder)"
+        )
     if mask is not None:
         check_same_grid(volume, mask)
 
@@ -411,10 +419,15 @@ def preprocess(volume: Volume, preprocessing: Preprocessing, *, mask: Volume | N
     resampled = image_t[0].numpy()
     foreground_full = resampled > preprocessing.foreground_threshold
     if not foreground_full.any():
+        lo_value, hi_value = np.min(volume.array), np.max(volume.array)
+        hint = (
+            f"every voxel is {float(lo_value):g} (a constant volume): there is no image to "
+            "score or train on" if lo_value == hi_value else
+            "check the modality or set preprocessing.foreground_threshold"
+        )
         raise VolumeContentError(
             f"{source}: no voxel above the foreground threshold "
-            f"{preprocessing.foreground_threshold:g} (modality {preprocessing.modality}); "
-            "check the modality or set preprocessing.foreground_threshold"
+            f"{preprocessing.foreground_threshold:g} (modality {preprocessing.modality}); {hint}"
         )
 
     # 3. a window of `shape` voxels centred on the foreground's bounding box

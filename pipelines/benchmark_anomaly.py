@@ -22,13 +22,13 @@ second table compares every method on exactly that subset, which is where the ta
 "``ddim`` needs >= 20x fewer network evaluations than ``anoddpm`` at equal or better
 AUPRC" is checked.
 
-The **baseline** uses no network: its "reconstruction" is one number, the median
-intensity of the healthy calibration scans' brain voxels after the checkpoint's own
-preprocessing (model grid, intensities in [0, 1]); it then goes through the identical
-post-processing (L1 residual, brain mask, 5^3 median filter, eroded mask, top-1 % scan
-score) and calibration. So its map is a global intensity-outlier score, |x - median
-healthy|, median filtered; whatever a diffusion method gains over it is what the model
-learnt about healthy anatomy.
+The **baseline** (:class:`medidiff.baseline.IntensityBaseline`) uses no network: its
+"reconstruction" is one number, the median intensity of the healthy calibration scans'
+brain voxels after the checkpoint's own preprocessing (model grid, intensities in [0, 1]);
+it then goes through the identical post-processing (L1 residual, brain mask, 5^3 median
+filter, eroded mask, top-1 % scan score) and calibration. So its map is a global
+intensity-outlier score, |x - median healthy|, median filtered; whatever a diffusion
+method gains over it is what the model learnt about healthy anatomy.
 
 Usage:
     python pipelines/benchmark_anomaly.py                                  # all methods
@@ -123,45 +123,22 @@ def stratified(entries: list[Any], n: int | None) -> list[Any]:
     return out
 
 
-def healthy_median(entries: list[Any], preprocessing: Any) -> float:
-    """Median model-grid intensity of the brain voxels of healthy scans (the baseline's x_hat)."""
-    from medidiff.io import load_volume
-    from medidiff.transforms import preprocess
-
-    values = []
-    for e in entries:
-        mask = load_volume(e.mask) if e.mask is not None else None
-        pre = preprocess(load_volume(e.image), preprocessing, mask=mask)
-        region = pre.mask > 0 if pre.mask is not None else pre.foreground
-        values.append(pre.image[region])
-    return float(np.median(np.concatenate(values)))
-
-
 def make_detector(method: str, args: argparse.Namespace, calib: list[Any], loaded: Any) -> Any:
-    """The detector of ``method`` on the already loaded model (one set of weights for all)."""
+    """The detector of ``method`` on the already loaded model (one set of weights for all);
+    ``baseline`` is :class:`medidiff.baseline.IntensityBaseline` (no network), its level
+    the median brain intensity of the calibration scans."""
     from medidiff.anomaly import AnomalyDetector, MethodConfig
+    from medidiff.baseline import IntensityBaseline
 
-    if method != "baseline":
-        return AnomalyDetector(
-            loaded,
-            MethodConfig(method),
-            device=args.device,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
-
-    class IntensityBaseline(AnomalyDetector):
-        """x_hat = the healthy median intensity everywhere: no network."""
-
-        level = 0.5
-
-        def reconstruct_grid(self, image: np.ndarray, region: np.ndarray, name: str) -> np.ndarray:
-            return np.full((1, *np.shape(image)), self.level, dtype=np.float32)
-
-    det = IntensityBaseline(loaded, MethodConfig("x0"), device=args.device, seed=args.seed)
-    det.level = healthy_median(calib, det.preprocessing)
-    det.nfe_per_input = 0
-    return det
+    if method == "baseline":
+        return IntensityBaseline.from_healthy(loaded.checkpoint, calib)
+    return AnomalyDetector(
+        loaded,
+        MethodConfig(method),
+        device=args.device,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
 
 
 @dataclass

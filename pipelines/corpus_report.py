@@ -8,20 +8,37 @@ read as a DICOM series. Each entry is either loaded or rejected
 with a :class:`~medidiff.errors.MedidiffError`; anything else is a bug and shows as
 ``CRASH``. ``tests/test_corpus.py`` checks the loaded ones against reference readers.
 
+With ``--command anomaly --checkpoint CKPT`` the corpus goes through one
+``medidiff anomaly`` batch instead (a CSV datalist of uniquely named links to the files, so
+that files sharing a name stay apart): each entry must come out scored (a scores.csv row)
+or rejected (one ``medidiff: error: skipped ...`` line); an entry with neither, a message
+about an ``unexpected`` exception, or a batch that stops (exit status other than 0 or 4) is
+a ``CRASH``. ``tests/test_corpus_anomaly.py`` runs this with a tiny model.
+
 Usage:
     python pipelines/corpus_report.py            # table + counts per reason
     python pipelines/corpus_report.py --summary  # counts only
+    python pipelines/corpus_report.py --command anomaly --checkpoint model.safetensors
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import csv
+import io
 import os
+import re
+import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+#: Options of the anomaly run: the cheapest method (2 network calls per slice), no PNGs.
+DEFAULT_ANOMALY_ARGS = "--method ddim --t-start 6 --steps 2 --no-overlay --device cpu"
 
 
 @dataclass(frozen=True)
@@ -120,13 +137,151 @@ def check(file: CorpusFile) -> Outcome:
     return Outcome(file, "load", what, notes, time.perf_counter() - start)
 
 
+@dataclass(frozen=True)
+class AnomalyOutcome:
+    """What one ``medidiff anomaly`` batch did with one corpus entry."""
+
+    file: CorpusFile
+    outcome: str  # "scored", "reject" or "CRASH"
+    detail: str  # "score 0.0123 (shape ...)", or the one-line error
+
+
+@dataclass(frozen=True)
+class AnomalyRun:
+    """A ``medidiff anomaly`` batch over the corpus.
+
+    Attributes:
+        exit_code: the command's exit status (0: all scored, 4: some rejected).
+        outcomes: one per corpus entry, in corpus order.
+        stderr: everything the command wrote to stderr.
+        seconds: wall time of the batch.
+        out_dir: the command's ``--out`` folder.
+    """
+
+    exit_code: int
+    outcomes: list[AnomalyOutcome]
+    stderr: str
+    seconds: float
+    out_dir: Path
+
+
+def run_anomaly(
+    files: list[CorpusFile],
+    checkpoint: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    *,
+    extra_args: str = DEFAULT_ANOMALY_ARGS,
+) -> AnomalyRun:
+    """Run one ``medidiff anomaly`` batch (in this process, through ``medidiff.cli.main``)
+    over ``files`` and classify each entry.
+
+    Each entry is linked as ``WORK/inputs/cNNN__<name>`` (keeping its suffix, so the format
+    is recognised the same way) and listed in ``WORK/corpus.csv``; outputs go to
+    ``WORK/out``.
+    """
+    from medidiff.cli import main
+
+    work = Path(work_dir)
+    links = work / "inputs"
+    links.mkdir(parents=True, exist_ok=True)
+    linked: dict[str, CorpusFile] = {}
+    for i, item in enumerate(files):
+        key = f"c{i:04d}"
+        link = links / (f"{key}__{item.path.name}" if item.path.is_file() else f"{key}__series")
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(item.path.resolve(), target_is_directory=item.path.is_dir())
+        linked[key] = item
+    datalist = work / "corpus.csv"
+    with open(datalist, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image"])
+        writer.writerows([[str(p)] for p in sorted(links.iterdir())])
+    out = work / "out"
+    argv = ["anomaly", "--checkpoint", str(checkpoint), "--input", str(datalist), "--out",
+            str(out), "--overwrite", *shlex.split(extra_args)]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        exit_code = main(argv)
+    seconds = time.perf_counter() - start
+
+    key_of = re.compile(r"/inputs/(c\d{4})__")
+    scored: dict[str, dict[str, str]] = {}
+    if (out / "scores.csv").exists():
+        with open(out / "scores.csv", newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                match = key_of.search(row.get("file", ""))
+                if match:
+                    scored[match.group(1)] = row
+    errors: dict[str, str] = {}
+    for line in stderr.getvalue().splitlines():
+        match = key_of.search(line)
+        if line.startswith("medidiff: error:") and match:
+            errors[match.group(1)] = line
+    batch_failed = exit_code not in (0, 4)
+    outcomes = []
+    for key, item in linked.items():
+        if key in scored and key not in errors:
+            row = scored[key]
+            outcomes.append(AnomalyOutcome(item, "scored", f"score {float(row['score']):.4g}"))
+        elif key in errors and key not in scored and not batch_failed:
+            line = errors[key].replace(str(links) + "/", "")
+            outcomes.append(AnomalyOutcome(item, "CRASH" if "unexpected" in line else "reject",
+                                           line.removeprefix("medidiff: error: skipped ")))
+        else:
+            why = "the batch stopped" if batch_failed else "neither scored nor reported"
+            outcomes.append(AnomalyOutcome(item, "CRASH", f"{why}: {stderr.getvalue()[-300:]}"))
+    return AnomalyRun(exit_code, outcomes, stderr.getvalue(), seconds, out)
+
+
+def _anomaly_report(args: argparse.Namespace) -> int:
+    if not args.checkpoint:
+        print("corpus_report: --command anomaly needs --checkpoint MODEL.safetensors",
+              file=sys.stderr)
+        return 2
+    files = corpus_files()
+    with contextlib.ExitStack() as stack:
+        work = args.work_dir or stack.enter_context(tempfile.TemporaryDirectory())
+        run = run_anomaly(files, args.checkpoint, work, extra_args=args.anomaly_args)
+        if not args.summary:
+            name_w = max(len(o.file.name) for o in run.outcomes)
+            print(f"{'file'.ljust(name_w)}  {'outcome':7}  detail")
+            for o in run.outcomes:
+                detail = o.detail
+                if len(detail) > args.width:
+                    detail = detail[: args.width - 3] + "..."
+                print(f"{o.file.name.ljust(name_w)}  {o.outcome:7}  {detail}")
+            print()
+    counts = collections.Counter((o.file.source, o.outcome) for o in run.outcomes)
+    print(f"medidiff anomaly over {len(files)} corpus entries: exit status {run.exit_code}, "
+          f"{run.seconds:.1f} s")
+    for source in ("nibabel", "pydicom", "pydicom-dir"):
+        n_scored, n_rej, n_crash = (counts[(source, k)] for k in ("scored", "reject", "CRASH"))
+        print(f"  {source:11} scored {n_scored:3}   reject {n_rej:3}   crash {n_crash:3}")
+    crashes = [o for o in run.outcomes if o.outcome == "CRASH"]
+    for o in crashes:
+        print(f"CRASH {o.file.name}: {o.detail}", file=sys.stderr)
+    return 1 if crashes or run.exit_code not in (0, 4) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--summary", action="store_true", help="print only the counts")
     parser.add_argument(
         "--width", type=int, default=110, help="cut the detail column at this width"
     )
+    parser.add_argument("--command", choices=["info", "anomaly"], default="info",
+                        help="info: load every entry (default); anomaly: one 'medidiff anomaly' "
+                             "batch over the corpus")
+    parser.add_argument("--checkpoint", help="model for --command anomaly")
+    parser.add_argument("--anomaly-args", default=DEFAULT_ANOMALY_ARGS,
+                        help=f"options of the anomaly run (default: {DEFAULT_ANOMALY_ARGS!r})")
+    parser.add_argument("--work-dir", help="keep the anomaly run's links and outputs here "
+                                           "(default: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.command == "anomaly":
+        return _anomaly_report(args)
 
     outcomes = [check(f) for f in corpus_files()]
     if not args.summary:

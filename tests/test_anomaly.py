@@ -166,7 +166,7 @@ def test_method_defaults_and_declared_cost():
     anoddpm, ddim, x0 = _resolved("anoddpm"), _resolved("ddim"), _resolved("x0")
     patched, ensemble = _resolved("patched"), _resolved("ensemble")
     assert (anoddpm.t_start, anoddpm.sampler, anoddpm.steps) == (250, "ddpm", 251)
-    assert (ddim.t_start, ddim.sampler, ddim.steps) == (250, "ddim", 10)
+    assert (ddim.t_start, ddim.sampler, ddim.steps) == (50, "ddim", 5)
     assert x0.steps == 1 and patched.t_start == 500 and ensemble.t_starts == (250, 500, 750)
     assert anoddpm.noise == "simplex"  # the checkpoint's noise by default
     assert _resolved("ddim", noise="gaussian").noise == "gaussian"
@@ -174,7 +174,7 @@ def test_method_defaults_and_declared_cost():
     assert patched.patch_size == (32, 40) and patched.patch_stride == (16, 20)
     shape = (64, 80)
     costs = {m.method: m.nfe_per_image(shape) for m in (anoddpm, ddim, x0, patched, ensemble)}
-    assert costs == {"anoddpm": 251, "ddim": 10, "x0": 1, "patched": 9, "ensemble": 3}
+    assert costs == {"anoddpm": 251, "ddim": 5, "x0": 1, "patched": 9, "ensemble": 3}
     assert costs["anoddpm"] / costs["ddim"] >= 20  # the speed target, by construction
     assert MethodConfig.from_dict(ddim.to_dict()) == ddim
 
@@ -196,7 +196,7 @@ def test_method_config_refuses_bad_combinations():
         _resolved("ddim", t_start=5, steps=10)
     with pytest.raises(ConfigError, match="exceeds"):
         _resolved("patched", patch_size=(65, 10))
-    assert _resolved("ddim", t_start=5).steps == 6  # default steps capped at t + 1
+    assert _resolved("ddim", t_start=3).steps == 4  # default steps capped at t + 1
 
 
 def test_patch_grid_covers_every_pixel():

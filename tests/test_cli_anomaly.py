@@ -13,7 +13,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
@@ -31,11 +30,16 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_checkpoint_is_required(run_cli, tmp_path):
+def test_missing_default_model_is_one_clear_line(run_cli, tmp_path, monkeypatch):
+    """Without --checkpoint the shipped model is used; an installation without it says so."""
+    import medidiff.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", tmp_path / "no_weights")
     res = run_cli(["anomaly", "--input", RAS, "--out", tmp_path / "o"])
-    assert res.rc == 1 and "--checkpoint is required" in res.err and res.err.count("\n") == 1
+    assert res.rc == 1 and "brain_mri_2d" in res.err and "missing" in res.err
+    assert res.err.count("\n") == 1
     res = run_cli(["calibrate", "--healthy", RAS, "--out", tmp_path / "t.json"])
-    assert res.rc == 1 and "--checkpoint is required" in res.err
+    assert res.rc == 1 and "brain_mri_2d" in res.err and "--checkpoint" in res.err
     assert not (tmp_path / "o").exists() and not (tmp_path / "t.json").exists()
 
 

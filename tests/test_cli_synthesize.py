@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / "sample_data" / "val" / "images"
@@ -43,10 +42,13 @@ def test_synthesize_then_evaluate(dims, request, run_cli, tmp_path):
     assert not list(tmp_path.glob(".metrics.json*"))  # atomic: no temporary left
 
 
-def test_missing_checkpoint_is_one_clear_line(run_cli, tmp_path):
+def test_missing_checkpoint_is_one_clear_line(run_cli, tmp_path, monkeypatch):
+    import medidiff.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", tmp_path / "no_weights")
     r = run_cli(["synthesize", "--num", 2, "--out", tmp_path / "o"])
     assert r.rc == 1
-    assert r.err.startswith("medidiff: error:") and "--checkpoint is required" in r.err
+    assert r.err.startswith("medidiff: error:") and "brain_mri_3d" in r.err and "missing" in r.err
     assert r.err.count("\n") == 1 and not (tmp_path / "o").exists()
 
     r = run_cli(["synthesize", "--checkpoint", tmp_path / "nope.safetensors", "--num", 2,

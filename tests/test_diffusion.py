@@ -35,7 +35,7 @@ from medidiff.diffusion import (
     training_target,
 )
 from medidiff.errors import ConfigError
-from medidiff.noise import NoiseSpec
+from medidiff.noise import NoiseSpec, sample_noise
 
 SCHEDULE_NAMES = ["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"]
 PREDICTION_TYPES = ["epsilon", "v_prediction", "sample"]
@@ -426,6 +426,23 @@ def test_sample_with_oracle_lands_on_x0(schedule, sampler, spatial_dims):
     assert result.sample.shape == x0.shape
     assert result.nfe == 5 and len(result.timesteps) == 5 and result.timesteps[0] == 999
     torch.testing.assert_close(result.sample, x0, atol=1e-4, rtol=0)
+
+
+
+def test_sample_callback_sees_every_step(schedule):
+    """The callback gets each visited t with the state that entered the step and x_0 estimate."""
+    x0 = torch.full((1, 1, 6, 6), 0.25)
+    seen = []
+    result = sample(
+        oracle(schedule, x0), schedule, x0.shape, sampler="ddim", steps=4, seeds=[7],
+        callback=lambda t, x_t, p: seen.append((t, x_t.clone(), p.clone())),
+    )
+    assert [t for t, _, _ in seen] == list(result.timesteps) and len(seen) == result.nfe == 4
+    first_noise = sample_noise(NoiseSpec(), (1, 1, 6, 6), seeds=[7])
+    torch.testing.assert_close(seen[0][1], first_noise)  # x_{T-1} is the seeded noise
+    for _, _, pred in seen:  # the oracle's x_0 estimate is exact at every step
+        torch.testing.assert_close(pred, x0, atol=1e-4, rtol=0)
+    assert not torch.equal(seen[1][1], seen[0][1])  # states change along the way
 
 
 GAUSS_MU, GAUSS_SD = 0.5, 0.2

@@ -213,3 +213,22 @@ def test_flash_attention_matches_dense_on_cuda():
     x_t, t = torch.randn(2, 1, 32, 32, device="cuda"), torch.tensor([1, 900], device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(flash(x_t, t), dense(x_t, t), rtol=1e-3, atol=1e-4)
+
+
+def test_prepare_for_inference_keeps_outputs():
+    """channels_last on the CPU is a layout change only: same outputs, eval mode."""
+    import copy
+
+    from medidiff.models import build_model, prepare_for_inference
+
+    torch.manual_seed(0)
+    model = build_model(2, "tiny")
+    ref = copy.deepcopy(model).eval()
+    fast = prepare_for_inference(model, "cpu")
+    assert not fast.training
+    assert fast.conv_in.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t = torch.randn(3, 1, 16, 24), torch.tensor([0, 10, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, t), ref(x, t), atol=1e-5, rtol=1e-4)
+    model3d = prepare_for_inference(build_model(3, "tiny"), "cpu")  # 3D: layout untouched
+    assert model3d.conv_in.conv.weight.is_contiguous()

@@ -4,7 +4,7 @@ Each scan is noised part of the way and denoised by a model trained on healthy s
 residual between scan and reconstruction, post-processed on the model grid (brain mask,
 3D median filter, eroded mask), is the anomaly map. Methods (--method):
 
-  ddim      noise to --t-start (250), --steps DDIM steps (10)            [default, fast]
+  ddim      noise to --t-start (50), --steps DDIM steps (5)              [default, fast]
   anoddpm   noise to --t-start (250), full DDPM chain (t + 1 = 251 steps) [slow reference]
   x0        noise to --t-start (250), one-shot x0 prediction (1 step)
   patched   pDDPM: noise one patch at a time at t = 500, one-shot, stitched
@@ -21,8 +21,11 @@ Outputs in --out, for each input NAME, on the input's own grid and affine:
 plus scores.csv (one row per scan: file, name, score, flagged, voxels_over_threshold,
 seconds, network_evaluations, nfe_per_input) and anomaly_config.json (method, checkpoint
 and its sha256, seed, version). Scans whose outputs and scores.csv row already exist are
-skipped (resumable) unless --overwrite. A file that cannot be read or scored is reported
-on one line and skipped; the run then ends with exit status 4, listing them. Under
+skipped (resumable) unless --overwrite; temporaries left by a killed run are deleted. A
+file that cannot be read or scored (corrupt, truncated, 4D, 2D, NaN/Inf, constant, ...) is
+reported on one line and skipped, leaving no outputs of its own; the run then ends with
+exit status 4, listing them (when no scan at all could be scored, a new --out is not
+created). Missing paths and empty folders are refused before anything is scored. Under
 torchrun the inputs are shared out over the ranks and rank 0 writes scores.csv.
 
 Examples:
@@ -35,6 +38,8 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,8 +68,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--checkpoint, method and post-processing options, batch size, device, seed, masks."""
     p.add_argument(
         "--checkpoint",
-        help="model.safetensors written by 'medidiff train' (required for now: "
-        "no bundled default model ships yet)",
+        help="model.safetensors written by 'medidiff train', or the name of a shipped model "
+        "(default: brain_mri_2d, the 2D brain T1 model inside the package; its model card is "
+        "medidiff/weights/brain_mri_2d.md)",
     )
     p.add_argument(
         "--split",
@@ -89,7 +95,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--t-start",
         type=int,
         default=None,
-        help="noise level, a timestep of 0..T-1 (default 250; patched 500)",
+        help="noise level, a timestep of 0..T-1 (default 250; ddim 50; patched 500)",
     )
     m.add_argument(
         "--t-starts",
@@ -102,7 +108,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--steps",
         type=int,
         default=None,
-        help="denoising steps per start (default: ddim 10, anoddpm t+1 (full chain), one-shot 1)",
+        help="denoising steps per start (default: ddim 5, anoddpm t+1 (full chain), one-shot 1)",
     )
     m.add_argument(
         "--sampler",
@@ -157,8 +163,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--median-size",
         type=int,
-        default=5,
-        help="3D median filter edge in model voxels (default 5; 0 or 1 disables)",
+        default=9,
+        help="3D median filter edge in model voxels (default 9, tuned for the default model; "
+        "3-5 keeps lesions a few voxels wide; 0 or 1 disables)",
     )
     q.add_argument(
         "--min-component",
@@ -233,15 +240,10 @@ def build_detector(args: argparse.Namespace, checkpoint: Path, method: Any, post
 
 
 def require_checkpoint(args: argparse.Namespace) -> Path:
-    from medidiff.errors import ConfigError
+    """--checkpoint as given, else the shipped default 2D model."""
+    from medidiff.pretrained import DEFAULT_2D, resolve_checkpoint
 
-    if not args.checkpoint:
-        raise ConfigError(
-            "--checkpoint is required: no bundled default model ships with this version yet; "
-            "pass the model.safetensors written by 'medidiff train' "
-            "(e.g. runs/brain_mri_2d/model.safetensors)"
-        )
-    return Path(args.checkpoint)
+    return resolve_checkpoint(args.checkpoint, DEFAULT_2D)
 
 
 def load_inputs(sources: list[str], split: str | None, masks: str | None) -> list[Any]:
@@ -386,6 +388,26 @@ def _identity(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _discard(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete temporaries that a killed run left (``.NAME_anomaly.nii.gz.XXXX.tmp.nii.gz``,
+    see :func:`medidiff.io.atomic_path`); finished files are never temporaries."""
+    if not out.is_dir():
+        return
+    finals = ("_anomaly.nii.gz", "_recon.nii.gz", "_seg.nii.gz", "_overlay.png",
+              "scores.csv", "anomaly_config.json")
+    for entry in os.scandir(out):
+        if not entry.name.startswith(".") or ".tmp" not in entry.name:
+            continue
+        stem = entry.name[1:].partition(".tmp")[0].rsplit(".", 1)[0]  # drop the random part
+        if stem.endswith(finals) and entry.is_file():
+            _discard(Path(entry.path))
+
+
 def _check_resumable(out: Path, record: dict[str, Any], overwrite: bool) -> None:
     import json
 
@@ -415,7 +437,7 @@ def run(args: argparse.Namespace) -> int:
     from medidiff.anomaly import Thresholds
     from medidiff.distributed import barrier, cleanup, init_distributed, shard
     from medidiff.errors import MedidiffError
-    from medidiff.io import save_volume, write_json_atomic
+    from medidiff.io import check_writable_folder, save_volume, write_json_atomic
 
     checkpoint = require_checkpoint(args)
     method, post = configs_from_args(args)
@@ -425,7 +447,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         detector = build_detector(args, checkpoint, method, post, info, thresholds=thresholds)
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        check_writable_folder(out)  # created by the first write; nothing is left on failure
+        created = not out.exists()
+        had_config = (out / "anomaly_config.json").exists()
         record = detector.describe()
         record["thresholds"] = (
             None
@@ -439,6 +463,8 @@ def run(args: argparse.Namespace) -> int:
         )
         record["inputs"] = len(entries)
         _check_resumable(out, record, args.overwrite)
+        if info.is_main:
+            _remove_stale_temporaries(out)
         barrier(info)
         if info.is_main:
             write_json_atomic(out / "anomaly_config.json", record)
@@ -490,6 +516,9 @@ def run(args: argparse.Namespace) -> int:
                 if os.environ.get("MEDIDIFF_DEBUG") and not isinstance(exc, MedidiffError):
                     raise
                 failures.append((str(entry.image), report_failure(entry.image, exc)))
+                # no partial set of outputs for a failed scan (e.g. the overlay failed)
+                for path in (*paths.values(), out / f"{entry.name}_overlay.png"):
+                    _discard(path)
                 continue
             rows[entry.name] = {"file": str(entry.image), **result.row()}
             if not info.enabled:  # keep scores.csv current, so an interrupted run resumes
@@ -500,10 +529,17 @@ def run(args: argparse.Namespace) -> int:
         all_rows = {k: v for part in gather(rows, info) for k, v in part.items()}
         all_failures = [f for part in gather(failures, info) for f in part]
         skipped = sum(gather(skipped, info))
+        wrote = bool(all_rows) or had_config
         if info.is_main:
-            _write_scores(
-                out / "scores.csv", sorted(all_rows.values(), key=lambda r: order[r["name"]])
-            )
+            if wrote:
+                _write_scores(
+                    out / "scores.csv", sorted(all_rows.values(), key=lambda r: order[r["name"]])
+                )
+            else:  # nothing scored in a new folder: leave no trace of the attempt
+                _discard(out / "anomaly_config.json")
+                if created:
+                    with contextlib.suppress(OSError):
+                        out.rmdir()  # only if empty
             if skipped:
                 print(
                     f"resumed: {skipped} scan(s) already had outputs (use --overwrite to recompute)"
@@ -515,10 +551,13 @@ def run(args: argparse.Namespace) -> int:
                 )
                 for image, _ in all_failures:
                     print(f"  {image}", file=sys.stderr)
-            print(
-                f"wrote anomaly maps of {len(all_rows)} scan(s) to {out}/ "
-                "(scores.csv, anomaly_config.json)"
-            )
+            if wrote:
+                print(
+                    f"wrote anomaly maps of {len(all_rows)} scan(s) to {out}/ "
+                    "(scores.csv, anomaly_config.json)"
+                )
+            else:
+                print(f"no scan could be scored; nothing was written to {out}/")
         return EXIT_SOME_FAILED if all_failures else 0
     finally:
         cleanup(info)

@@ -16,7 +16,8 @@ the numbers of scans and voxels, and the medidiff version. 'medidiff anomaly --t
 refuses the file with another checkpoint or other method options. Only healthy scans
 belong here: thresholds chosen on labelled anomalies give optimistic results. A healthy
 file that cannot be read or scored is reported on one line and left out; the thresholds
-are still written from the others, and the exit status is 4.
+are still written from the others, and the exit status is 4 (1, with nothing written, when
+no file could be scored).
 
 Example:
     medidiff calibrate --checkpoint runs/brain_mri_2d/model.safetensors \\
@@ -61,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         require_checkpoint,
     )
     from medidiff.distributed import cleanup, init_distributed, shard
-    from medidiff.errors import ConfigError, DataError, MedidiffError, OutputError
+    from medidiff.errors import ConfigError, MedidiffError, OutputError
+    from medidiff.io import check_writable_folder
 
     checkpoint = require_checkpoint(args)
     if not 0 < args.fpr < 1:
@@ -69,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise OutputError(f"--out {out}: is a folder; give a .json file name")
+    check_writable_folder(out.parent)  # before scoring, not after
     method, post = configs_from_args(args)
     entries = load_inputs(args.healthy, args.split, args.masks)
     info = init_distributed(args.device)
@@ -100,10 +105,13 @@ def run(args: argparse.Namespace) -> int:
         all_failures = [f for part in gather(failures, info) for f in part]
         if not info.is_main:
             return EXIT_SOME_FAILED if all_failures else 0
-        if not all_scores:
-            raise DataError(
-                "no healthy scan could be scored; nothing to calibrate on (see the errors above)"
+        if not all_scores:  # each failure has had its one error line above
+            print(
+                f"no healthy scan could be scored ({len(all_failures)} of {len(entries)} input(s) "
+                "failed); no thresholds written",
+                file=sys.stderr,
             )
+            return 1
         names = [e.name for e in entries if e.name in all_scores]
         thresholds = Thresholds.from_healthy(
             detector, [all_voxels[n] for n in names], {n: all_scores[n] for n in names}, args.fpr

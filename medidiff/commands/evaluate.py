@@ -16,7 +16,8 @@ calibrated threshold (the _seg files, else anomaly map > the voxel_threshold of
 scan (mean ± std over scans with lesions); the ORACLE dataset-wise Dice, whose threshold
 is chosen on the labels (an optimistic upper bound, not a deployable result); scan-level
 AUROC (lesion scans vs healthy scans) when scores exist; per-group rows. A table goes to
-stdout, JSON to --out (written atomically). NaN (undefined) values are null in the JSON.
+stdout, JSON to --out (written atomically; an existing file is replaced only with
+--overwrite). NaN (undefined) values are null in the JSON.
 
 Exit status: 0 when every ground-truth case had a prediction; 4 when some had none (the
 others are evaluated and the missing ones listed); 1 on bad input.
@@ -57,12 +58,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which list of a dataset.json to use (default: test), or which rows of a "
                         "CSV with a split column (default: all)")
     p.add_argument("--out", metavar="JSON", help="metrics JSON to write (atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def run(args: argparse.Namespace) -> int:
     from medidiff.io import write_json_atomic
     from medidiff.metrics import evaluate_cases
 
+    if args.out:
+        _check_out(Path(args.out).expanduser(), args.overwrite)
     pred_dir = Path(args.pred).expanduser()
     if not pred_dir.is_dir():
         from medidiff.errors import DataError
@@ -119,6 +123,19 @@ def run(args: argparse.Namespace) -> int:
               f"evaluated: {_names(missing)}", file=sys.stderr)
         return EXIT_MISSING
     return 0
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that exists (without --overwrite), is a folder or cannot be written,
+    before any work."""
+    from medidiff.errors import OutputError
+    from medidiff.io import check_writable_folder
+
+    if out.is_dir():
+        raise OutputError(f"--out {out}: is a folder; give a .json file name")
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
+    check_writable_folder(out.parent)
 
 
 def _names(names: list[str], limit: int = 10) -> str:

@@ -14,7 +14,8 @@ training slices, a 3D model's with whole volumes. Metrics:
     (default max(0.95, 99th percentile of real-vs-real nearest-neighbour SSIM)) are flagged.
 
 Pass the model's training scans as --real for the memorisation check to mean something.
-Prints a table; writes the metrics as JSON (default SYNTHETIC/synthesis_metrics.json).
+Prints a table; writes the metrics as JSON (default SYNTHETIC/synthesis_metrics.json; an
+existing file is replaced only with --overwrite).
 
 Examples:
   medidiff evaluate-synthesis --real sample_data/dataset.json --synthetic synth/
@@ -40,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: max(0.95, p99 of real-vs-real nearest-neighbour SSIM))")
     p.add_argument("--max-pairs", type=int, default=500, help="MS-SSIM pairs per set (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random pair subsets (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing metrics JSON")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.synthetic) / METRICS_NAME
     if out.is_dir():
         raise ConfigError(f"--out {out}: is a folder; give a .json file name")
+    from medidiff.commands.evaluate import _check_out
+
+    _check_out(out, args.overwrite)  # exists without --overwrite, or not writable: before any work
 
     from medidiff.io import write_json_atomic
     from medidiff.synthesis_metrics import evaluate_synthesis

@@ -13,8 +13,12 @@ synthesis_config.json (checkpoint path and sha256, sampler, steps, seed, geometr
 
 Sample i draws all its noise from seed + i, so it is the same whatever --batch-size, the
 number of ranks or an interruption. Re-running the same command resumes: complete files
-are kept (writes are atomic), only missing ones are generated. A DIR made with another
-checkpoint, sampler, steps, seed, label or guidance is refused unless --overwrite.
+are kept (writes are atomic), only missing ones are generated. A sample file damaged by
+something else (it does not load) is reported on one line, deleted and generated again; an
+unreadable manifest.csv is rebuilt from the sample files (exit 0: the folder ends
+complete). A DIR made with another checkpoint, sampler, steps, seed, label or guidance is
+refused unless --overwrite; a bad --label or --guidance is refused before anything is
+written.
 
 Class-conditional models: --label NAME|INDEX picks the class (names from the training
 datalist's label column); --guidance W is classifier-free guidance (0 = unconditional,
@@ -38,8 +42,9 @@ from medidiff.commands._common import add_device_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="model.safetensors written by `medidiff train` (required for now: "
-                                        "no bundled default model ships yet)")
+    p.add_argument("--checkpoint", default=None,
+                   help="model.safetensors written by `medidiff train`, or a shipped model's name: "
+                        "brain_mri_3d (default: 3D volumes at 5 mm) or brain_mri_2d (2D slices)")
     p.add_argument("--num", type=int, required=True, help="number of samples the folder should hold")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++2m"],
@@ -57,13 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medidiff.errors import CheckpointError, ConfigError
+    from medidiff.errors import ConfigError
 
-    if not args.checkpoint:
-        raise CheckpointError(
-            "--checkpoint is required (no bundled default model ships with this version yet); "
-            "give a model.safetensors written by `medidiff train`"
-        )
+    from medidiff.pretrained import DEFAULT_3D, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint, DEFAULT_3D)
     if args.num < 1:
         raise ConfigError(f"--num must be >= 1; got {args.num}")
     if args.batch_size < 1:
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     info = init_distributed(args.device)
     try:
         synth = Synthesizer(
-            args.checkpoint, device=info.device, sampler=args.sampler, steps=args.steps,
+            checkpoint, device=info.device, sampler=args.sampler, steps=args.steps,
             batch_size=args.batch_size, label=args.label, guidance=args.guidance,
         )
         summary = synthesize_to_folder(
@@ -89,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         cleanup(info)
     if info.is_main:
+        import sys
+
+        for note in summary.repaired:  # damaged files found on resume, now regenerated
+            print(f"medidiff: warning: {note}", file=sys.stderr)
         extras = ", ".join(p.name for p in (summary.manifest, summary.montage, summary.config) if p)
         label = f", label {synth.label_name} (guidance {synth.guidance:g})" if synth.label_name else ""
         print(

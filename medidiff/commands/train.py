@@ -35,15 +35,17 @@ def run(args: argparse.Namespace) -> int:
 
     from medidiff.config import Config
     from medidiff.errors import OutputError
+    from medidiff.io import check_writable_folder
     from medidiff.training import Trainer
 
     config = Config.from_yaml(args.config, args.overrides)
     run_dir = Path(args.out)
-    existing = run_dir / "model.safetensors"
-    if existing.exists() and not (args.resume or args.overwrite):
+    existing = [run_dir / "model.safetensors", run_dir / "checkpoints" / "last.pt"]
+    if any(p.exists() for p in existing) and not (args.resume or args.overwrite):
         raise OutputError(
             f"{run_dir}: already holds a trained run; pass --resume to continue it or --overwrite to start afresh"
         )
+    check_writable_folder(run_dir)  # before the (possibly long) data loading
     trainer = Trainer(config, run_dir, device=args.device, progress=not args.no_progress,
                       config_dir=Path(args.config).resolve().parent)
     result = trainer.fit(resume=args.resume)

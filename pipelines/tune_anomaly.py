@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Tune the default anomaly method on sample_data: noise level t, DDIM steps, post-processing.
+
+Reconstructions are the expensive part, post-processing is cheap: this script reconstructs
+each test scan once per (t, steps) setting on the model grid (cached as .npz under
+``--cache``, so reruns and new post-processing variants cost seconds), then scores every
+post-processing variant (residual kind, median filter size, mask erosion) and prints one
+table: pooled voxel AUROC / AUPRC on the model grid inside the brain mask, and AUPRC per
+lesion kind, next to the no-network intensity baseline computed the same way.
+
+Model-grid metrics are for ranking settings only; the numbers to report come from
+``pipelines/benchmark_anomaly.py`` / ``medidiff demo`` on the native grid.
+
+    python pipelines/tune_anomaly.py --t 150 250 400 --steps 10 --limit 8 --cache /tmp/tune
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def stratified(entries: list, limit: int | None) -> list:
+    """Up to ``limit`` entries, taking the kinds in turn (tumor, ms, stroke, healthy, ...)."""
+    by_kind: dict[str, list] = {}
+    for e in entries:
+        by_kind.setdefault(e.extra.get("kind", "?"), []).append(e)
+    out: list = []
+    n = limit or len(entries)
+    while len(out) < n and any(by_kind.values()):
+        for kind in list(by_kind):
+            if by_kind[kind] and len(out) < n:
+                out.append(by_kind[kind].pop(0))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="default: the shipped brain_mri_2d model")
+    p.add_argument("--data", default=str(ROOT / "sample_data" / "dataset.json"))
+    p.add_argument("--method", default="ddim", choices=["ddim", "anoddpm", "x0", "patched"])
+    p.add_argument("--t", type=int, nargs="+", default=[250])
+    p.add_argument("--steps", type=int, nargs="+", default=[10])
+    p.add_argument("--medians", type=int, nargs="+", default=[1, 3, 5, 7])
+    p.add_argument("--erodes", type=int, nargs="+", default=[0, 2, 3])
+    p.add_argument("--residuals", nargs="+", default=["l1", "l2"])
+    p.add_argument("--limit", type=int, default=None, help="test scans (stratified by kind)")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/medidiff_tune"))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="JSON of every row")
+    a = p.parse_args(argv)
+
+    import torch
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from medidiff.anomaly import AnomalyDetector, MethodConfig
+    from medidiff.checkpoint import build_model_from_checkpoint
+    from medidiff.data import load_datalist
+    from medidiff.io import load_volume
+    from medidiff.postprocess import PostprocessConfig, anomaly_map
+    from medidiff.pretrained import resolve_checkpoint
+    from medidiff.transforms import preprocess, to_model
+
+    torch.set_num_threads(a.threads)
+    ckpt = resolve_checkpoint(a.checkpoint)
+    loaded = build_model_from_checkpoint(ckpt)
+    tests = stratified(load_datalist(a.data, split="test"), a.limit)
+    a.cache.mkdir(parents=True, exist_ok=True)
+    tag = loaded.checkpoint.sha256[:12]
+
+    from medidiff.transforms import Preprocessing
+
+    prep = Preprocessing.from_dict(loaded.checkpoint.preprocessing)
+    scans = []
+    for e in tests:
+        mask = load_volume(e.mask)
+        pre = preprocess(load_volume(e.image), prep, mask=mask)
+        truth = np.zeros(pre.image.shape, bool)
+        if e.segmentation is not None:
+            truth = to_model(np.asarray(load_volume(e.segmentation).array) > 0, pre, interpolation="nearest") > 0.5
+        scans.append((e.name, e.extra.get("kind", "?"), pre.image, pre.mask > 0, truth))
+
+    recon: dict[tuple, list[np.ndarray]] = {}
+    for t, k in itertools.product(a.t, a.steps):
+        det = AnomalyDetector(loaded, MethodConfig(a.method, t_start=t, steps=k), batch_size=a.batch_size, seed=a.seed)
+        outs = []
+        for name, kind, image, region, _ in scans:
+            f = a.cache / f"{tag}_{a.method}_t{t}_k{k}_s{a.seed}_{name}.npz"
+            if f.exists():
+                outs.append(np.load(f)["r"])
+                continue
+            start = time.perf_counter()
+            r = det.reconstruct_grid(image, region, name)
+            np.savez_compressed(f, r=r)
+            print(f"  reconstructed {name} t={t} K={k} in {time.perf_counter() - start:.1f} s", flush=True)
+            outs.append(r)
+        recon[(t, k)] = outs
+    healthy_level = float(np.median(np.concatenate([img[reg] for _, kind, img, reg, _ in scans if kind == "healthy"] or [scans[0][2][scans[0][3]]])))
+    recon[("baseline", 0)] = [np.full((1, *img.shape), healthy_level, np.float32) for _, _, img, _, _ in scans]
+
+    rows = []
+    kinds = sorted({kind for _, kind, *_ in scans if kind != "healthy"})
+    for (t, k), outs in recon.items():
+        for res, med, er in itertools.product(a.residuals, a.medians, a.erodes):
+            cfg = PostprocessConfig(residual=res, median_size=med, erode=er)
+            scores, labels, groups = [], [], []
+            for (name, kind, image, region, truth), r in zip(scans, outs):
+                amap, scored = anomaly_map(image, r, region, cfg)
+                scores.append(amap[scored]); labels.append(truth[scored]); groups.append(np.full(scored.sum(), kind))
+            s, y, g = np.concatenate(scores), np.concatenate(labels), np.concatenate(groups)
+            row = {"t": t, "K": k, "residual": res, "median": med, "erode": er,
+                   "auroc": roc_auc_score(y, s), "auprc": average_precision_score(y, s)}
+            for kind in kinds:
+                sel = (g == kind) | (g == "healthy")
+                row[f"auprc_{kind}"] = average_precision_score(y[sel], s[sel]) if y[sel].any() else float("nan")
+            rows.append(row)
+    rows.sort(key=lambda r: -r["auroc"])
+    head = ["t", "K", "residual", "median", "erode", "auroc", "auprc"] + [f"auprc_{k}" for k in kinds]
+    print(f"checkpoint {ckpt} (step {loaded.checkpoint.extra.get('step')}), {len(scans)} test scans, model grid")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        print("| " + " | ".join(f"{r[h]:.3f}" if isinstance(r[h], float) else str(r[h]) for h in head) + " |")
+    if a.out:
+        a.out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
