@@ -124,7 +124,7 @@ def card_markdown(facts: dict) -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| file | `medidiff/weights/{n}.safetensors` ({facts['size_bytes'] / 1e6:.1f} MB, fp16; sha256 `{facts['sha256'][:16]}…`) |",
+        f"| file | `medidiff/weights/{n}.safetensors` ({facts['size_bytes'] / 1e6:.1f} MB, fp16; sha256 `{facts['sha256'][:16]}...`) |",
         f"| network | {facts['network']} ({facts['parameters'] / 1e6:.2f} M parameters) |",
         f"| data | {facts['data']} |",
         f"| preprocessing | {facts['preprocessing']} |",
