@@ -304,11 +304,13 @@ def _kind(entry: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _write_scan_outputs(result: Any, out: Path, truth_grid: np.ndarray | None) -> dict[str, str]:
+def _write_scan_outputs(
+    result: Any, out: Path, truth_grid: np.ndarray | None, thresholds: Any = None
+) -> dict[str, str]:
     """The files ``medidiff anomaly`` writes for one scan (a shared helper in
     ``medidiff.commands.anomaly`` would be better; its writer is inline in ``run``)."""
     from medidiff.io import save_volume
-    from medidiff.overlay import choose_slices, save_overlay
+    from medidiff.overlay import choose_slices, map_scale, save_overlay
 
     ref = result.reference
     files = {
@@ -330,6 +332,7 @@ def _write_scan_outputs(result: Any, out: Path, truth_grid: np.ndarray | None) -
     save_overlay(
         grid.image, grid.reconstruction, grid.anomaly_map, files["overlay"],
         segmentation=grid.segmentation, truth=truth_grid, region=grid.mask, slices=slices,
+        map_max=map_scale(thresholds),
         title=f"{result.name}  score {result.score:.4g}{flag}  (red: segmentation, green: truth)",
     )
     return {k: str(v) for k, v in files.items()}
@@ -376,7 +379,7 @@ def _score_all(
         files: dict[str, str] = {}
         if out is not None:
             truth_grid = to_model(truth.astype(np.uint8), result.preprocessed) > 0
-            files = _write_scan_outputs(result, out, truth_grid)
+            files = _write_scan_outputs(result, out, truth_grid, detector.thresholds)
         case = Case(entry.name, result.anomaly_map, truth, mask=brain,
                     segmentation=result.segmentation, score=result.score, group=_kind(entry))
         row = {"file": str(entry.image), **result.row()}

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["choose_slices", "save_overlay"]
+__all__ = ["choose_slices", "map_scale", "save_overlay"]
 
 
 def choose_slices(
@@ -63,6 +64,17 @@ def _view(slice_2d: np.ndarray) -> np.ndarray:
     return np.flipud(np.asarray(slice_2d).T)
 
 
+def map_scale(thresholds: Any) -> float | None:
+    """A colour-scale top shared by every scan scored with the same thresholds.
+
+    Three times the calibrated voxel threshold: voxels at the threshold sit a third of the
+    way up the colour map, so a healthy scan looks dark and a lesion bright, scan after
+    scan. ``None`` without thresholds (each overlay then scales to its own map).
+    """
+    value = getattr(thresholds, "voxel_threshold", None)
+    return 3.0 * float(value) if value is not None and float(value) > 0 else None
+
+
 def save_overlay(
     image: np.ndarray,
     reconstruction: np.ndarray,
@@ -89,7 +101,9 @@ def save_overlay(
         region: mask used to choose slices (default: where the image is non-zero).
         slices: explicit axial slice indices (default :func:`choose_slices`).
         num_slices: how many slices when choosing.
-        map_max: top of the map's colour scale (default: its 99.9th percentile).
+        map_max: top of the map's colour scale (default: its 99.9th percentile). Give a
+            fixed value, e.g. :func:`map_scale` of the calibrated thresholds, to make
+            overlays of different scans comparable.
         title: figure title.
 
     Returns:

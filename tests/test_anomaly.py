@@ -407,3 +407,14 @@ def test_overlay_shows_the_most_anomalous_slice(tmp_path):
         image, image, amap, tmp_path / "o.png", segmentation=amap > 0.5, truth=amap > 0.5
     )
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_overlay_colour_scale_is_shared_by_calibrated_scans():
+    """With thresholds every overlay uses 3x the voxel threshold; without, its own map."""
+    from types import SimpleNamespace
+
+    from medidiff.overlay import map_scale
+
+    assert map_scale(SimpleNamespace(voxel_threshold=0.05)) == pytest.approx(0.15)
+    assert map_scale(None) is None
+    assert map_scale(SimpleNamespace(voxel_threshold=0.0)) is None

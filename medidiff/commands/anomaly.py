@@ -493,7 +493,7 @@ def run(args: argparse.Namespace) -> int:
                 if result.segmentation is not None:
                     save_volume(ref.with_array(result.segmentation), paths["seg"], dtype="uint8")
                 if not args.no_overlay:
-                    from medidiff.overlay import save_overlay
+                    from medidiff.overlay import map_scale, save_overlay
 
                     grid = result.grid
                     save_overlay(
@@ -503,6 +503,7 @@ def run(args: argparse.Namespace) -> int:
                         out / f"{entry.name}_overlay.png",
                         segmentation=grid.segmentation,
                         region=grid.mask,
+                        map_max=map_scale(detector.thresholds),
                         title=f"{entry.name}  score {result.score:.4g}"
                         + (
                             ""
