@@ -166,6 +166,64 @@ class AnomalyResult:
             "nfe_per_input": self.nfe_per_input,
         }
 
+    def output_paths(self, out: str | os.PathLike) -> dict[str, Path]:
+        """Where :meth:`save` writes: ``NAME_anomaly``, ``NAME_recon`` and, with a
+        segmentation, ``NAME_seg`` (.nii.gz) in ``out``."""
+        return scan_output_paths(out, self.name, self.segmentation is not None)
+
+    def save(
+        self,
+        out: str | os.PathLike,
+        *,
+        overlay: bool = True,
+        truth: np.ndarray | None = None,
+        map_max: float | None = None,
+    ) -> dict[str, Path]:
+        """Write the scan's maps on its own grid, and its overlay montage.
+
+        Args:
+            out: the output folder (exists).
+            overlay: also write ``NAME_overlay.png`` (model grid, axial slices).
+            truth: a lesion mask on the model grid, drawn in green; its slices are shown.
+            map_max: the overlay's colour-scale top (see :func:`medidiff.overlay.map_scale`).
+
+        Returns:
+            The files written, by kind (``anomaly``, ``recon``, ``seg``, ``overlay``).
+        """
+        from medidiff.io import save_volume
+
+        files = self.output_paths(out)
+        ref = self.reference
+        save_volume(ref.with_array(self.anomaly_map), files["anomaly"], dtype="float32")
+        save_volume(ref.with_array(self.reconstruction), files["recon"], dtype="float32")
+        if self.segmentation is not None:
+            save_volume(ref.with_array(self.segmentation), files["seg"], dtype="uint8")
+        if overlay:
+            from medidiff.overlay import choose_slices, save_overlay
+
+            grid = self.grid
+            slices = None  # with a truth: its largest slice plus slices spread over the brain
+            if truth is not None and truth.any():
+                slices = choose_slices(truth.astype(np.float32), grid.mask, 4)
+            flag = "" if self.flagged is None else ("  FLAGGED" if self.flagged else "  not flagged")
+            legend = "  (red: segmentation, green: truth)" if truth is not None else ""
+            files["overlay"] = Path(out) / f"{self.name}_overlay.png"
+            save_overlay(
+                grid.image, grid.reconstruction, grid.anomaly_map, files["overlay"],
+                segmentation=grid.segmentation, truth=truth, region=grid.mask, slices=slices,
+                map_max=map_max, title=f"{self.name}  score {self.score:.4g}{flag}{legend}",
+            )
+        return files
+
+
+def scan_output_paths(out: str | os.PathLike, name: str, with_seg: bool) -> dict[str, Path]:
+    """The NIfTI files ``medidiff anomaly`` writes for scan ``name`` in ``out``."""
+    out = Path(out)
+    paths = {"anomaly": out / f"{name}_anomaly.nii.gz", "recon": out / f"{name}_recon.nii.gz"}
+    if with_seg:
+        paths["seg"] = out / f"{name}_seg.nii.gz"
+    return paths
+
 
 # --------------------------------------------------------------------------------------------
 # thresholds

@@ -136,6 +136,26 @@ class DatalistEntry:
         }
 
 
+def stratified_by_kind(entries: Sequence[DatalistEntry], limit: int | None) -> list[DatalistEntry]:
+    """Up to ``limit`` entries taking the kinds in turn (``extra["kind"]``: tumor, ms, ...).
+
+    Keeps the datalist order within a kind and the order of first appearance between kinds,
+    so a small limit still covers every kind. ``None`` (or a limit >= the count) keeps all.
+    """
+    entries = list(entries)
+    if limit is None or limit >= len(entries):
+        return entries
+    by_kind: dict[str, list[DatalistEntry]] = {}
+    for e in entries:
+        by_kind.setdefault(str(e.extra.get("kind") or "unknown"), []).append(e)
+    chosen: list[DatalistEntry] = []
+    while len(chosen) < limit:
+        for queue in by_kind.values():
+            if queue and len(chosen) < limit:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
 def load_datalist(
     source: str | os.PathLike | Sequence[str | os.PathLike],
     *,
@@ -852,6 +872,7 @@ __all__ = [
     "build_dataset",
     "build_training_dataset",
     "class_names_of",
+    "stratified_by_kind",
     "intensity_to_model",
     "intensity_to_native",
     "load_datalist",

@@ -283,15 +283,9 @@ def _load_splits(sample_data: Path, limit: int | None) -> tuple[list[Any], list[
     if limit is not None:
         if limit < 1:
             raise DataError(f"--limit must be >= 1; got {limit}")
-        by_kind: dict[str, list[Any]] = {}
-        for e in test:
-            by_kind.setdefault(_kind(e), []).append(e)
-        chosen: list[Any] = []
-        while len(chosen) < min(limit, len(test)):
-            for queue in by_kind.values():
-                if queue and len(chosen) < limit:
-                    chosen.append(queue.pop(0))
-        test = chosen
+        from medidiff.data import stratified_by_kind
+
+        test = stratified_by_kind(test, limit)
     return healthy, test
 
 
@@ -302,40 +296,6 @@ def _kind(entry: Any) -> str:
 # --------------------------------------------------------------------------------------------
 # scoring
 # --------------------------------------------------------------------------------------------
-
-
-def _write_scan_outputs(
-    result: Any, out: Path, truth_grid: np.ndarray | None, thresholds: Any = None
-) -> dict[str, str]:
-    """The files ``medidiff anomaly`` writes for one scan (a shared helper in
-    ``medidiff.commands.anomaly`` would be better; its writer is inline in ``run``)."""
-    from medidiff.io import save_volume
-    from medidiff.overlay import choose_slices, map_scale, save_overlay
-
-    ref = result.reference
-    files = {
-        "anomaly": out / f"{result.name}_anomaly.nii.gz",
-        "recon": out / f"{result.name}_recon.nii.gz",
-    }
-    save_volume(ref.with_array(result.anomaly_map), files["anomaly"], dtype="float32")
-    save_volume(ref.with_array(result.reconstruction), files["recon"], dtype="float32")
-    if result.segmentation is not None:
-        files["seg"] = out / f"{result.name}_seg.nii.gz"
-        save_volume(ref.with_array(result.segmentation), files["seg"], dtype="uint8")
-    grid = result.grid
-    # show the lesion: the slice with the most lesion voxels plus slices spread over the brain
-    slices = None
-    if truth_grid is not None and truth_grid.any():
-        slices = choose_slices(truth_grid.astype(np.float32), grid.mask, 4)
-    flag = "" if result.flagged is None else ("  FLAGGED" if result.flagged else "  not flagged")
-    files["overlay"] = out / f"{result.name}_overlay.png"
-    save_overlay(
-        grid.image, grid.reconstruction, grid.anomaly_map, files["overlay"],
-        segmentation=grid.segmentation, truth=truth_grid, region=grid.mask, slices=slices,
-        map_max=map_scale(thresholds),
-        title=f"{result.name}  score {result.score:.4g}{flag}  (red: segmentation, green: truth)",
-    )
-    return {k: str(v) for k, v in files.items()}
 
 
 def _write_scores(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -369,6 +329,7 @@ def _score_all(
     The full result of the scan named ``keep`` stays in memory (for the anomaly strip)."""
     from medidiff.io import load_volume
     from medidiff.metrics import Case
+    from medidiff.overlay import map_scale
     from medidiff.transforms import to_model
 
     scored: list[_Scored] = []
@@ -379,7 +340,8 @@ def _score_all(
         files: dict[str, str] = {}
         if out is not None:
             truth_grid = to_model(truth.astype(np.uint8), result.preprocessed) > 0
-            files = _write_scan_outputs(result, out, truth_grid, detector.thresholds)
+            written = result.save(out, truth=truth_grid, map_max=map_scale(detector.thresholds))
+            files = {k: str(v) for k, v in written.items()}
         case = Case(entry.name, result.anomaly_map, truth, mask=brain,
                     segmentation=result.segmentation, score=result.score, group=_kind(entry))
         row = {"file": str(entry.image), **result.row()}

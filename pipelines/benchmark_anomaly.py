@@ -45,7 +45,6 @@ import argparse
 import math
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,21 +105,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out", default=str(ROOT / "runs" / "benchmark_anomaly.json"), help="JSON results"
     )
     return p.parse_args(argv)
-
-
-def stratified(entries: list[Any], n: int | None) -> list[Any]:
-    """The first ``n`` entries taking one of each kind in turn (tumor, ms, stroke, healthy, ...)."""
-    if n is None or n >= len(entries):
-        return list(entries)
-    by_kind: dict[str, list[Any]] = defaultdict(list)
-    for e in entries:
-        by_kind[str(e.extra.get("kind", ""))].append(e)
-    out: list[Any] = []
-    while len(out) < n:
-        for kind in list(by_kind):
-            if by_kind[kind] and len(out) < n:
-                out.append(by_kind[kind].pop(0))
-    return out
 
 
 def make_detector(method: str, args: argparse.Namespace, calib: list[Any], loaded: Any) -> Any:
@@ -284,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from medidiff.checkpoint import build_model_from_checkpoint
-    from medidiff.data import load_datalist
+    from medidiff.data import load_datalist, stratified_by_kind
     from medidiff.distributed import resolve_device
     from medidiff.io import write_json_atomic
 
@@ -294,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     step = ckpt.extra.get("step")
     val = load_datalist(args.data, split="validation")
     test_all = load_datalist(args.data, split="test")
-    test = stratified(test_all, args.limit)
+    test = stratified_by_kind(test_all, args.limit)
     anoddpm_test = test[: args.anoddpm_limit]  # a prefix of the round-robin order: stratified too
     val = val[: args.calib_limit] if args.calib_limit else val
     print(

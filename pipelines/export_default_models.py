@@ -57,11 +57,11 @@ def fp16_error(fp32_path: Path, fp16_path: Path) -> float:
 
     from medidiff.checkpoint import build_model_from_checkpoint
 
-    a = build_model_from_checkpoint(fp32_path).model.eval()
+    loaded = build_model_from_checkpoint(fp32_path)
+    a = loaded.model.eval()
     b = build_model_from_checkpoint(fp16_path).model.eval()
-    kw = build_model_from_checkpoint(fp32_path).checkpoint
-    prep = kw.preprocessing
-    dims = int(kw.model_kwargs["spatial_dims"])
+    prep = loaded.checkpoint.preprocessing
+    dims = int(loaded.checkpoint.model_kwargs["spatial_dims"])
     shape = tuple(prep["shape"][:2]) if dims == 2 else tuple(prep["shape"])
     g = torch.Generator().manual_seed(0)
     x = torch.randn((2, 1, *shape), generator=g)

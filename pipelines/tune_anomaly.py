@@ -29,20 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def stratified(entries: list, limit: int | None) -> list:
-    """Up to ``limit`` entries, taking the kinds in turn (tumor, ms, stroke, healthy, ...)."""
-    by_kind: dict[str, list] = {}
-    for e in entries:
-        by_kind.setdefault(e.extra.get("kind", "?"), []).append(e)
-    out: list = []
-    n = limit or len(entries)
-    while len(out) < n and any(by_kind.values()):
-        for kind in list(by_kind):
-            if by_kind[kind] and len(out) < n:
-                out.append(by_kind[kind].pop(0))
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="default: the shipped brain_mri_2d model")
@@ -66,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from medidiff.anomaly import AnomalyDetector, MethodConfig
     from medidiff.checkpoint import build_model_from_checkpoint
-    from medidiff.data import load_datalist
+    from medidiff.data import load_datalist, stratified_by_kind
     from medidiff.io import load_volume
     from medidiff.postprocess import PostprocessConfig, anomaly_map
     from medidiff.pretrained import resolve_checkpoint
@@ -75,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     ckpt = resolve_checkpoint(a.checkpoint)
     loaded = build_model_from_checkpoint(ckpt)
-    tests = stratified(load_datalist(a.data, split="test"), a.limit)
+    tests = stratified_by_kind(load_datalist(a.data, split="test"), a.limit)
     a.cache.mkdir(parents=True, exist_ok=True)
     tag = loaded.checkpoint.sha256[:12]
 

@@ -431,3 +431,14 @@ def test_dicom_series_folders_are_cases(tmp_path):
     write_case(tmp_path / "cohort", "nifti")
     assert [e.image.name for e in load_datalist(tmp_path / "cohort")] == ["nifti.nii.gz", "patient1"]
     assert [e.image for e in load_datalist(series)] == [series]
+
+
+def test_stratified_by_kind_takes_kinds_in_turn():
+    from medidiff.data import DatalistEntry, stratified_by_kind
+
+    kinds = ["tumor", "tumor", "ms", "stroke", "ms", "healthy"]
+    entries = [DatalistEntry(image=Path(f"{k}-{i}.nii.gz"), extra={"kind": k}) for i, k in enumerate(kinds)]
+    picked = stratified_by_kind(entries, 4)
+    assert [e.image.name for e in picked] == ["tumor-0.nii.gz", "ms-2.nii.gz", "stroke-3.nii.gz", "healthy-5.nii.gz"]
+    assert [e.image.name for e in stratified_by_kind(entries, 5)][-1] == "tumor-1.nii.gz"
+    assert stratified_by_kind(entries, None) == entries

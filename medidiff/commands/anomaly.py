@@ -342,13 +342,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
 
 
-def _outputs(out: Path, name: str, with_seg: bool) -> dict[str, Path]:
-    paths = {"anomaly": out / f"{name}_anomaly.nii.gz", "recon": out / f"{name}_recon.nii.gz"}
-    if with_seg:
-        paths["seg"] = out / f"{name}_seg.nii.gz"
-    return paths
-
-
 def _read_scores(path: Path) -> dict[str, dict[str, str]]:
     import csv
 
@@ -434,10 +427,10 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from medidiff.anomaly import Thresholds
+    from medidiff.anomaly import Thresholds, scan_output_paths
     from medidiff.distributed import barrier, cleanup, init_distributed, shard
     from medidiff.errors import MedidiffError
-    from medidiff.io import check_writable_folder, save_volume, write_json_atomic
+    from medidiff.io import check_writable_folder, write_json_atomic
 
     checkpoint = require_checkpoint(args)
     method, post = configs_from_args(args)
@@ -476,7 +469,7 @@ def run(args: argparse.Namespace) -> int:
         skipped = 0
         mine = shard(entries, info)
         for entry in tqdm(mine, desc="scans", unit="scan", disable=None if info.is_main else True):
-            paths = _outputs(out, entry.name, thresholds is not None)
+            paths = scan_output_paths(out, entry.name, thresholds is not None)
             if (
                 not args.overwrite
                 and entry.name in previous
@@ -487,30 +480,9 @@ def run(args: argparse.Namespace) -> int:
                 continue
             try:
                 result = detector.score_file(entry.image, mask=entry.mask, name=entry.name)
-                ref = result.reference
-                save_volume(ref.with_array(result.anomaly_map), paths["anomaly"], dtype="float32")
-                save_volume(ref.with_array(result.reconstruction), paths["recon"], dtype="float32")
-                if result.segmentation is not None:
-                    save_volume(ref.with_array(result.segmentation), paths["seg"], dtype="uint8")
-                if not args.no_overlay:
-                    from medidiff.overlay import map_scale, save_overlay
+                from medidiff.overlay import map_scale
 
-                    grid = result.grid
-                    save_overlay(
-                        grid.image,
-                        grid.reconstruction,
-                        grid.anomaly_map,
-                        out / f"{entry.name}_overlay.png",
-                        segmentation=grid.segmentation,
-                        region=grid.mask,
-                        map_max=map_scale(detector.thresholds),
-                        title=f"{entry.name}  score {result.score:.4g}"
-                        + (
-                            ""
-                            if result.flagged is None
-                            else ("  FLAGGED" if result.flagged else "")
-                        ),
-                    )
+                result.save(out, overlay=not args.no_overlay, map_max=map_scale(detector.thresholds))
             except (KeyboardInterrupt, MemoryError):
                 raise
             except Exception as exc:
