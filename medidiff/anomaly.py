@@ -801,11 +801,24 @@ class AnomalyDetector:
         )
 
 
+def _calibration_scan(detector: AnomalyDetector, task: tuple[int, Any]) -> tuple[str, np.ndarray, float]:
+    """One healthy scan's name, voxel scores inside its scored mask and scan score."""
+    i, item = task
+    if isinstance(item, Volume):
+        result = detector.score(item, name=f"scan{i}")
+    elif hasattr(item, "image"):
+        result = detector.score_file(item.image, mask=getattr(item, "mask", None))
+    else:
+        result = detector.score_file(item)
+    return result.name, result.grid.anomaly_map[result.grid.mask], result.score
+
+
 def calibrate(
     detector: AnomalyDetector,
     healthy: Sequence[Any],
     *,
     fpr: float = 0.05,
+    workers: int = 1,
 ) -> Thresholds:
     """Thresholds at a target false-positive rate from healthy scans.
 
@@ -814,27 +827,26 @@ def calibrate(
         healthy: healthy scans: :class:`~medidiff.data.DatalistEntry` (its ``mask`` is
             used as brain mask), file paths, or :class:`~medidiff.io.Volume` objects.
         fpr: target false-positive rate in (0, 1), e.g. 0.05.
+        workers: score the scans in this many processes (:func:`medidiff.parallel.map_scans`;
+            the thresholds do not depend on it).
 
     Returns:
         The :class:`Thresholds` (also usable right away with ``detector.use_thresholds``).
     """
+    from medidiff.parallel import map_scans
+
     if not healthy:
         raise ConfigError("calibration needs at least one healthy scan")
     saved = detector.thresholds
     detector.thresholds = None
     voxels, scores = [], {}
     try:
-        for i, item in enumerate(healthy):
-            if isinstance(item, Volume):
-                result = detector.score(item, name=f"scan{i}")
-            elif hasattr(item, "image"):
-                result = detector.score_file(item.image, mask=getattr(item, "mask", None))
-            else:
-                result = detector.score_file(item)
-            voxels.append(result.grid.anomaly_map[result.grid.mask])
-            scores[result.name if result.name not in scores else f"{result.name}#{i}"] = (
-                result.score
-            )
+        tasks = list(enumerate(healthy))
+        for i, (name, values, score) in enumerate(
+            map_scans(_calibration_scan, detector, tasks, workers=workers)
+        ):
+            voxels.append(values)
+            scores[name if name not in scores else f"{name}#{i}"] = score
     finally:
         detector.thresholds = saved
     return Thresholds.from_healthy(detector, voxels, scores, fpr)

@@ -7,7 +7,7 @@ to end, on the repository's ``sample_data/`` and writes one folder with an HTML 
    (healthy scans with brain masks) and the ``test`` split (``kind`` tumor / ms / stroke /
    healthy; ``label`` the lesion mask, ``mask`` the brain mask);
 2. builds an :class:`~medidiff.anomaly.AnomalyDetector` with the default method
-   (``MethodConfig()``: DDIM, t = 50, 5 steps) on the default 2D model and calibrates it
+   (``MethodConfig()``: DDIM, t = 50, 3 steps) on the default 2D model and calibrates it
    on the healthy validation scans at a 5 % false-positive rate -> ``DIR/thresholds.json``;
 3. scores every test scan -> ``DIR/anomaly/NAME_anomaly.nii.gz``, ``NAME_recon.nii.gz``,
    ``NAME_seg.nii.gz`` (on the scan's own grid), ``NAME_overlay.png`` and ``scores.csv``,
@@ -253,12 +253,6 @@ class _Stages:
                 print(f"      {key}: {self.seconds[key]:.1f} s", flush=True)
 
 
-def _bar(items: Sequence[Any], desc: str, progress: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="scan", disable=not progress, leave=False)
-
-
 def _load_splits(sample_data: Path, limit: int | None) -> tuple[list[Any], list[Any]]:
     """The healthy validation entries and the test entries (``limit``: N test scans taking
     the kinds in turn, so a quick look still shows every kind)."""
@@ -315,6 +309,31 @@ def _write_scores(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def _score_entry(detector: Any, task: tuple[Any, Path | None, str | None]) -> _Scored:
+    """Score one test scan (in a worker process or here); with ``out``, write its files.
+
+    The full result stays in the returned record only for the scan named ``keep``."""
+    from medidiff.io import load_volume
+    from medidiff.metrics import Case
+    from medidiff.overlay import map_scale
+    from medidiff.transforms import to_model
+
+    entry, out, keep = task
+    result = detector.score_file(entry.image, mask=entry.mask, name=entry.name)
+    truth = np.asarray(load_volume(entry.segmentation).array) > 0
+    brain = np.asarray(load_volume(entry.mask).array) > 0
+    files: dict[str, str] = {}
+    if out is not None:
+        truth_grid = to_model(truth.astype(np.uint8), result.preprocessed) > 0
+        written = result.save(out, truth=truth_grid, map_max=map_scale(detector.thresholds))
+        files = {k: str(v) for k, v in written.items()}
+    case = Case(entry.name, result.anomaly_map, truth, mask=brain,
+                segmentation=result.segmentation, score=result.score, group=_kind(entry))
+    row = {"file": str(entry.image), **result.row()}
+    return _Scored(entry.name, _kind(entry), row, case.compact(), files,
+                   result if entry.name == keep else None)
+
+
 def _score_all(
     detector: Any,
     entries: Sequence[Any],
@@ -323,31 +342,20 @@ def _score_all(
     desc: str,
     progress: bool,
     keep: str | None = None,
+    workers: int = 1,
 ) -> list[_Scored]:
-    """Score ``entries``; with ``out``, write every scan's files and ``out/scores.csv``.
+    """Score ``entries`` in ``workers`` processes; with ``out``, write every scan's files
+    and ``out/scores.csv`` (kept current, in input order, as the CLI does).
 
     The full result of the scan named ``keep`` stays in memory (for the anomaly strip)."""
-    from medidiff.io import load_volume
-    from medidiff.metrics import Case
-    from medidiff.overlay import map_scale
-    from medidiff.transforms import to_model
+    from medidiff.parallel import map_scans
 
     scored: list[_Scored] = []
-    for entry in _bar(entries, desc, progress):
-        result = detector.score_file(entry.image, mask=entry.mask, name=entry.name)
-        truth = np.asarray(load_volume(entry.segmentation).array) > 0
-        brain = np.asarray(load_volume(entry.mask).array) > 0
-        files: dict[str, str] = {}
+    tasks = [(entry, out, keep) for entry in entries]
+    for record in map_scans(_score_entry, detector, tasks, workers=workers, desc=desc,
+                            progress=progress):
+        scored.append(record)
         if out is not None:
-            truth_grid = to_model(truth.astype(np.uint8), result.preprocessed) > 0
-            written = result.save(out, truth=truth_grid, map_max=map_scale(detector.thresholds))
-            files = {k: str(v) for k, v in written.items()}
-        case = Case(entry.name, result.anomaly_map, truth, mask=brain,
-                    segmentation=result.segmentation, score=result.score, group=_kind(entry))
-        row = {"file": str(entry.image), **result.row()}
-        scored.append(_Scored(entry.name, _kind(entry), row, case.compact(), files,
-                              result if entry.name == keep else None))
-        if out is not None:  # kept current, as the CLI does
             _write_scores(out / "scores.csv", [s.row for s in scored])
     return scored
 
@@ -581,6 +589,7 @@ def run_demo(
     progress: bool = True,
     seed: int = 0,
     batch_size: int = 32,
+    workers: int | None = None,
     argv: Sequence[str] | None = None,
 ) -> DemoResult:
     """Run the demo and write ``out/report.html`` and ``out/metrics.json``.
@@ -602,6 +611,9 @@ def run_demo(
         progress: print a line per stage and progress bars.
         seed: the noise seed of anomaly scoring and synthesis.
         batch_size: network inputs per call when scoring.
+        workers: processes that score scans side by side (default: one per CPU core, at
+            most 4, on the CPU; 1 on CUDA; :mod:`medidiff.parallel`). The numbers do not
+            depend on it, only the time.
         argv: the command line, recorded in the report's "reproduce" section.
 
     Returns:
@@ -620,6 +632,7 @@ def run_demo(
     from medidiff.distributed import resolve_device
     from medidiff.errors import ConfigError
     from medidiff.io import write_json_atomic
+    from medidiff.parallel import default_workers
     from medidiff.pretrained import DEFAULT_2D, DEFAULT_3D, resolve_checkpoint
     from medidiff.report_html import write_demo_report
     from medidiff.synthesis import Synthesizer, synthesize_to_folder
@@ -633,6 +646,10 @@ def run_demo(
     ckpt3d_path = resolve_checkpoint(checkpoint_3d, DEFAULT_3D)
     dev = resolve_device(device)
     healthy, test = _load_splits(sample, limit)
+    if workers is None:
+        workers = default_workers(dev, max(len(healthy), len(test)))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"--workers must be an integer >= 1; got {workers!r}")
     _prepare_out_dir(out, overwrite)
     stages = _Stages(9, progress)
     notes: list[str] = []
@@ -647,7 +664,7 @@ def run_demo(
     with stages.stage("calibrate", f"calibrating the default method ({detector.method.method}, "
                       f"t={detector.method.t_start}, {detector.method.steps} steps) on the "
                       f"healthy validation scans at {FPR:.0%} FPR"):
-        thresholds = calibrate(detector, healthy, fpr=FPR)
+        thresholds = calibrate(detector, healthy, fpr=FPR, workers=workers)
         thresholds_path = thresholds.save(out / "thresholds.json")
         detector.use_thresholds(thresholds)
 
@@ -661,16 +678,17 @@ def run_demo(
         record["inputs"] = len(test)
         write_json_atomic(anomaly_dir / "anomaly_config.json", record)
         scored = _score_all(detector, test, anomaly_dir, desc="scoring", progress=progress,
-                            keep=FIGURE_CASE)
+                            keep=FIGURE_CASE, workers=workers)
 
     with stages.stage("baseline", "the no-network intensity baseline: calibrate and score"):
         baseline = IntensityBaseline.from_healthy(loaded.checkpoint, healthy,
                                                   detector.postprocess)
-        base_thresholds = calibrate(baseline, healthy, fpr=FPR)
+        base_thresholds = calibrate(baseline, healthy, fpr=FPR, workers=workers)
         base_thresholds.save(out / "thresholds_baseline.json")
         baseline.use_thresholds(base_thresholds)
         (out / "baseline").mkdir(exist_ok=True)
-        base_scored = _score_all(baseline, test, None, desc="baseline", progress=progress)
+        base_scored = _score_all(baseline, test, None, desc="baseline", progress=progress,
+                                 workers=workers)
         _write_scores(out / "baseline" / "scores.csv", [s.row for s in base_scored])
 
     with stages.stage("evaluate", "evaluating against the lesion masks (inside brain masks)"):
@@ -752,6 +770,7 @@ def run_demo(
             },
             "commands": _commands(out, sample, ckpt2d_path, ckpt3d_path, num_synth, limit, argv),
             **_machine(dev),
+            "workers": workers,
             "timings": timings,
             "time_budget_s": TIME_BUDGET_S,
             "notes": notes,

@@ -552,7 +552,7 @@ def save_how_it_works_figures(
         sample_data: the ``sample_data`` folder or its ``dataset.json``.
         out_dir: where to write the PNGs (created).
         detector: the :class:`~medidiff.anomaly.AnomalyDetector` to use; default one built
-            on ``checkpoint`` with the default method (DDIM, t = 50, 5 steps).
+            on ``checkpoint`` with the default method (DDIM, t = 50, 3 steps).
         thresholds: :class:`~medidiff.anomaly.Thresholds` or a thresholds file, for the
             segmentation panel; ``None``: the detector's own, if any.
         device: where to run the network.

@@ -24,7 +24,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["choose_slices", "map_scale", "save_overlay"]
+__all__ = ["MAP_FLOOR", "choose_slices", "map_scale", "save_overlay"]
+
+#: map values at or below this fraction of the colour scale's top are not drawn
+MAP_FLOOR = 1.0 / 6.0
 
 
 def choose_slices(
@@ -103,7 +106,8 @@ def save_overlay(
         num_slices: how many slices when choosing.
         map_max: top of the map's colour scale (default: its 99.9th percentile). Give a
             fixed value, e.g. :func:`map_scale` of the calibrated thresholds, to make
-            overlays of different scans comparable.
+            overlays of different scans comparable. Values at or below
+            :data:`MAP_FLOOR` of it are transparent.
         title: figure title.
 
     Returns:
@@ -147,7 +151,9 @@ def save_overlay(
                 ax.imshow(panels[col], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             elif col == 2:
                 ax.imshow(base, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-                shown = np.ma.masked_less_equal(_view(amap[:, :, z]), 0)
+                # below a sixth of the scale (half the voxel threshold with map_scale) the
+                # input shows through: healthy tissue stays grey instead of dark red
+                shown = np.ma.masked_less_equal(_view(amap[:, :, z]), vmax * MAP_FLOOR)
                 ax.imshow(shown, cmap="hot", vmin=0, vmax=vmax, alpha=0.8, interpolation="nearest")
             else:
                 ax.imshow(base, cmap="gray", vmin=0, vmax=1, interpolation="nearest")

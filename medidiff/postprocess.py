@@ -162,12 +162,20 @@ def scoring_mask(mask: np.ndarray, erode: int) -> np.ndarray:
     return ndimage.binary_erosion(mask, iterations=int(erode), border_value=0)
 
 
-def median_filter(values: np.ndarray, size: int) -> np.ndarray:
+def median_filter(values: np.ndarray, size: int, region: np.ndarray | None = None) -> np.ndarray:
     """A cubic median filter of edge ``size`` (``scipy.ndimage.median_filter``; 0/1: identity).
+
+    With ``region``, only its bounding box widened by the filter's reach (clipped to the
+    array) is filtered, and the result is exact inside ``region``: every window centred
+    there lies in that box, and where the box meets the array's edge scipy reflects the same
+    voxels as on the whole array. Outside the box the input is returned unchanged. On the
+    default grid the brain's box is about 60 % of the volume, and this filter is the most
+    expensive step after the network.
 
     Args:
         values: ``(X, Y, Z)`` (or 2D) array.
         size: filter edge in voxels.
+        region: optional bool array of ``values``' shape: where the result is needed.
 
     Returns:
         The filtered array, float32 (edges: "reflect", scipy's default).
@@ -177,7 +185,25 @@ def median_filter(values: np.ndarray, size: int) -> np.ndarray:
     values = np.asarray(values, dtype=np.float32)
     if size <= 1:
         return values
-    return ndimage.median_filter(values, size=int(size)).astype(np.float32)
+    size = int(size)
+    if region is None:
+        return ndimage.median_filter(values, size=size).astype(np.float32)
+    region = np.asarray(region, dtype=bool)
+    if region.shape != values.shape:
+        raise ValueError(f"region shape {region.shape} != values shape {values.shape}")
+    out = values.copy()
+    if not region.any():
+        return out
+    # a window of edge `size` reaches size // 2 voxels before its centre and
+    # (size - 1) // 2 after it (scipy's origin 0)
+    before, after = size // 2, (size - 1) // 2
+    box = []
+    for axis, n in enumerate(values.shape):
+        hit = np.flatnonzero(region.any(axis=tuple(a for a in range(values.ndim) if a != axis)))
+        box.append(slice(max(0, int(hit[0]) - before), min(n, int(hit[-1]) + after + 1)))
+    box_t = tuple(box)
+    out[box_t] = ndimage.median_filter(values[box_t], size=size)
+    return out
 
 
 def anomaly_map(
@@ -201,8 +227,8 @@ def anomaly_map(
     inside = np.asarray(mask) > 0
     residual = residual_map(image, reconstructions, config.residual)
     residual[~inside] = 0.0
-    filtered = median_filter(residual, config.median_size)
     scored = scoring_mask(inside, config.erode)
+    filtered = median_filter(residual, config.median_size, region=scored)
     filtered[~scored] = 0.0
     return filtered, scored
 

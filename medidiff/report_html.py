@@ -322,7 +322,8 @@ def _summary(m: Mapping[str, Any]) -> Raw:
         limited = " (a limited run: --limit)" if data.get("limit") else ""
         timing = (f"<p>Wall time {total:.0f} s{esc(limited)}: {within} the {budget:.0f} s "
                   f"budget, on this machine ({machine.get('cpu_count')} CPUs, "
-                  f"{machine.get('torch_threads')} torch threads, device "
+                  f"{machine.get('torch_threads')} torch threads, "
+                  f"{m.get('workers', 1)} scoring worker(s), device "
                   f"{esc(machine.get('device'))}).</p>")
     body = (f"<p>{esc(intro)}</p><div class=\"cards\">{card_html}</div>"
             f"<h3>Quality bars: {n_pass} of {n_all} passed</h3><ul class=\"bars\">"

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", default="ddim", choices=["ddim", "anoddpm", "x0", "patched"])
     p.add_argument("--t", type=int, nargs="+", default=[250])
     p.add_argument("--steps", type=int, nargs="+", default=[10])
+    p.add_argument("--eta", type=float, nargs="+", default=[0.0], help="DDIM stochasticity (ddim only)")
     p.add_argument("--medians", type=int, nargs="+", default=[1, 3, 5, 7])
     p.add_argument("--erodes", type=int, nargs="+", default=[0, 2, 3])
     p.add_argument("--residuals", nargs="+", default=["l1", "l2"])
@@ -78,20 +79,22 @@ def main(argv: list[str] | None = None) -> int:
         scans.append((e.name, e.extra.get("kind", "?"), pre.image, pre.mask > 0, truth))
 
     recon: dict[tuple, list[np.ndarray]] = {}
-    for t, k in itertools.product(a.t, a.steps):
-        det = AnomalyDetector(loaded, MethodConfig(a.method, t_start=t, steps=k), batch_size=a.batch_size, seed=a.seed)
+    for t, k, eta in itertools.product(a.t, a.steps, a.eta):
+        extra = {"eta": eta} if a.method == "ddim" else {}
+        det = AnomalyDetector(loaded, MethodConfig(a.method, t_start=t, steps=k, **extra), batch_size=a.batch_size, seed=a.seed)
         outs = []
         for name, kind, image, region, _ in scans:
-            f = a.cache / f"{tag}_{a.method}_t{t}_k{k}_s{a.seed}_{name}.npz"
+            suffix = f"_eta{eta:g}" if eta else ""
+            f = a.cache / f"{tag}_{a.method}_t{t}_k{k}{suffix}_s{a.seed}_{name}.npz"
             if f.exists():
                 outs.append(np.load(f)["r"])
                 continue
             start = time.perf_counter()
             r = det.reconstruct_grid(image, region, name)
             np.savez_compressed(f, r=r)
-            print(f"  reconstructed {name} t={t} K={k} in {time.perf_counter() - start:.1f} s", flush=True)
+            print(f"  reconstructed {name} t={t} K={k} eta={eta:g} in {time.perf_counter() - start:.1f} s", flush=True)
             outs.append(r)
-        recon[(t, k)] = outs
+        recon[(t, f"{k}" + (f" eta={eta:g}" if eta else ""))] = outs
     healthy_level = float(np.median(np.concatenate([img[reg] for _, kind, img, reg, _ in scans if kind == "healthy"] or [scans[0][2][scans[0][3]]])))
     recon[("baseline", 0)] = [np.full((1, *img.shape), healthy_level, np.float32) for _, _, img, _, _ in scans]
 

@@ -105,6 +105,29 @@ def test_residuals_by_hand():
     np.testing.assert_allclose(residual_map(x, np.stack([r1, r2]), "l1"), [[[0.2, 0.2]]], atol=1e-7)
 
 
+@pytest.mark.parametrize("size", [2, 3, 4, 9])
+def test_median_filter_on_the_region_box_equals_the_whole_array_inside_the_region(size):
+    rng = np.random.default_rng(size)
+    values = rng.random((14, 12, 10)).astype(np.float32)
+    full = median_filter(values, size)
+    regions = []
+    inner = np.zeros(values.shape, bool)
+    inner[5:8, 4:7, 3:6] = True  # the box stays off the array's edges
+    regions.append(inner)
+    edge = np.zeros(values.shape, bool)
+    edge[0:3, 9:12, 4] = True  # touches two edges: scipy's reflection must be the same
+    edge[13, 0, 9] = True  # a far corner: the box spans the array
+    regions.append(edge)
+    regions.append(rng.random(values.shape) > 0.7)
+    for region in regions:
+        boxed = median_filter(values, size, region=region)
+        np.testing.assert_array_equal(boxed[region], full[region])
+    # outside the box the input comes back unchanged; an empty region filters nothing
+    boxed = median_filter(values, size, region=inner)
+    assert boxed[0, 0, 0] == values[0, 0, 0] and boxed[13, 11, 9] == values[13, 11, 9]
+    np.testing.assert_array_equal(median_filter(values, size, region=np.zeros_like(inner)), values)
+
+
 def test_erosion_median_and_components_by_hand():
     cube = np.zeros((11, 11, 11), bool)
     cube[2:9, 2:9, 2:9] = True  # 7^3
@@ -166,7 +189,7 @@ def test_method_defaults_and_declared_cost():
     anoddpm, ddim, x0 = _resolved("anoddpm"), _resolved("ddim"), _resolved("x0")
     patched, ensemble = _resolved("patched"), _resolved("ensemble")
     assert (anoddpm.t_start, anoddpm.sampler, anoddpm.steps) == (250, "ddpm", 251)
-    assert (ddim.t_start, ddim.sampler, ddim.steps) == (50, "ddim", 5)
+    assert (ddim.t_start, ddim.sampler, ddim.steps) == (50, "ddim", 3)
     assert x0.steps == 1 and patched.t_start == 500 and ensemble.t_starts == (250, 500, 750)
     assert anoddpm.noise == "simplex"  # the checkpoint's noise by default
     assert _resolved("ddim", noise="gaussian").noise == "gaussian"
@@ -174,7 +197,7 @@ def test_method_defaults_and_declared_cost():
     assert patched.patch_size == (32, 40) and patched.patch_stride == (16, 20)
     shape = (64, 80)
     costs = {m.method: m.nfe_per_image(shape) for m in (anoddpm, ddim, x0, patched, ensemble)}
-    assert costs == {"anoddpm": 251, "ddim": 5, "x0": 1, "patched": 9, "ensemble": 3}
+    assert costs == {"anoddpm": 251, "ddim": 3, "x0": 1, "patched": 9, "ensemble": 3}
     assert costs["anoddpm"] / costs["ddim"] >= 20  # the speed target, by construction
     assert MethodConfig.from_dict(ddim.to_dict()) == ddim
 
@@ -196,7 +219,7 @@ def test_method_config_refuses_bad_combinations():
         _resolved("ddim", t_start=5, steps=10)
     with pytest.raises(ConfigError, match="exceeds"):
         _resolved("patched", patch_size=(65, 10))
-    assert _resolved("ddim", t_start=3).steps == 4  # default steps capped at t + 1
+    assert _resolved("ddim", t_start=1).steps == 2  # default steps capped at t + 1
 
 
 def test_patch_grid_covers_every_pixel():

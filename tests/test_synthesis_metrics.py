@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -195,3 +197,19 @@ def test_identical_sets_give_zero_distances():
     assert result.diversity_synthetic.mean == pytest.approx(result.diversity_real.mean)
     assert len(result.memorisation.flagged) == 8  # every one is a training image
     assert "NOT FID" in result.to_dict()["frechet"]["description"]
+
+
+def test_benchmark_verdicts_two_sided_and_no_worse():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "benchmark_synthesis.py"
+    spec = importlib.util.spec_from_file_location("benchmark_synthesis", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ref = {"frechet": 1.0, "ms_ssim": 0.40}
+    real = 0.25
+    assert bench.no_worse({"frechet": 1.09, "ms_ssim": 0.43}, ref, real)  # within 10 % on both
+    assert bench.no_worse({"frechet": 0.30, "ms_ssim": 0.30}, ref, real)  # better on both
+    assert not bench.no_worse({"frechet": 1.20, "ms_ssim": 0.40}, ref, real)  # Frechet worse
+    # less diverse than the reference by more than 10 %, and further from the real set
+    assert not bench.no_worse({"frechet": 0.50, "ms_ssim": 0.50}, ref, real)

@@ -4,7 +4,7 @@ Each scan is noised part of the way and denoised by a model trained on healthy s
 residual between scan and reconstruction, post-processed on the model grid (brain mask,
 3D median filter, eroded mask), is the anomaly map. Methods (--method):
 
-  ddim      noise to --t-start (50), --steps DDIM steps (5)              [default, fast]
+  ddim      noise to --t-start (50), --steps DDIM steps (3)              [default, fast]
   anoddpm   noise to --t-start (250), full DDPM chain (t + 1 = 251 steps) [slow reference]
   x0        noise to --t-start (250), one-shot x0 prediction (1 step)
   patched   pDDPM: noise one patch at a time at t = 500, one-shot, stitched
