@@ -33,6 +33,7 @@ method gains over it is what the model learnt about healthy anatomy.
 Usage:
     python pipelines/benchmark_anomaly.py                                  # all methods
     python pipelines/benchmark_anomaly.py --methods ddim x0 baseline --limit 8
+    python pipelines/benchmark_anomaly.py --anoddpm-t 50       # anoddpm at ddim's noise level
     python pipelines/benchmark_anomaly.py --limit 4 --calib-limit 2 --anoddpm-limit 1 \\
         --anoddpm-calib-limit 1 --threads 1 --out runs/benchmark_anomaly.json
 
@@ -93,6 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="healthy calibration scans for anoddpm (default 2)",
     )
     p.add_argument(
+        "--anoddpm-t",
+        type=int,
+        default=None,
+        help="anoddpm's start t (default: the method's own, 250; give ddim's t, 50, for a "
+        "comparison at the same noise level)",
+    )
+    p.add_argument(
         "--fpr", type=float, default=0.05, help="calibration false-positive rate (default 0.05)"
     )
     p.add_argument("--batch-size", type=int, default=32)
@@ -116,9 +124,10 @@ def make_detector(method: str, args: argparse.Namespace, calib: list[Any], loade
 
     if method == "baseline":
         return IntensityBaseline.from_healthy(loaded.checkpoint, calib)
+    t_start = args.anoddpm_t if method == "anoddpm" else None
     return AnomalyDetector(
         loaded,
-        MethodConfig(method),
+        MethodConfig(method, t_start=t_start),
         device=args.device,
         batch_size=args.batch_size,
         seed=args.seed,

@@ -174,6 +174,28 @@ def card_markdown(facts: dict) -> str:
     return "\n".join(lines)
 
 
+def rewrite_card(a: argparse.Namespace) -> int:
+    """``--card-only``: new metrics and note in the existing card; weights untouched."""
+    from medidiff.checkpoint import file_sha256
+    from medidiff.io import write_json_atomic, write_text_atomic
+
+    facts_path = a.out / f"{a.name}.json"
+    facts = json.loads(facts_path.read_text(encoding="utf-8"))
+    weights = a.out / f"{a.name}.safetensors"
+    if file_sha256(weights) != facts.get("sha256"):
+        raise SystemExit(f"{weights} is not the file its card describes (sha256 differs); "
+                         "export it again without --card-only")
+    if a.metrics or a.demo_metrics:
+        facts["metrics"] = [json.loads(p.read_text(encoding="utf-8")) for p in a.metrics] + (
+            [demo_card_metrics(a.demo_metrics)] if a.demo_metrics else [])
+    if a.note:
+        facts["note"] = a.note
+    write_json_atomic(facts_path, facts)
+    write_text_atomic(a.out / f"{a.name}.md", card_markdown(facts))
+    print(f"card {a.out / (a.name + '.md')} rewritten; weights unchanged (sha256 {facts['sha256'][:12]})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, type=Path, help="training run folder")
@@ -186,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="a `medidiff demo` metrics.json: its anomaly results go into the card")
     p.add_argument("--note", default="", help="a sentence on how the run went (stopped early, resumed, ...)")
     p.add_argument("--out", type=Path, default=ROOT / "medidiff" / "weights")
+    p.add_argument("--card-only", action="store_true",
+                   help="keep the shipped weights (and their sha256, which thresholds are tied "
+                   "to); rewrite only the card's metrics (--metrics/--demo-metrics) and note")
     a = p.parse_args(argv)
+    if a.card_only:
+        return rewrite_card(a)
 
     import torch
 
