@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     val = load_datalist(args.data, split="validation")
     test_all = load_datalist(args.data, split="test")
     test = stratified_by_kind(test_all, args.limit)
-    anoddpm_test = test[: args.anoddpm_limit]  # a prefix of the round-robin order: stratified too
+    anoddpm_test = stratified_by_kind(test, args.anoddpm_limit)  # every kind, in turn
     val = val[: args.calib_limit] if args.calib_limit else val
     print(
         f"checkpoint {args.checkpoint} (training step {step}, sha256 {ckpt.sha256[:12]}); "
