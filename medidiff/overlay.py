@@ -27,7 +27,7 @@ import numpy as np
 __all__ = ["MAP_FLOOR", "choose_slices", "map_scale", "save_overlay"]
 
 #: map values at or below this fraction of the colour scale's top are not drawn
-MAP_FLOOR = 1.0 / 6.0
+MAP_FLOOR = 0.25
 
 
 def choose_slices(
@@ -151,7 +151,7 @@ def save_overlay(
                 ax.imshow(panels[col], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             elif col == 2:
                 ax.imshow(base, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-                # below a sixth of the scale (half the voxel threshold with map_scale) the
+                # below a quarter of the scale (3/4 of the voxel threshold with map_scale) the
                 # input shows through: healthy tissue stays grey instead of dark red
                 shown = np.ma.masked_less_equal(_view(amap[:, :, z]), vmax * MAP_FLOOR)
                 ax.imshow(shown, cmap="hot", vmin=0, vmax=vmax, alpha=0.8, interpolation="nearest")

@@ -4,8 +4,11 @@ Scoring a scan is a network part (PyTorch, which uses every core it is given) an
 part (resampling, the 3D median filter, NIfTI compression, the PNG overlay) that runs on
 one core. On a small CPU machine the serial part leaves the other cores idle, so
 ``W`` processes with ``cores / W`` PyTorch threads each finish a batch of scans sooner than
-one process with all the threads (on the 2-core reference machine the demo's scoring
-stages run ~1.4x faster with 2 workers of 1 thread; see benchmarks/RESULTS.md).
+one process with all the threads once there are enough scans to pay for starting the
+workers (each imports PyTorch and receives the model: a few seconds). Measured with
+``pipelines/benchmark_workers.py`` on the 2-core reference machine, 2 workers of 1 thread
+against 1 process of 2 threads: 16 scans 1.25x faster with the default method and 1.42x
+with the no-network baseline; 6 scans 1.03x and 0.95x (benchmarks/RESULTS.md).
 
 :func:`map_scans` sends one picklable ``shared`` object (a detector, with its model) to each
 worker once, then calls ``fn(shared, item)`` for every item and yields the results **in

@@ -33,8 +33,8 @@ DEFAULT_3D = "brain_mri_3d"
 MODELS: dict[str, str] = {
     DEFAULT_2D: "2D axial slices of brain T1 MRI at 2.5 mm (64x80), simplex noise; the default "
     "for anomaly detection",
-    DEFAULT_3D: "3D brain T1 MRI volumes at 5 mm (32x40x36), Gaussian noise; the default for "
-    "whole-volume synthesis",
+    DEFAULT_3D: "3D brain T1 MRI volumes at 5 mm (32x40x36), Gaussian noise, v-prediction; the "
+    "default for whole-volume synthesis",
 }
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
