@@ -114,14 +114,14 @@ def map_scans(
 
         import torch
 
-        quiet = getattr(shared, "progress", None)
-        if quiet:
+        had_progress = getattr(shared, "progress", None)
+        if had_progress:
             shared.progress = False
         try:
             payload = pickle.dumps(shared)
         finally:
-            if quiet:
-                shared.progress = quiet
+            if had_progress:
+                shared.progress = had_progress
         threads = max(1, torch.get_num_threads() // workers)
         pool = multiprocessing.get_context("spawn").Pool(
             workers, initializer=_init_worker, initargs=(payload, threads)

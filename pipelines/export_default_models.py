@@ -174,6 +174,12 @@ def card_markdown(facts: dict) -> str:
     return "\n".join(lines)
 
 
+def card_metrics(a: argparse.Namespace) -> list[dict]:
+    """The card's metrics sections: each ``--metrics`` JSON, then the demo's results."""
+    return [json.loads(p.read_text(encoding="utf-8")) for p in a.metrics] + (
+        [demo_card_metrics(a.demo_metrics)] if a.demo_metrics else [])
+
+
 def rewrite_card(a: argparse.Namespace) -> int:
     """``--card-only``: new metrics and note in the existing card; weights untouched."""
     from medidiff.checkpoint import file_sha256
@@ -186,8 +192,7 @@ def rewrite_card(a: argparse.Namespace) -> int:
         raise SystemExit(f"{weights} is not the file its card describes (sha256 differs); "
                          "export it again without --card-only")
     if a.metrics or a.demo_metrics:
-        facts["metrics"] = [json.loads(p.read_text(encoding="utf-8")) for p in a.metrics] + (
-            [demo_card_metrics(a.demo_metrics)] if a.demo_metrics else [])
+        facts["metrics"] = card_metrics(a)
     if a.note:
         facts["note"] = a.note
     write_json_atomic(facts_path, facts)
@@ -275,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "trained_on": _dt.date.today().isoformat(),
         "sha256": file_sha256(dst),
         "size_bytes": size,
-        "metrics": [json.loads(p.read_text()) for p in a.metrics]
-        + ([demo_card_metrics(a.demo_metrics)] if a.demo_metrics else []),
+        "metrics": card_metrics(a),
         "note": a.note,
     }
     loss_curve_png(a.run / "metrics.csv", a.out / f"{a.name}_loss.png")
