@@ -2,7 +2,7 @@
 
 import sys
 
-from medidiff.cli import main
+from medidiff.cli.main import main
 
 if __name__ == "__main__":  # not when a spawned worker process imports it
     sys.exit(main())

@@ -37,7 +37,7 @@ class DataConfig:
         datalist: folder, glob, CSV or Decathlon ``dataset.json`` (relative paths are
             resolved against the config file's folder, then the working directory).
         split: the Decathlon split (``training``, ``validation``, ...).
-        preprocessing: keys of :class:`medidiff.data.Preprocessing` (modality, spacing,
+        preprocessing: keys of :class:`medidiff.data.datasets.Preprocessing` (modality, spacing,
             shape, intensity settings); validated by that class.
         min_foreground: 2D models skip axial slices with less foreground than this.
         patch_size: 3D models train on random patches of this size (None: whole volumes).
@@ -58,7 +58,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The U-Net: a preset of :func:`medidiff.models.build_model` plus overrides."""
+    """The U-Net: a preset of :func:`medidiff.models.unet.build_model` plus overrides."""
 
     spatial_dims: int = 2
     preset: str = "small"
@@ -308,7 +308,7 @@ def _check_values(cfg: Config) -> None:
     if not 0 < t.min_lr_ratio <= 1:
         raise ConfigError(f"config key 'train.min_lr_ratio' must lie in (0, 1]; got {t.min_lr_ratio}")
     if cfg.data.preprocessing:
-        from medidiff.transforms import Preprocessing
+        from medidiff.data.transforms import Preprocessing
 
         Preprocessing.from_dict(cfg.data.preprocessing, prefix="data.preprocessing")
     if not 0 <= cfg.data.min_foreground < 1:

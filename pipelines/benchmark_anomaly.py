@@ -7,7 +7,7 @@ For every method (``anoddpm``, ``ddim``, ``x0``, ``patched``, ``ensemble``, and 
    masks) at ``--fpr`` (5 %), exactly as ``medidiff calibrate`` does;
 2. the test scans (tumour, MS, stroke and healthy; with lesion masks and brain masks) are
    scored as ``medidiff anomaly`` does, and evaluated **on the native grid** (what users
-   get) **inside the brain masks** with :mod:`medidiff.metrics`: pooled voxel AUROC and
+   get) **inside the brain masks** with :mod:`medidiff.anomaly.metrics`: pooled voxel AUROC and
    AUPRC, Dice at the calibrated threshold (dataset-wise, i.e. pooled TP/FP/FN, Baur et
    al. 2021; and the mean per-scan Dice over scans with lesions), the **oracle**
    dataset-wise Dice (threshold chosen on the labels: an optimistic bound), the voxel
@@ -22,7 +22,7 @@ second table compares every method on exactly that subset, which is where the ta
 "``ddim`` needs >= 20x fewer network evaluations than ``anoddpm`` at equal or better
 AUPRC" is checked.
 
-The **baseline** (:class:`medidiff.baseline.IntensityBaseline`) uses no network: its
+The **baseline** (:class:`medidiff.anomaly.baseline.IntensityBaseline`) uses no network: its
 "reconstruction" is one number, the median intensity of the healthy calibration scans'
 brain voxels after the checkpoint's own preprocessing (model grid, intensities in [0, 1]);
 it then goes through the identical post-processing (L1 residual, brain mask, 5^3 median
@@ -117,10 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_detector(method: str, args: argparse.Namespace, calib: list[Any], loaded: Any) -> Any:
     """The detector of ``method`` on the already loaded model (one set of weights for all);
-    ``baseline`` is :class:`medidiff.baseline.IntensityBaseline` (no network), its level
+    ``baseline`` is :class:`medidiff.anomaly.baseline.IntensityBaseline` (no network), its level
     the median brain intensity of the calibration scans."""
-    from medidiff.anomaly import AnomalyDetector, MethodConfig
-    from medidiff.baseline import IntensityBaseline
+    from medidiff.anomaly.detector import AnomalyDetector, MethodConfig
+    from medidiff.anomaly.baseline import IntensityBaseline
 
     if method == "baseline":
         return IntensityBaseline.from_healthy(loaded.checkpoint, calib)
@@ -152,9 +152,9 @@ class MethodRun:
 def run_method(
     method: str, args: argparse.Namespace, val: list[Any], test: list[Any], loaded: Any
 ) -> MethodRun:
-    from medidiff.anomaly import calibrate
-    from medidiff.io import load_volume
-    from medidiff.metrics import Case
+    from medidiff.anomaly.detector import calibrate
+    from medidiff.io.volume import load_volume
+    from medidiff.anomaly.metrics import Case
 
     calib = val[: args.anoddpm_calib_limit] if method == "anoddpm" else val[: args.calib_limit]
     det = make_detector(method, args, calib, loaded)
@@ -211,7 +211,7 @@ def _f(value: float | None, digits: int = 3) -> str:
 
 
 def summarise(run: MethodRun, names: set[str] | None = None) -> dict[str, Any]:
-    from medidiff.metrics import evaluate_cases
+    from medidiff.anomaly.metrics import evaluate_cases
 
     keep = [i for i, c in enumerate(run.cases) if names is None or c.name in names]
     report = evaluate_cases([run.cases[i] for i in keep], voxel_threshold=run.thresholds["voxel"])
@@ -276,10 +276,10 @@ def table(rows: list[tuple[str, dict[str, Any]]], fpr: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from medidiff.checkpoint import build_model_from_checkpoint
-    from medidiff.data import load_datalist, stratified_by_kind
-    from medidiff.distributed import resolve_device
-    from medidiff.io import write_json_atomic
+    from medidiff.models.checkpoint import build_model_from_checkpoint
+    from medidiff.data.datasets import load_datalist, stratified_by_kind
+    from medidiff.runtime.distributed import resolve_device
+    from medidiff.io.volume import write_json_atomic
 
     # loaded once: every method uses the same weights even if training rewrites the file
     loaded = build_model_from_checkpoint(args.checkpoint, resolve_device(args.device))

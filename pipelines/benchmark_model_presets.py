@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from medidiff.models import build_model, count_parameters
+from medidiff.models.unet import build_model, count_parameters
 
 # Alternatives to the 2D "small" preset: name -> build_model overrides.
 CANDIDATES_2D: dict[str, dict] = {

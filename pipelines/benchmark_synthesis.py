@@ -3,7 +3,7 @@
 For each configuration (default: DDPM 1000, DDIM 100/50/25/10, DPM-Solver++(2M) 20/10)
 the same seeds generate ``--num`` samples (sample i uses seed + i, so every sampler starts
 from the same x_T), timed per sample; each set is scored against the real scans with
-:mod:`medidiff.synthesis_metrics` (MS-SSIM diversity, foreground Wasserstein-1, the Fréchet
+:mod:`medidiff.synthesis.metrics` (MS-SSIM diversity, foreground Wasserstein-1, the Fréchet
 distance on the fixed ``medidiff-stats-v1`` features (NOT FID), nearest-real SSIM). The
 reference is DDPM with all T steps, measured in the same run; the table gives each
 configuration's ratios to it and whether it lies within 10 % of it on both the Fréchet
@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from medidiff.io import write_json_atomic, write_text_atomic
-    from medidiff.synthesis import Synthesizer
-    from medidiff.synthesis_metrics import ImageSet, RealReference, evaluate_against, load_real_images
+    from medidiff.io.volume import write_json_atomic, write_text_atomic
+    from medidiff.synthesis.synthesizer import Synthesizer
+    from medidiff.synthesis.metrics import ImageSet, RealReference, evaluate_against, load_real_images
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

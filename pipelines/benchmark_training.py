@@ -6,7 +6,7 @@ autocast + GradScaler (no-ops on the CPU). medidiff's Trainer does more per step
 LR schedule, gradient clipping, EMA update, NaN guard, per-step seeded noise), so a ratio
 >= 1.0 means the engine adds no overhead.
 
-Both use the same network (a preset of medidiff.models), batch size and in-memory data;
+Both use the same network (a preset of medidiff.models.unet), batch size and in-memory data;
 rounds alternate in ABBA order so drifts in machine load and warm caches hit both. Prints a table and the ratio.
 
 Usage:
@@ -81,9 +81,9 @@ def _cycle(data, batch_size, seed):
 
 def main(argv: list[str] | None = None) -> int:
     from medidiff.config import Config
-    from medidiff.distributed import resolve_device
-    from medidiff.models import build_model_from_kwargs, count_parameters
-    from medidiff.training import Trainer
+    from medidiff.runtime.distributed import resolve_device
+    from medidiff.models.unet import build_model_from_kwargs, count_parameters
+    from medidiff.training.trainer import Trainer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")

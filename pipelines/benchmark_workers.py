@@ -3,7 +3,7 @@
 
 Calibrates the default detector and the no-network intensity baseline on sample_data's
 healthy validation scans (what ``medidiff demo`` does first) with ``W`` worker processes of
-``threads / W`` PyTorch threads each (:mod:`medidiff.parallel`), for every ``W`` asked, in
+``threads / W`` PyTorch threads each (:mod:`medidiff.runtime.parallel`), for every ``W`` asked, in
 one run, and prints a table: seconds per configuration and the speed-up over ``W = 1``
 (the reference, measured in the same run). It also checks that the thresholds are the same
 whatever ``W`` is.
@@ -37,12 +37,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from medidiff.anomaly import AnomalyDetector, MethodConfig, calibrate
-    from medidiff.baseline import IntensityBaseline
-    from medidiff.checkpoint import build_model_from_checkpoint
-    from medidiff.data import load_datalist
-    from medidiff.parallel import usable_cpus
-    from medidiff.pretrained import resolve_checkpoint
+    from medidiff.anomaly.detector import AnomalyDetector, MethodConfig, calibrate
+    from medidiff.anomaly.baseline import IntensityBaseline
+    from medidiff.models.checkpoint import build_model_from_checkpoint
+    from medidiff.data.datasets import load_datalist
+    from medidiff.runtime.parallel import usable_cpus
+    from medidiff.models.pretrained import resolve_checkpoint
 
     threads = a.threads or usable_cpus()
     torch.set_num_threads(threads)

@@ -120,7 +120,7 @@ def corpus_files(*, folders: bool = True) -> list[CorpusFile]:
 def check(file: CorpusFile) -> Outcome:
     """Load one file with medidiff and classify the result."""
     from medidiff.errors import MedidiffError
-    from medidiff.io import load_volume
+    from medidiff.io.volume import load_volume
 
     start = time.perf_counter()
     try:
@@ -172,14 +172,14 @@ def run_anomaly(
     *,
     extra_args: str = DEFAULT_ANOMALY_ARGS,
 ) -> AnomalyRun:
-    """Run one ``medidiff anomaly`` batch (in this process, through ``medidiff.cli.main``)
+    """Run one ``medidiff anomaly`` batch (in this process, through ``medidiff.cli.main.main``)
     over ``files`` and classify each entry.
 
     Each entry is linked as ``WORK/inputs/cNNN__<name>`` (keeping its suffix, so the format
     is recognised the same way) and listed in ``WORK/corpus.csv``; outputs go to
     ``WORK/out``.
     """
-    from medidiff.cli import main
+    from medidiff.cli.main import main
 
     work = Path(work_dir)
     links = work / "inputs"

@@ -55,7 +55,7 @@ def fp16_error(fp32_path: Path, fp16_path: Path) -> float:
     """Largest |eps_fp16 - eps_fp32| of the network on a fixed random input (float32 compute)."""
     import torch
 
-    from medidiff.checkpoint import build_model_from_checkpoint
+    from medidiff.models.checkpoint import build_model_from_checkpoint
 
     loaded = build_model_from_checkpoint(fp32_path)
     a = loaded.model.eval()
@@ -74,8 +74,8 @@ def fp16_error(fp32_path: Path, fp16_path: Path) -> float:
 
 
 def loss_curve_png(metrics_csv: Path, out: Path) -> None:
-    from medidiff.figures import loss_curve
-    from medidiff.report import save_figure
+    from medidiff.viz.figures import loss_curve
+    from medidiff.viz.display import save_figure
 
     save_figure(loss_curve(metrics_csv), out)
 
@@ -182,8 +182,8 @@ def card_metrics(a: argparse.Namespace) -> list[dict]:
 
 def rewrite_card(a: argparse.Namespace) -> int:
     """``--card-only``: new metrics and note in the existing card; weights untouched."""
-    from medidiff.checkpoint import file_sha256
-    from medidiff.io import write_json_atomic, write_text_atomic
+    from medidiff.models.checkpoint import file_sha256
+    from medidiff.io.volume import write_json_atomic, write_text_atomic
 
     facts_path = a.out / f"{a.name}.json"
     facts = json.loads(facts_path.read_text(encoding="utf-8"))
@@ -222,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from medidiff.checkpoint import file_sha256, load_inference, save_inference
+    from medidiff.models.checkpoint import file_sha256, load_inference, save_inference
     from medidiff.config import Config
-    from medidiff.io import write_json_atomic, write_text_atomic
-    from medidiff.pretrained import MODELS
+    from medidiff.io.volume import write_json_atomic, write_text_atomic
+    from medidiff.models.pretrained import MODELS
 
     src = a.run / "model.safetensors"
     ckpt = load_inference(src)

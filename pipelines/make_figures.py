@@ -12,9 +12,9 @@ Writes into ``--out`` (default ``docs/figures/``):
 - ``loss_brain_mri_2d.png`` / ``loss_brain_mri_3d.png``: the training loss curves of
   ``RUNS/brain_mri_2d/metrics.csv`` and ``RUNS/brain_mri_3d/metrics.csv`` when present.
 
-All of it comes from :func:`medidiff.figures.save_how_it_works_figures` and
-:func:`medidiff.figures.loss_curve`. The default checkpoint is the shipped 2D model
-(:func:`medidiff.pretrained.resolve_checkpoint`).
+All of it comes from :func:`medidiff.viz.figures.save_how_it_works_figures` and
+:func:`medidiff.viz.figures.loss_curve`. The default checkpoint is the shipped 2D model
+(:func:`medidiff.models.pretrained.resolve_checkpoint`).
 
 Usage:
     python pipelines/make_figures.py                        # shipped model -> docs/figures/
@@ -66,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    from medidiff.anomaly import AnomalyDetector, calibrate
-    from medidiff.data import load_datalist
+    from medidiff.anomaly.detector import AnomalyDetector, calibrate
+    from medidiff.data.datasets import load_datalist
     from medidiff.errors import MedidiffError
-    from medidiff.figures import loss_curve, save_how_it_works_figures
-    from medidiff.pretrained import resolve_checkpoint
-    from medidiff.report import save_figure
+    from medidiff.viz.figures import loss_curve, save_how_it_works_figures
+    from medidiff.models.pretrained import resolve_checkpoint
+    from medidiff.viz.display import save_figure
 
     start = time.perf_counter()
     try:

@@ -51,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from medidiff.anomaly import AnomalyDetector, MethodConfig
-    from medidiff.checkpoint import build_model_from_checkpoint
-    from medidiff.data import load_datalist, stratified_by_kind
-    from medidiff.io import load_volume
-    from medidiff.postprocess import PostprocessConfig, anomaly_map
-    from medidiff.pretrained import resolve_checkpoint
-    from medidiff.transforms import preprocess, to_model
+    from medidiff.anomaly.detector import AnomalyDetector, MethodConfig
+    from medidiff.models.checkpoint import build_model_from_checkpoint
+    from medidiff.data.datasets import load_datalist, stratified_by_kind
+    from medidiff.io.volume import load_volume
+    from medidiff.anomaly.postprocess import PostprocessConfig, anomaly_map
+    from medidiff.models.pretrained import resolve_checkpoint
+    from medidiff.data.transforms import preprocess, to_model
 
     torch.set_num_threads(a.threads)
     ckpt = resolve_checkpoint(a.checkpoint)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     a.cache.mkdir(parents=True, exist_ok=True)
     tag = loaded.checkpoint.sha256[:12]
 
-    from medidiff.transforms import Preprocessing
+    from medidiff.data.transforms import Preprocessing
 
     prep = Preprocessing.from_dict(loaded.checkpoint.preprocessing)
     scans = []

@@ -1,8 +1,8 @@
 """Generic fixtures shared by the test modules.
 
 - ``tmp_nifti``: a factory writing tiny NIfTI files with nibabel directly (independent of
-  ``medidiff.io``'s writer), returning their paths.
-- ``run_cli``: runs ``medidiff.cli.main`` in-process and returns ``(rc, out, err)`` as a
+  ``medidiff.io.volume``'s writer), returning their paths.
+- ``run_cli``: runs ``medidiff.cli.main.main`` in-process and returns ``(rc, out, err)`` as a
   named tuple; output is captured at the file-descriptor level (``capfd``), so text that
   native libraries write straight to stderr is seen too. A test using ``run_cli`` cannot
   also request ``capsys``.
@@ -68,7 +68,7 @@ def tmp_nifti(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture
 def run_cli(capfd: pytest.CaptureFixture[str]) -> Callable[[Sequence[Any]], CliRun]:
     """Run ``medidiff ARGS`` in this process; returns ``CliRun(rc, out, err)``."""
-    from medidiff.cli import main
+    from medidiff.cli.main import main
 
     def run(args: Sequence[Any]) -> CliRun:
         capfd.readouterr()  # drop anything printed before this call
@@ -89,7 +89,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 
 def _train_tiny(out: Path, overrides: list[str]) -> Path:
     from medidiff.config import Config
-    from medidiff.training import Trainer
+    from medidiff.training.trainer import Trainer
 
     cfg_path = _ROOT / "configs" / "tiny_test.yaml"
     cfg = Config.from_yaml(

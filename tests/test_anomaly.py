@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from medidiff.anomaly import AnomalyDetector, Thresholds, calibrate
-from medidiff.anomaly_methods import MethodConfig, patch_grid, stable_seed
+from medidiff.anomaly.detector import AnomalyDetector, Thresholds, calibrate
+from medidiff.anomaly.methods import MethodConfig, patch_grid, stable_seed
 from medidiff.errors import CheckpointError, ConfigError, VolumeContentError
-from medidiff.postprocess import (
+from medidiff.anomaly.postprocess import (
     PostprocessConfig,
     anomaly_map,
     median_filter,
@@ -419,7 +419,7 @@ def test_3d_native_outputs(tiny_checkpoint_3d):
 
 
 def test_overlay_shows_the_most_anomalous_slice(tmp_path):
-    from medidiff.overlay import choose_slices, save_overlay
+    from medidiff.viz.overlay import choose_slices, save_overlay
 
     image, mask = _brain((20, 20, 30))
     amap = np.zeros_like(image)
@@ -436,7 +436,7 @@ def test_overlay_colour_scale_is_shared_by_calibrated_scans():
     """With thresholds every overlay uses 3x the voxel threshold; without, its own map."""
     from types import SimpleNamespace
 
-    from medidiff.overlay import map_scale
+    from medidiff.viz.overlay import map_scale
 
     assert map_scale(SimpleNamespace(voxel_threshold=0.05)) == pytest.approx(0.15)
     assert map_scale(None) is None

@@ -140,7 +140,7 @@ def assert_one_clear_error(res, rc: int, *needles: str) -> str:
 @pytest.fixture(scope="module")
 def synthetic_folder(tiny_checkpoint_2d, tmp_path_factory) -> Path:
     """Four samples of the tiny 2D model, for evaluate-synthesis."""
-    from medidiff.synthesis import Synthesizer, synthesize_to_folder
+    from medidiff.synthesis.synthesizer import Synthesizer, synthesize_to_folder
 
     out = tmp_path_factory.mktemp("synthetic") / "synth"
     synth = Synthesizer(tiny_checkpoint_2d, device="cpu", steps=2, batch_size=4)
@@ -265,7 +265,7 @@ def test_nan_in_an_anomaly_map_is_refused_by_evaluate(run_cli, tmp_path):
 def _thresholds_json(tmp_path: Path, ckpt: Path, **changes) -> Path:
     """A real thresholds file (from calibrate on two healthy scans), then edited."""
     path = tmp_path / "thresholds.json"
-    from medidiff.cli import main
+    from medidiff.cli.main import main
 
     assert main(["calibrate", "--checkpoint", str(ckpt), "--healthy", *map(str, HEALTHY[:2]),
                  "--out", str(path), "--device", "cpu", *METHOD]) == 0
@@ -426,7 +426,7 @@ def test_checkpoint_matrix(command, damage, run_cli, tmp_path, tiny_checkpoint_2
 
 
 def _trained_run(tmp_path: Path) -> tuple[Path, Path]:
-    from medidiff.cli import main
+    from medidiff.cli.main import main
 
     cfg = tiny_config(tmp_path, SAMPLE / "dataset.json")
     run = tmp_path / "run"
@@ -630,7 +630,7 @@ def test_synthesize_repairs_damaged_samples_and_manifest(run_cli, tmp_path, tiny
     """Synthesize's inputs are its own earlier files: a damaged sample is reported, deleted
     and generated again (the same sample: sample i depends only on seed + i); an unreadable
     manifest is rebuilt; the folder ends complete, so the exit status is 0."""
-    from medidiff.io import load_volume
+    from medidiff.io.volume import load_volume
 
     folder = tmp_path / "s"
     shutil.copytree(synthetic_folder, folder)

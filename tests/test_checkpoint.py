@@ -1,4 +1,4 @@
-"""Tests for medidiff.checkpoint: safetensors weights and weights-only training state."""
+"""Tests for medidiff.models.checkpoint: safetensors weights and weights-only training state."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import medidiff
-from medidiff.checkpoint import (
+from medidiff.models.checkpoint import (
     INFERENCE_FORMAT,
     InferenceCheckpoint,
     LoadedModel,
@@ -30,7 +30,7 @@ from medidiff.checkpoint import (
     save_training_state,
 )
 from medidiff.errors import CheckpointError, OutputError
-from medidiff.models import build_model, model_kwargs
+from medidiff.models.unet import build_model, model_kwargs
 
 CONFIG = {"train": {"max_steps": 4, "batch_size": 2, "lr": 1e-4}, "model": {"preset": "tiny"}}
 PREPROCESSING = {
@@ -462,7 +462,7 @@ def test_restore_rng_rejects_malformed():
 
 def test_sniff_safetensors_header_length_starting_with_0x80():
     """A safetensors header of 12160 bytes encodes its length as 0x80 0x2f ...: not pickle."""
-    from medidiff.checkpoint import _sniff
+    from medidiff.models.checkpoint import _sniff
 
     header = b"{" + b" " * 12158 + b"}"
     head = (12160).to_bytes(8, "little") + header[:1]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from medidiff.cli import COMMANDS, main
+from medidiff.cli.main import COMMANDS, main
 
 DESIGN_COMMANDS = ["info", "train", "synthesize", "calibrate", "anomaly", "evaluate", "evaluate-synthesis", "demo"]
 

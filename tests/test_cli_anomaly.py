@@ -32,7 +32,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def test_missing_default_model_is_one_clear_line(run_cli, tmp_path, monkeypatch):
     """Without --checkpoint the shipped model is used; an installation without it says so."""
-    import medidiff.pretrained as pretrained
+    import medidiff.models.pretrained as pretrained
 
     monkeypatch.setattr(pretrained, "WEIGHTS_DIR", tmp_path / "no_weights")
     res = run_cli(["anomaly", "--input", RAS, "--out", tmp_path / "o"])
@@ -67,7 +67,7 @@ def test_outputs_on_the_input_grid_and_resume(run_cli, tiny_checkpoint_2d, tmp_p
     assert rows[0]["file"] == str(PIR) and rows[0]["flagged"] == "" and float(rows[0]["score"]) > 0
     assert int(rows[0]["network_evaluations"]) % 2 == 0 and rows[0]["nfe_per_input"] == "2"
     record = json.loads((out / "anomaly_config.json").read_text(encoding="utf-8"))
-    from medidiff.checkpoint import file_sha256
+    from medidiff.models.checkpoint import file_sha256
 
     assert record["checkpoint"]["sha256"] == file_sha256(tiny_checkpoint_2d)
     assert record["method"]["steps"] == 2 and record["seed"] == 0 and record["medidiff_version"]

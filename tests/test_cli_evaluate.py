@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medidiff.commands import evaluate as evaluate_command
+from medidiff.cli.commands import evaluate as evaluate_command
 
 A_SCORES = [0.9, 0.8, 0.7, 0.6, 0.55]
 A_TRUTH = [1, 1, 0, 1, 0]

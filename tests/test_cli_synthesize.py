@@ -43,7 +43,7 @@ def test_synthesize_then_evaluate(dims, request, run_cli, tmp_path):
 
 
 def test_missing_checkpoint_is_one_clear_line(run_cli, tmp_path, monkeypatch):
-    import medidiff.pretrained as pretrained
+    import medidiff.models.pretrained as pretrained
 
     monkeypatch.setattr(pretrained, "WEIGHTS_DIR", tmp_path / "no_weights")
     r = run_cli(["synthesize", "--num", 2, "--out", tmp_path / "o"])
@@ -97,7 +97,7 @@ def test_evaluate_needs_a_grid(run_cli, tmp_path, tmp_nifti):
 
 
 def test_docstrings_no_longer_say_not_implemented():
-    from medidiff.commands import evaluate_synthesis, synthesize
+    from medidiff.cli.commands import evaluate_synthesis, synthesize
 
     for module in (synthesize, evaluate_synthesis):
         assert "NOT IMPLEMENTED YET" not in (module.__doc__ or "")

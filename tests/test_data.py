@@ -1,4 +1,4 @@
-"""Tests of medidiff.data: datalists and cached slice/volume datasets."""
+"""Tests of medidiff.data.datasets: datalists and cached slice/volume datasets."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-import medidiff.data as data_mod
-from medidiff.data import (
+import medidiff.data.datasets as data_mod
+from medidiff.data.datasets import (
     DatalistEntry,
     Preprocessing,
     SliceDataset,
@@ -22,7 +22,7 @@ from medidiff.data import (
     prepare_entry,
 )
 from medidiff.errors import ConfigError, DataError, VolumeContentError
-from medidiff.io import Volume, save_volume
+from medidiff.io.volume import Volume, save_volume
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = (16, 16, 12)  # the tiny model grid used here
@@ -391,7 +391,7 @@ def test_sample_data_integration():
     dataset_json = REPO / "sample_data" / "dataset.json"
     if not dataset_json.exists():
         pytest.skip("sample_data/dataset.json is not there (run `make sample-data`)")
-    from medidiff.io import load_volume
+    from medidiff.io.volume import load_volume
 
     train = load_datalist(dataset_json)
     test = load_datalist(dataset_json, split="test")
@@ -434,7 +434,7 @@ def test_dicom_series_folders_are_cases(tmp_path):
 
 
 def test_stratified_by_kind_takes_kinds_in_turn():
-    from medidiff.data import DatalistEntry, stratified_by_kind
+    from medidiff.data.datasets import DatalistEntry, stratified_by_kind
 
     kinds = ["tumor", "tumor", "ms", "stroke", "ms", "healthy"]
     entries = [DatalistEntry(image=Path(f"{k}-{i}.nii.gz"), extra={"kind": k}) for i, k in enumerate(kinds)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medidiff.report_html import document, esc, fmt, image, section, table
+from medidiff.viz.report import document, esc, fmt, image, section, table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,8 +28,8 @@ def _write(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
 def test_baseline_map_is_the_absolute_residual_to_its_level(tiny_checkpoint_2d):
     """No filter, no erosion: the map is |x - level| inside the mask, 0 outside; the score is
     the mean of the top 1 %; no network runs."""
-    from medidiff.baseline import IntensityBaseline
-    from medidiff.postprocess import PostprocessConfig
+    from medidiff.anomaly.baseline import IntensityBaseline
+    from medidiff.anomaly.postprocess import PostprocessConfig
 
     base = IntensityBaseline(tiny_checkpoint_2d, 0.5, PostprocessConfig(erode=0, median_size=0))
     assert base.model is None and base.nfe_per_input == 0
@@ -51,9 +51,9 @@ def test_baseline_map_is_the_absolute_residual_to_its_level(tiny_checkpoint_2d):
 def test_baseline_level_is_the_median_normalised_brain_intensity(tiny_checkpoint_2d, tmp_path):
     """The level is the median of the brain voxels (the mask, not the whole foreground) after
     the checkpoint's percentile scaling, computed here by hand."""
-    from medidiff.anomaly import AnomalyDetector, calibrate
-    from medidiff.baseline import BASELINE_NAME, IntensityBaseline
-    from medidiff.data import DatalistEntry
+    from medidiff.anomaly.detector import AnomalyDetector, calibrate
+    from medidiff.anomaly.baseline import BASELINE_NAME, IntensityBaseline
+    from medidiff.data.datasets import DatalistEntry
     from medidiff.errors import ConfigError
 
     rng = np.random.default_rng(0)
@@ -105,7 +105,7 @@ def test_html_writer_escapes_text_and_formats_numbers():
 
 
 def test_quality_bars_compare_default_with_baseline():
-    from medidiff.demo import _quality
+    from medidiff.cli.demo import _quality
 
     def row(d_auprc, b_auprc, d_auroc=0.5, b_auroc=0.5):
         return {"default": {"voxel_auprc": d_auprc, "voxel_auroc": d_auroc},
@@ -123,7 +123,7 @@ def test_quality_bars_compare_default_with_baseline():
 
 
 def test_out_dir_rules(tmp_path):
-    from medidiff.demo import DEMO_MARKER, _prepare_out_dir
+    from medidiff.cli.demo import DEMO_MARKER, _prepare_out_dir
     from medidiff.errors import OutputError
 
     foreign = tmp_path / "foreign"
@@ -178,8 +178,8 @@ def _numbers(obj):
 def test_demo_end_to_end(run_cli, tiny_checkpoint_2d, tiny_checkpoint_3d, tmp_path):
     import csv
 
-    from medidiff.anomaly import Thresholds
-    from medidiff.io import load_volume
+    from medidiff.anomaly.detector import Thresholds
+    from medidiff.io.volume import load_volume
 
     out = tmp_path / "demo"
     r = run_cli(["demo", "--out", out, "--checkpoint-2d", tiny_checkpoint_2d,

@@ -1,4 +1,4 @@
-"""Tests for medidiff.diffusion: schedules, forward process, prediction types, samplers.
+"""Tests for medidiff.diffusion.core: schedules, forward process, prediction types, samplers.
 
 References: closed forms (q(x_t | x_0), the Gaussian-data probability-flow ODE), MONAI's own
 schedulers (``monai.networks.schedulers``) step for step, and an independent VE-form
@@ -14,7 +14,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from medidiff.diffusion import (
+from medidiff.diffusion.core import (
     NoiseSchedule,
     alpha_bar_at,
     ddim_step,
@@ -35,7 +35,7 @@ from medidiff.diffusion import (
     training_target,
 )
 from medidiff.errors import ConfigError
-from medidiff.noise import NoiseSpec, sample_noise
+from medidiff.diffusion.noise import NoiseSpec, sample_noise
 
 SCHEDULE_NAMES = ["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"]
 PREDICTION_TYPES = ["epsilon", "v_prediction", "sample"]
@@ -564,7 +564,7 @@ def test_partial_reconstruction_x_t_is_the_forward_process(schedule):
         noise_spec=spec,
         seeds=[5, 6],
     )
-    from medidiff.noise import sample_noise
+    from medidiff.diffusion.noise import sample_noise
 
     noise = sample_noise(spec, x0.shape, seeds=[5, 6])
     torch.testing.assert_close(result.x_t, q_sample(schedule.to("cpu"), x0, 250, noise))

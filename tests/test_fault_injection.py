@@ -10,7 +10,7 @@
 Starting Python and importing torch + MONAI costs ~5-10 s per process on the CI machines, so
 most runs are forked from one "fork server" process that has imported medidiff once: each
 run is still a separate process (its own PID, killed by the kernel mid-work) running
-``medidiff.cli.main`` from a pristine interpreter state. One test runs the real
+``medidiff.cli.main.main`` from a pristine interpreter state. One test runs the real
 ``python -m medidiff`` entry point.
 """
 
@@ -47,8 +47,8 @@ pytestmark = [
 #   {"op": "wait", "pid": N, "timeout": s} -> {"rc": exit status, -signal, or null on timeout}
 SERVER = r"""
 import json, os, signal, sys, time
-import medidiff.cli, medidiff.training, medidiff.data, medidiff.synthesis, medidiff.anomaly
-import medidiff.overlay
+import medidiff.cli.main, medidiff.training.trainer, medidiff.data.datasets, medidiff.synthesis.synthesizer, medidiff.anomaly.detector
+import medidiff.viz.overlay
 
 reply = sys.stdout
 for line in sys.stdin:
@@ -63,7 +63,7 @@ for line in sys.stdin:
                     f = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                     os.dup2(f, fd)
                     os.close(f)
-                rc = medidiff.cli.main(req["argv"])
+                rc = medidiff.cli.main.main(req["argv"])
             except SystemExit as exc:
                 rc = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
@@ -218,7 +218,7 @@ def test_train_killed_at_random_steps_resumes_bit_identically(server, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from medidiff.checkpoint import load_training_state
+    from medidiff.models.checkpoint import load_training_state
 
     steps = 16
     cfg = train_config(tmp_path)
@@ -277,7 +277,7 @@ def test_ctrl_c_on_the_real_entry_point(tmp_path):
     assert err == MESSAGE + "\n", err
     assert not temporaries(run)
     # everything finished before the interrupt is usable
-    from medidiff.checkpoint import load_inference, load_training_state
+    from medidiff.models.checkpoint import load_inference, load_training_state
 
     assert load_training_state(run / "checkpoints" / "last.pt")["step"] >= 1
     load_inference(run / "model.safetensors")
@@ -287,8 +287,8 @@ def test_ctrl_c_on_the_real_entry_point(tmp_path):
 
 
 def test_synthesize_killed_then_rerun_completes(server, tmp_path, tiny_checkpoint_2d):
-    from medidiff.io import load_volume
-    from medidiff.synthesis import Synthesizer
+    from medidiff.io.volume import load_volume
+    from medidiff.synthesis.synthesizer import Synthesizer
 
     out = tmp_path / "synth"
     num = 40
@@ -332,7 +332,7 @@ def _inputs(folder: Path, n: int) -> Path:
 
 
 def test_anomaly_killed_then_rerun_completes(server, tmp_path, tiny_checkpoint_2d):
-    from medidiff.io import load_volume
+    from medidiff.io.volume import load_volume
 
     inputs = _inputs(tmp_path / "inputs", 5)
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""Tests of medidiff.figures and of the function links in docs/how_it_works.md."""
+"""Tests of medidiff.viz.figures and of the function links in docs/how_it_works.md."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from medidiff import figures
-from medidiff.diffusion import NoiseSchedule, inference_timesteps
+from medidiff.viz import figures
+from medidiff.diffusion.core import NoiseSchedule, inference_timesteps
 from medidiff.errors import ConfigError, DataError
-from medidiff.figures import display_view
-from medidiff.noise import NoiseSpec, sample_noise
-from medidiff.report import save_figure
+from medidiff.viz.figures import display_view
+from medidiff.diffusion.noise import NoiseSpec, sample_noise
+from medidiff.viz.display import save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
@@ -97,7 +97,7 @@ def test_display_view_puts_anterior_up():
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_reverse_trajectory_ends_at_the_samplers_sample(tiny_checkpoint_2d, sampler):
-    from medidiff.synthesis import Synthesizer
+    from medidiff.synthesis.synthesizer import Synthesizer
 
     frames = figures.reverse_trajectory(tiny_checkpoint_2d, sampler=sampler, steps=3, seed=5)
     assert [f.t for f in frames] == inference_timesteps(999, 3).tolist() + [-1]
@@ -129,7 +129,7 @@ def test_reverse_trajectory_strip_two_rows(tiny_checkpoint_2d, tmp_path):
 
 @pytest.fixture(scope="module")
 def tumour():
-    from medidiff.io import load_volume
+    from medidiff.io.volume import load_volume
 
     if not (SAMPLE / "dataset.json").exists():
         pytest.skip("sample_data not built")
@@ -140,9 +140,9 @@ def tumour():
 
 
 def test_anomaly_strip_panels_and_noise(tiny_checkpoint_2d, tumour, tmp_path):
-    from medidiff.anomaly import AnomalyDetector, MethodConfig
-    from medidiff.diffusion import predict_x0
-    from medidiff.transforms import to_model
+    from medidiff.anomaly.detector import AnomalyDetector, MethodConfig
+    from medidiff.diffusion.core import predict_x0
+    from medidiff.data.transforms import to_model
 
     detector = AnomalyDetector(tiny_checkpoint_2d, MethodConfig("x0"), seed=4)
     fig = figures.anomaly_strip(detector, tumour["image"], mask=tumour["mask"],
@@ -166,8 +166,8 @@ def test_anomaly_strip_panels_and_noise(tiny_checkpoint_2d, tumour, tmp_path):
 
 
 def test_anomaly_strip_segmentation_with_thresholds(tiny_checkpoint_2d, tumour):
-    from medidiff.anomaly import AnomalyDetector, MethodConfig, calibrate
-    from medidiff.io import load_volume
+    from medidiff.anomaly.detector import AnomalyDetector, MethodConfig, calibrate
+    from medidiff.io.volume import load_volume
 
     detector = AnomalyDetector(tiny_checkpoint_2d, MethodConfig("x0"))
     healthy = [load_volume(SAMPLE / "test" / "images" / "healthy-000.nii.gz")]
@@ -216,7 +216,7 @@ def test_loss_curve_errors(tmp_path):
 
 
 def test_save_how_it_works_figures_writes_three_pngs(tiny_checkpoint_2d, tmp_path):
-    from medidiff.anomaly import AnomalyDetector, MethodConfig
+    from medidiff.anomaly.detector import AnomalyDetector, MethodConfig
 
     detector = AnomalyDetector(tiny_checkpoint_2d, MethodConfig("x0"))
     paths = figures.save_how_it_works_figures(tiny_checkpoint_2d, SAMPLE, tmp_path / "figs",

@@ -1,4 +1,4 @@
-"""medidiff.io: geometry survives every reader and the writer; bad files get one clear error.
+"""medidiff.io.volume: geometry survives every reader and the writer; bad files get one clear error.
 
 References used (independent of medidiff's own conversion code): nibabel's header/affine
 and orientation tools, SimpleITK's ``TransformIndexToPhysicalPoint`` / ``GetPixel`` and
@@ -24,7 +24,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from scipy.spatial.transform import Rotation
 
 from medidiff.errors import ConfigError, MedidiffError, OutputError, VolumeContentError, VolumeError
-from medidiff.io import (
+from medidiff.io.volume import (
     Volume,
     _captured,
     _load_with_sitk,

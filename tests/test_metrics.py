@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from medidiff.errors import DataError, VolumeContentError
-from medidiff.metrics import (
+from medidiff.anomaly.metrics import (
     Case,
     EvaluationReport,
     OracleDice,

@@ -1,4 +1,4 @@
-"""Tests for medidiff.models: presets over MONAI's DiffusionModelUNet."""
+"""Tests for medidiff.models.unet: presets over MONAI's DiffusionModelUNet."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 
 from medidiff.errors import ConfigError
-from medidiff.models import (
+from medidiff.models.unet import (
     PRESET_NAMES,
     build_model,
     build_model_from_kwargs,
@@ -219,7 +219,7 @@ def test_prepare_for_inference_keeps_outputs():
     """channels_last on the CPU is a layout change only: same outputs, eval mode."""
     import copy
 
-    from medidiff.models import build_model, prepare_for_inference
+    from medidiff.models.unet import build_model, prepare_for_inference
 
     torch.manual_seed(0)
     model = build_model(2, "tiny")

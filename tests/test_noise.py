@@ -1,4 +1,4 @@
-"""Tests for medidiff.noise: Gaussian and simplex noise, seeding contracts, validation."""
+"""Tests for medidiff.diffusion.noise: Gaussian and simplex noise, seeding contracts, validation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medidiff.errors import ConfigError
-from medidiff.noise import (
+from medidiff.diffusion.noise import (
     NoiseSpec,
     _simplex_2d,
     _simplex_3d,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medidiff.errors import ConfigError
-from medidiff.parallel import default_workers, map_scans
+from medidiff.runtime.parallel import default_workers, map_scans
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,10 +46,10 @@ def test_default_workers():
 def test_calibration_and_scoring_do_not_depend_on_the_number_of_workers(
     tiny_checkpoint_2d, tmp_path
 ):
-    from medidiff.anomaly import AnomalyDetector, MethodConfig, calibrate
-    from medidiff.checkpoint import build_model_from_checkpoint
-    from medidiff.data import load_datalist
-    from medidiff.demo import _score_all
+    from medidiff.anomaly.detector import AnomalyDetector, MethodConfig, calibrate
+    from medidiff.models.checkpoint import build_model_from_checkpoint
+    from medidiff.data.datasets import load_datalist
+    from medidiff.cli.demo import _score_all
 
     loaded = build_model_from_checkpoint(tiny_checkpoint_2d)
     detector = AnomalyDetector(loaded, MethodConfig("ddim", steps=2), seed=3)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medidiff import pretrained
-from medidiff.checkpoint import build_model_from_checkpoint, file_sha256
+from medidiff.models import pretrained
+from medidiff.models.checkpoint import build_model_from_checkpoint, file_sha256
 from medidiff.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_missing_weights_folder_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_commands_fall_back_to_the_shipped_models():
-    from medidiff.commands.anomaly import require_checkpoint
+    from medidiff.cli.commands.anomaly import require_checkpoint
 
     ns = argparse.Namespace(checkpoint=None)
     assert require_checkpoint(ns) == pretrained.pretrained_path("brain_mri_2d")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from medidiff.checkpoint import file_sha256, load_inference, save_inference
-from medidiff.distributed import DistInfo
+from medidiff.models.checkpoint import file_sha256, load_inference, save_inference
+from medidiff.runtime.distributed import DistInfo
 from medidiff.errors import ConfigError, OutputError
-from medidiff.io import load_volume
-from medidiff.synthesis import MANIFEST_COLUMNS, Synthesizer, synthesize_to_folder
+from medidiff.io.volume import load_volume
+from medidiff.synthesis.synthesizer import MANIFEST_COLUMNS, Synthesizer, synthesize_to_folder
 
 STEPS = 2
 
@@ -221,7 +221,7 @@ def test_labels_change_the_output(tiny_checkpoint_2d_conditional):
 
 
 def test_guidance_zero_is_exactly_the_unconditional_path(tiny_checkpoint_2d_conditional):
-    from medidiff.diffusion import sample
+    from medidiff.diffusion.core import sample
 
     ckpt = tiny_checkpoint_2d_conditional
     uncond = Synthesizer(ckpt, device="cpu", steps=3, batch_size=2)

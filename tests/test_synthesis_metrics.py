@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from medidiff.synthesis_metrics import (
+from medidiff.synthesis.metrics import (
     ImageSet,
     RealReference,
     SSIMSearch,

@@ -13,7 +13,7 @@ import torch
 
 from medidiff.config import Config
 from medidiff.errors import ConfigError, TrainingDivergedError
-from medidiff.training import Trainer, lr_factor
+from medidiff.training.trainer import Trainer, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_test.yaml"
@@ -52,7 +52,7 @@ def test_resume_is_bit_identical(tmp_path):
     Trainer(_tiny(), tmp_path / "cut", dataset=data, progress=False).fit(stop_after=3)
     resumed = Trainer(_tiny(), tmp_path / "cut", dataset=data, progress=False).fit(resume=True)
     assert resumed.resumed_from == 2 and resumed.steps == 6
-    from medidiff.checkpoint import load_inference, load_training_state
+    from medidiff.models.checkpoint import load_inference, load_training_state
 
     a = load_training_state(tmp_path / "full" / "checkpoints" / "last.pt")
     b = load_training_state(tmp_path / "cut" / "checkpoints" / "last.pt")
@@ -79,7 +79,7 @@ def test_outputs_and_metrics(tmp_path):
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert Config.from_yaml(run / "config.yaml") == _tiny(preview_every=3, preview_samples=2, preview_steps=2)
-    from medidiff.checkpoint import load_inference
+    from medidiff.models.checkpoint import load_inference
 
     ck = load_inference(run / "model.safetensors")
     assert ck.config["train"]["max_steps"] == 6
@@ -128,7 +128,7 @@ def test_cli_train_and_torchrun_ddp(tmp_path):
 
 
 def test_cli_errors(tmp_path, capsys):
-    from medidiff.cli import main
+    from medidiff.cli.main import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  max_steps: lots\n")
@@ -152,7 +152,7 @@ def test_conditional_training_with_preview(tmp_path):
 
 def test_preview_samples_with_the_training_noise(tmp_path, monkeypatch):
     """A simplex-trained model must be previewed from simplex noise, not Gaussian."""
-    import medidiff.diffusion as diffusion
+    import medidiff.diffusion.core as diffusion
 
     seen = {}
     real_sample = diffusion.sample

@@ -1,4 +1,4 @@
-"""Tests of medidiff.transforms: the invertible MONAI preprocessing chain."""
+"""Tests of medidiff.data.transforms: the invertible MONAI preprocessing chain."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from medidiff.errors import ConfigError, VolumeContentError
-from medidiff.io import Volume
-from medidiff.transforms import (
+from medidiff.io.volume import Volume
+from medidiff.data.transforms import (
     CT_WINDOWS,
     Preprocessing,
     intensity_to_model,

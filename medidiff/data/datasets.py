@@ -1,0 +1,883 @@
+"""Datalists (folder, glob, CSV, Decathlon ``dataset.json``) and cached torch datasets.
+
+The preprocessing itself (MONAI orientation, spacing, crop/pad, intensity; invertible)
+lives in :mod:`medidiff.data.transforms`; its public names are re-exported here.
+
+Datalist fields (:class:`DatalistEntry`) and where they come from:
+
+========================  ===========================  ==============================
+field                     CSV column                   Decathlon ``dataset.json`` key
+========================  ===========================  ==============================
+``image``                 ``image`` (required)         ``image`` (or a bare string)
+``mask`` (brain/fg mask)  ``mask``                     ``mask``
+``segmentation`` (truth)  ``segmentation``             ``label`` when it is a path, or
+                                                       ``segmentation``
+``class_label`` (cond.)   ``label`` (e.g. contrast,    ``label`` when it is a number,
+                          diagnosis), ``class_label``  or ``class_label``
+``extra``                 any other column             any other key (e.g. ``kind``)
+========================  ===========================  ==============================
+
+So a CSV's ``label`` is a *class* label for conditional generation (as the issue
+specifies), while a Decathlon ``label`` path is a ground-truth segmentation (as in the
+Medical Segmentation Decathlon). Relative paths resolve against the CSV's / JSON's
+folder (or ``base_dir``).
+
+Example:
+    >>> import tempfile, numpy as np
+    >>> from pathlib import Path
+    >>> from medidiff.io.volume import Volume, save_volume
+    >>> from medidiff.data.datasets import load_datalist, build_dataset, Preprocessing
+    >>> d = Path(tempfile.mkdtemp())
+    >>> arr = np.zeros((16, 16, 12), np.float32); arr[3:13, 3:13, 2:10] = np.linspace(1, 9, 8)
+    >>> for i in range(2):
+    ...     _ = save_volume(Volume(arr, np.diag([2.0, 2.0, 2.0, 1.0])), d / f"sub-{i}.nii.gz")
+    >>> entries = load_datalist(d)
+    >>> ds = build_dataset(entries, Preprocessing(shape=(16, 16, 12)), spatial_dims=2)
+    >>> len(ds), tuple(ds[0]["image"].shape)
+    (16, (1, 16, 16))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import Compose, Transform
+
+from medidiff.errors import ConfigError, DataError, MedidiffError
+from medidiff.io.volume import VOLUME_SUFFIXES, Volume, is_volume_path, load_volume, strip_volume_suffix
+from medidiff.data.transforms import (
+    CT_WINDOWS,
+    Preprocessed,
+    Preprocessing,
+    intensity_to_model,
+    intensity_to_native,
+    preprocess,
+    to_model,
+    to_native,
+)
+
+_MAX_NAMED = 3  # how many missing files an error message names
+_CACHE_FORMAT = "medidiff-data-v1"  # part of the on-disk cache key
+_DICOM_PROBE = 8  # files looked at to recognise a DICOM series folder
+
+
+# ---------------------------------------------------------------------------------------
+# datalists
+# ---------------------------------------------------------------------------------------
+
+
+def _is_volume_file(path: Path) -> bool:
+    return not path.name.startswith(".") and is_volume_path(path) and path.is_file()
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    """A folder whose first files are DICOM (``.dcm`` or the ``DICM`` preamble marker)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    for path in files[:_DICOM_PROBE]:
+        if path.name.lower().endswith(".dcm"):
+            return True
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(132)
+        except OSError:
+            continue
+        if head[128:132] == b"DICM":
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class DatalistEntry:
+    """One case of a datalist.
+
+    Attributes:
+        image: the scan.
+        mask: brain/foreground mask on the scan's grid, if any.
+        segmentation: ground-truth anomaly segmentation on the scan's grid, if any.
+        class_label: class for conditional generation (e.g. ``"T1"``, ``"AD"``), if any.
+        extra: any other CSV columns / JSON keys, e.g. ``{"kind": "tumour"}``.
+    """
+
+    image: Path
+    mask: Path | None = None
+    segmentation: Path | None = None
+    class_label: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        for name in ("image", "mask", "segmentation"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+
+    @property
+    def name(self) -> str:
+        """The image file name without its volume suffix, e.g. ``sub-000``."""
+        return strip_volume_suffix(self.image.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (paths as strings, ``None`` kept)."""
+        return {
+            "image": str(self.image),
+            "mask": None if self.mask is None else str(self.mask),
+            "segmentation": None if self.segmentation is None else str(self.segmentation),
+            "class_label": self.class_label,
+            "extra": dict(self.extra),
+        }
+
+
+def stratified_by_kind(entries: Sequence[DatalistEntry], limit: int | None) -> list[DatalistEntry]:
+    """Up to ``limit`` entries taking the kinds in turn (``extra["kind"]``: tumor, ms, ...).
+
+    Keeps the datalist order within a kind and the order of first appearance between kinds,
+    so a small limit still covers every kind. ``None`` (or a limit >= the count) keeps all.
+    """
+    entries = list(entries)
+    if limit is None or limit >= len(entries):
+        return entries
+    by_kind: dict[str, list[DatalistEntry]] = {}
+    for e in entries:
+        by_kind.setdefault(str(e.extra.get("kind") or "unknown"), []).append(e)
+    chosen: list[DatalistEntry] = []
+    while len(chosen) < limit:
+        for queue in by_kind.values():
+            if queue and len(chosen) < limit:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
+def load_datalist(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    split: str | None = None,
+    base_dir: str | os.PathLike | None = None,
+) -> list[DatalistEntry]:
+    """Read the cases named by a folder, glob, CSV, ``dataset.json``, file, or a list of these.
+
+    Args:
+        source: one of
+            a folder (its volume files and DICOM series subfolders, sorted; other and
+            hidden files ignored; a folder that is itself a DICOM series is one case),
+            a glob pattern (``data/*/images/*.nii.gz``; ``**`` recurses),
+            a CSV/TSV file (columns ``image``, optional ``mask``, ``label`` (class
+            label), ``segmentation``, ``split``; others go to ``extra``),
+            a Decathlon-style JSON file (a dict of lists of ``{"image", "mask",
+            "label", ...}`` or bare image strings; or a plain list of such entries),
+            a single volume file, or a list of any of these (concatenated in order).
+        split: which list of a JSON datalist (default ``"training"``), or which rows of
+            a CSV with a ``split`` column (default all). Sources without splits
+            (folders, globs, files, CSVs without a ``split`` column) are taken whole.
+        base_dir: resolve relative paths inside CSV/JSON datalists against this
+            folder instead of the datalist's own folder.
+
+    Returns:
+        The entries, in datalist order (sorted by path for folders and globs).
+
+    Raises:
+        DataError: nothing matched, a missing ``image`` column, listed files that do not
+            exist (the first few named), an unknown split (the available ones listed).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        sources: list[str | os.PathLike] = [source]
+    else:
+        sources = list(source)
+    if not sources:
+        raise DataError("no inputs given: pass files, a folder, a glob or a datalist")
+    base = Path(base_dir).expanduser() if base_dir is not None else None
+    entries: list[DatalistEntry] = []
+    for item in sources:
+        entries.extend(_load_source(item, split, base))
+    return entries
+
+
+def _load_source(source: str | os.PathLike, split: str | None, base_dir: Path | None) -> list[DatalistEntry]:
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _from_folder(path)
+    if path.is_file():
+        low = path.name.lower()
+        if low.endswith((".csv", ".tsv")):
+            return _checked_exist(_from_csv(path, split, base_dir or path.parent), path)
+        if low.endswith(".json"):
+            return _checked_exist(_from_json(path, split, base_dir or path.parent), path)
+        if is_volume_path(path) or path.name.lower().endswith(".dcm"):
+            return [DatalistEntry(path)]
+        raise DataError(
+            f"{path}: not a volume file, CSV, dataset.json or folder; "
+            f"volume files end in {', '.join(VOLUME_SUFFIXES)}"
+        )
+    if any(c in text for c in "*?["):
+        return _from_glob(text)
+    raise DataError(f"{text}: no such file or folder")
+
+
+def _from_folder(folder: Path) -> list[DatalistEntry]:
+    """The folder's volume files (sorted), its DICOM series subfolders, or itself if a series."""
+    children = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    entries = [DatalistEntry(p) for p in children if _is_volume_file(p)]
+    entries += [DatalistEntry(p) for p in children if p.is_dir() and _is_dicom_folder(p)]
+    entries.sort(key=lambda e: str(e.image))
+    if entries:
+        return entries
+    if _is_dicom_folder(folder):
+        return [DatalistEntry(folder)]
+    hints = [p.name for p in children if p.suffix.lower() in (".json", ".csv", ".tsv")]
+    hint = f"; it holds {', '.join(hints)}: pass that datalist instead" if hints else ""
+    raise DataError(
+        f"{folder}: no volume files ({', '.join(VOLUME_SUFFIXES)}) or DICOM series in this folder{hint}"
+    )
+
+
+def _from_glob(pattern: str) -> list[DatalistEntry]:
+    matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(pattern), recursive=True))]
+    files = [m for m in matches if _is_volume_file(m) or (m.is_dir() and _is_dicom_folder(m))]
+    if not files:
+        other = f" (it matched {len(matches)} other files)" if matches else ""
+        raise DataError(f"{pattern}: the pattern matched no volume files{other}")
+    return [DatalistEntry(p) for p in files]
+
+
+def _resolve(value: str, base: Path) -> Path:
+    path = Path(os.path.expanduser(value.strip()))
+    if not path.is_absolute():
+        path = base / path
+    return Path(os.path.normpath(path))
+
+
+def _class_label(value: Any, where: str) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise DataError(f"{where}: class label {value!r} is a boolean; use a string or integer")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, (int, float, str)):
+        return str(value).strip()
+    raise DataError(f"{where}: class label must be a string or number; got {type(value).__name__}")
+
+
+def _from_csv(path: Path, split: str | None, base: Path) -> list[DatalistEntry]:
+    delimiter = "\t" if path.name.lower().endswith(".tsv") else ","
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f, delimiter=delimiter))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read the CSV ({exc})") from None
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    if not rows:
+        raise DataError(f"{path}: empty CSV; expected a header with an 'image' column")
+    header = [h.strip().lower() for h in rows[0]]
+    if "image" not in header:
+        raise DataError(
+            f"{path}: no 'image' column (found: {', '.join(header) or 'none'}); "
+            "columns are image, optional mask, label (class label), segmentation"
+        )
+    records = []
+    for lineno, row in enumerate(rows[1:], start=2):
+        if len(row) > len(header):
+            raise DataError(f"{path}:{lineno}: {len(row)} cells but the header has {len(header)} columns")
+        records.append((lineno, {h: c.strip() for h, c in zip(header, row)}))
+    if split is not None and "split" in header:
+        available = sorted({r.get("split", "") for _, r in records} - {""})
+        records = [(n, r) for n, r in records if r.get("split") == split]
+        if not records:
+            raise DataError(f"{path}: no rows with split {split!r}; available: {', '.join(available) or 'none'}")
+    if not records:
+        raise DataError(f"{path}: the CSV has a header but no rows")
+    entries = []
+    known = {"image", "mask", "label", "class_label", "segmentation", "split"}
+    for lineno, r in records:
+        where = f"{path}:{lineno}"
+        if not r.get("image"):
+            raise DataError(f"{where}: empty 'image' cell")
+        if r.get("label") and r.get("class_label"):
+            raise DataError(f"{where}: both 'label' and 'class_label' are set; keep one")
+        entries.append(
+            DatalistEntry(
+                image=_resolve(r["image"], base),
+                mask=_resolve(r["mask"], base) if r.get("mask") else None,
+                segmentation=_resolve(r["segmentation"], base) if r.get("segmentation") else None,
+                class_label=_class_label(r.get("label") or r.get("class_label"), where),
+                extra={k: v for k, v in r.items() if k not in known and v != ""},
+            )
+        )
+    return entries
+
+
+def _from_json(path: Path, split: str | None, base: Path) -> list[DatalistEntry]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    if isinstance(data, list):
+        items, where = data, str(path)
+    elif isinstance(data, dict):
+        # splits: lists of entries (dicts or path strings), not e.g. "spacing_mm": [2, 2, 2]
+        available = [
+            k for k, v in data.items()
+            if isinstance(v, list) and all(isinstance(x, (dict, str)) for x in v)
+        ]
+        key = "training" if split is None else split
+        if key not in available:
+            raise DataError(
+                f"{path}: no split {key!r}; available splits: {', '.join(available) or 'none'}"
+            )
+        items, where = data[key], f"{path} [{key}]"
+    else:
+        raise DataError(f"{path}: expected a JSON object of lists (Decathlon style) or a list of entries")
+    if not items:
+        raise DataError(f"{where}: the list is empty")
+    return [_json_entry(item, base, f"{where} entry {i}") for i, item in enumerate(items)]
+
+
+def _json_path(value: Any, base: Path, where: str, key: str) -> Path | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, list):
+        raise DataError(f"{where}: '{key}' is a list (multi-channel); medidiff needs one file per field")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: '{key}' must be a path string; got {type(value).__name__}")
+    return _resolve(value, base)
+
+
+def _json_entry(item: Any, base: Path, where: str) -> DatalistEntry:
+    if isinstance(item, str):
+        return DatalistEntry(_resolve(item, base))
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected an object with 'image' or a path string; got {type(item).__name__}")
+    if "image" not in item:
+        raise DataError(f"{where}: no 'image' key (keys: {', '.join(item) or 'none'})")
+    label = item.get("label")
+    segmentation = item.get("segmentation")
+    class_label = item.get("class_label")
+    if isinstance(label, (str, list)):  # Decathlon: label is the segmentation file
+        if segmentation is not None:
+            raise DataError(f"{where}: both 'label' (a path) and 'segmentation' are set; keep one")
+        segmentation = label
+    elif label is not None:  # a number: a class label (MONAI classification datalists)
+        if class_label is not None:
+            raise DataError(f"{where}: both 'label' (a number) and 'class_label' are set; keep one")
+        class_label = label
+    known = {"image", "mask", "label", "segmentation", "class_label"}
+    return DatalistEntry(
+        image=_json_path(item["image"], base, where, "image"),  # type: ignore[arg-type]
+        mask=_json_path(item.get("mask"), base, where, "mask"),
+        segmentation=_json_path(segmentation, base, where, "label"),
+        class_label=_class_label(class_label, where),
+        extra={k: v for k, v in item.items() if k not in known},
+    )
+
+
+def _checked_exist(entries: list[DatalistEntry], source: Path) -> list[DatalistEntry]:
+    missing = [
+        str(p)
+        for e in entries
+        for p in (e.image, e.mask, e.segmentation)
+        if p is not None and not p.exists()
+    ]
+    if missing:
+        named = ", ".join(missing[:_MAX_NAMED])
+        more = f" and {len(missing) - _MAX_NAMED} more" if len(missing) > _MAX_NAMED else ""
+        raise DataError(f"{source}: {len(missing)} listed file(s) do not exist: {named}{more}")
+    return entries
+
+
+def class_names_of(entries: Sequence[DatalistEntry]) -> list[str]:
+    """The sorted distinct class labels of ``entries`` (integers sort numerically).
+
+    Raises:
+        DataError: some entries have a class label and others do not, or none has one.
+    """
+    labelled = [e for e in entries if e.class_label is not None]
+    if not labelled:
+        raise DataError("no entry has a class label; add a 'label' column to the CSV datalist")
+    if len(labelled) != len(entries):
+        first = next(e for e in entries if e.class_label is None)
+        raise DataError(f"{first.image}: no class label while other entries have one; label every entry")
+    names = {e.class_label for e in labelled}
+    return sorted(names, key=lambda s: (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s))  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------------------
+# loading and preprocessing one case
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedScan:
+    """A datalist entry read from disk and preprocessed.
+
+    Attributes:
+        entry: the datalist entry.
+        volume: the native scan (the reference grid for outputs).
+        preprocessed: the scan on the model grid; ``preprocessed.mask`` is the entry's
+            mask, if it has one.
+    """
+
+    entry: DatalistEntry
+    volume: Volume
+    preprocessed: Preprocessed
+
+
+def prepare_entry(entry: DatalistEntry, preprocessing: Preprocessing) -> PreparedScan:
+    """Load an entry's image (and mask) and preprocess them.
+
+    Args:
+        entry: the case.
+        preprocessing: the settings (e.g. from a checkpoint).
+
+    Returns:
+        The :class:`PreparedScan`.
+    """
+    volume = load_volume(entry.image)
+    mask = load_volume(entry.mask) if entry.mask is not None else None
+    return PreparedScan(entry, volume, preprocess(volume, preprocessing, mask=mask))
+
+
+# ---------------------------------------------------------------------------------------
+# datasets
+# ---------------------------------------------------------------------------------------
+
+
+class PreprocessItem(Transform):
+    """MONAI transform: load and preprocess one datalist item; the result is what gets cached.
+
+    A (non-random) MONAI ``Transform``, so ``CacheDataset`` and ``PersistentDataset``
+    cache its output. The returned dict holds tensors only, so ``PersistentDataset`` can
+    read it back with ``torch.load(weights_only=True)``: ``image`` (X, Y, Z) float32,
+    ``slice_foreground`` (Z,) the foreground fraction of each axial slice (mask > 0 if
+    the item has a mask, else the preprocessed foreground), ``affine`` (4, 4),
+    ``a_min``/``a_max`` the intensity map.
+    """
+
+    def __init__(self, preprocessing: Preprocessing) -> None:
+        self.preprocessing = preprocessing
+
+    def __call__(self, item: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        volume = load_volume(item["image"])
+        mask = load_volume(item["mask"]) if item.get("mask") else None
+        pre = preprocess(volume, self.preprocessing, mask=mask)
+        foreground = pre.mask > 0 if pre.mask is not None else pre.foreground
+        return {
+            "image": torch.from_numpy(pre.image),
+            "slice_foreground": torch.from_numpy(foreground.mean(axis=(0, 1)).astype(np.float32)),
+            "affine": torch.from_numpy(pre.affine),
+            "a_min": torch.tensor(float(pre.intensity["a_min"]), dtype=torch.float64),
+            "a_max": torch.tensor(float(pre.intensity["a_max"]), dtype=torch.float64),
+        }
+
+
+def _file_stamp(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+CACHE_MODES = ("memory", "disk", "none")
+
+
+@contextlib.contextmanager
+def _medidiff_errors() -> Iterator[None]:
+    """Re-raise a MedidiffError that MONAI wrapped in ``RuntimeError("applying transform ...")``.
+
+    So a bad file in a datalist gives the CLI's one-line message, not a traceback.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, MedidiffError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+class PreprocessedDataset(torch.utils.data.Dataset):
+    """Base of :class:`SliceDataset` and :class:`VolumeDataset`: preprocessed volumes, cached.
+
+    Each volume is loaded and preprocessed once: ``cache="memory"`` uses MONAI's
+    ``CacheDataset`` (all volumes at construction), ``"disk"`` MONAI's
+    ``PersistentDataset`` in ``cache_dir`` (written on first use, reused by later runs;
+    the key covers the file paths, sizes, modification times and the preprocessing
+    settings), ``"none"`` re-reads files on every access (debugging only).
+
+    Attributes:
+        entries: the datalist.
+        preprocessing: the settings.
+        class_names: the class vocabulary when class labels are served (item
+            ``class_label`` is the index into it), else ``None``.
+        spatial_dims: 2 or 3.
+    """
+
+    spatial_dims: int = 0
+
+    def __init__(
+        self,
+        entries: Sequence[DatalistEntry],
+        preprocessing: Preprocessing,
+        *,
+        cache: str = "memory",
+        cache_dir: str | os.PathLike | None = None,
+        class_names: Sequence[str] | None = None,
+        cache_workers: int = 1,
+        progress: bool = False,
+    ) -> None:
+        from monai.data import CacheDataset, Dataset, PersistentDataset
+
+        self.entries = list(entries)
+        if not self.entries:
+            raise DataError("the datalist is empty")
+        self.preprocessing = preprocessing
+        self.class_names = tuple(class_names) if class_names is not None else None
+        self._labels: list[int] | None = None
+        if self.class_names is not None:
+            lookup = {name: i for i, name in enumerate(self.class_names)}
+            self._labels = []
+            for e in self.entries:
+                if e.class_label not in lookup:
+                    raise DataError(
+                        f"{e.image}: class label {e.class_label!r} is not among the classes "
+                        f"{', '.join(self.class_names)}"
+                    )
+                self._labels.append(lookup[e.class_label])  # type: ignore[index]
+        settings = json.dumps(preprocessing.to_dict(), sort_keys=True)
+        items = [
+            {
+                "image": str(e.image),
+                "mask": None if e.mask is None else str(e.mask),
+                # for PersistentDataset's hash key only: stale caches are not reused
+                "stamp": [_file_stamp(e.image), _file_stamp(e.mask)],
+                "preprocessing": settings,
+                "format": _CACHE_FORMAT,
+            }
+            for e in self.entries
+        ]
+        transform = Compose([PreprocessItem(preprocessing)])
+        if cache not in CACHE_MODES:
+            raise ConfigError(f"cache must be one of {', '.join(CACHE_MODES)}; got {cache!r}")
+        if cache == "memory":
+            with _medidiff_errors():
+                self._volumes = CacheDataset(
+                    items, transform, cache_rate=1.0, num_workers=max(1, cache_workers),
+                    progress=progress, copy_cache=False,
+                )
+        elif cache == "disk":
+            if cache_dir is None:
+                raise ConfigError("cache='disk' needs a cache_dir (config key data.cache_dir)")
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            self._volumes = PersistentDataset(items, transform, cache_dir=Path(cache_dir))
+        else:
+            self._volumes = Dataset(items, transform)
+        self._intensity: list[tuple[float, float]] | None = None
+
+    def volume(self, index: int) -> dict[str, torch.Tensor]:
+        """The cached preprocessed volume ``index``: ``image`` (X, Y, Z), ``affine``, ..."""
+        with _medidiff_errors():
+            return self._volumes[index]
+
+    def preprocessing_dict(self) -> dict[str, Any]:
+        """The preprocessing settings as a JSON-serialisable dict (for checkpoints)."""
+        return self.preprocessing.to_dict()
+
+    @property
+    def intensity_reference(self) -> dict[str, Any]:
+        """A typical intensity map of the training volumes (median ``a_min``/``a_max``).
+
+        Pass it to :func:`intensity_to_native` to put synthetic images (no native scan
+        of their own) on the training data's intensity scale.
+        """
+        if self._intensity is None:
+            self._intensity = [
+                (float(v["a_min"]), float(v["a_max"])) for v in map(self.volume, range(len(self.entries)))
+            ]
+        lows, highs = zip(*self._intensity)
+        scheme = "window" if self.preprocessing.modality == "ct" else "percentile"
+        return {
+            "scheme": scheme, "a_min": float(np.median(lows)), "a_max": float(np.median(highs)),
+            "b_min": 0.0, "b_max": 1.0, "clip": self.preprocessing.clip, "num_volumes": len(lows),
+        }
+
+    def _label_item(self, volume_index: int) -> dict[str, torch.Tensor]:
+        if self._labels is None:
+            return {}
+        return {"class_label": torch.tensor(self._labels[volume_index], dtype=torch.long)}
+
+
+class SliceDataset(PreprocessedDataset):
+    """Axial slices of preprocessed volumes for 2D models.
+
+    The slice index (which ``(volume, z)`` pairs pass the foreground filter) is built
+    once, at construction, from the cached volumes. Slices run along the last axis of
+    the RAS model grid (z, inferior to superior).
+
+    Args:
+        entries: the datalist.
+        preprocessing: the settings.
+        min_foreground: keep slices whose foreground fraction (mask > 0 if the entry has
+            a mask, else the preprocessed foreground) is at least this (0 keeps all).
+        cache, cache_dir, class_names, cache_workers, progress: see
+            :class:`PreprocessedDataset`.
+
+    Items are dicts: ``image`` ``(1, X, Y)`` float32, ``volume`` and ``slice`` (ints),
+    and ``class_label`` (int64 index into ``class_names``) when class labels are served.
+    """
+
+    spatial_dims = 2
+
+    def __init__(
+        self,
+        entries: Sequence[DatalistEntry],
+        preprocessing: Preprocessing,
+        *,
+        min_foreground: float = 0.1,
+        cache: str = "memory",
+        cache_dir: str | os.PathLike | None = None,
+        class_names: Sequence[str] | None = None,
+        cache_workers: int = 1,
+        progress: bool = False,
+    ) -> None:
+        if not 0 <= min_foreground <= 1:
+            raise ConfigError(f"min_foreground must lie in [0, 1]; got {min_foreground}")
+        super().__init__(
+            entries, preprocessing, cache=cache, cache_dir=cache_dir, class_names=class_names,
+            cache_workers=cache_workers, progress=progress,
+        )
+        self.min_foreground = float(min_foreground)
+        volume_ids, slice_ids, intensity = [], [], []
+        for v in range(len(self.entries)):
+            item = self.volume(v)
+            keep = np.flatnonzero(item["slice_foreground"].numpy() >= self.min_foreground)
+            volume_ids.append(np.full(len(keep), v))
+            slice_ids.append(keep)
+            intensity.append((float(item["a_min"]), float(item["a_max"])))
+        self._intensity = intensity
+        self._volume_ids = np.concatenate(volume_ids).astype(np.int64)
+        self._slice_ids = np.concatenate(slice_ids).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self._volume_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        v, z = int(self._volume_ids[index]), int(self._slice_ids[index])
+        image = self.volume(v)["image"][:, :, z]
+        return {"image": image[None].clone(), "volume": v, "slice": z, **self._label_item(v)}
+
+
+class VolumeDataset(PreprocessedDataset):
+    """Whole preprocessed volumes, or seeded random patches, for 3D models.
+
+    Args:
+        entries: the datalist.
+        preprocessing: the settings.
+        patch_size: ``(px, py, pz)`` to serve random patches (uniform positions inside
+            the model grid), or ``None`` for whole volumes.
+        seed: the ``n``-th patch of volume ``index`` after ``set_epoch(epoch)`` comes
+            from ``numpy.random.default_rng((seed, epoch, index, n))``. Calling
+            :meth:`set_epoch` each epoch (as with ``DistributedSampler``) makes the
+            patches reproducible whatever the worker count or rank; without it, each
+            access in a process still draws a new patch (n counts the draws).
+        cache, cache_dir, class_names, cache_workers, progress: see
+            :class:`PreprocessedDataset`.
+
+    Items are dicts: ``image`` ``(1, X, Y, Z)`` (or ``(1, px, py, pz)``) float32,
+    ``volume`` (int), ``patch_start`` (3 ints, zeros for whole volumes) and
+    ``class_label`` when class labels are served.
+    """
+
+    spatial_dims = 3
+
+    def __init__(
+        self,
+        entries: Sequence[DatalistEntry],
+        preprocessing: Preprocessing,
+        *,
+        patch_size: Sequence[int] | None = None,
+        seed: int = 0,
+        cache: str = "memory",
+        cache_dir: str | os.PathLike | None = None,
+        class_names: Sequence[str] | None = None,
+        cache_workers: int = 1,
+        progress: bool = False,
+    ) -> None:
+        self.patch_size = None if patch_size is None else _patch_size(patch_size, preprocessing.shape)
+        super().__init__(
+            entries, preprocessing, cache=cache, cache_dir=cache_dir, class_names=class_names,
+            cache_workers=cache_workers, progress=progress,
+        )
+        self.seed = int(seed)
+        self.epoch = 0
+        self._draws = np.zeros(len(self.entries), dtype=np.int64)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the patches of ``epoch`` and restart the draw counts (no effect on whole volumes)."""
+        self.epoch = int(epoch)
+        self._draws[:] = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = self.volume(index)["image"]
+        start = (0, 0, 0)
+        if self.patch_size is not None:
+            index = int(index)
+            rng = np.random.default_rng((self.seed, self.epoch, index, int(self._draws[index])))
+            self._draws[index] += 1
+            limits = np.asarray(image.shape) - np.asarray(self.patch_size)
+            start = tuple(int(rng.integers(0, lim + 1)) for lim in limits)
+            image = image[tuple(slice(s, s + p) for s, p in zip(start, self.patch_size))]
+        return {
+            "image": image[None].clone(), "volume": int(index),
+            "patch_start": torch.tensor(start, dtype=torch.long), **self._label_item(index),
+        }
+
+
+def _patch_size(patch_size: Sequence[int], shape: Sequence[int]) -> tuple[int, int, int]:
+    values = list(patch_size) if isinstance(patch_size, Sequence) else [patch_size]
+    if len(values) != 3 or not all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) and p > 0 for p in values):
+        raise ConfigError(f"patch_size must be 3 positive integers; got {patch_size!r}")
+    if any(p > s for p, s in zip(values, shape)):
+        raise ConfigError(
+            f"patch_size {tuple(values)} exceeds the model grid preprocessing.shape {tuple(shape)}"
+        )
+    return tuple(int(p) for p in values)  # type: ignore[return-value]
+
+
+def build_dataset(
+    entries: Sequence[DatalistEntry],
+    preprocessing: Preprocessing,
+    *,
+    spatial_dims: int,
+    min_foreground: float = 0.1,
+    patch_size: Sequence[int] | None = None,
+    seed: int = 0,
+    cache: str = "memory",
+    cache_dir: str | os.PathLike | None = None,
+    class_names: Sequence[str] | None = None,
+    cache_workers: int = 1,
+    progress: bool = False,
+) -> PreprocessedDataset:
+    """The dataset a ``spatial_dims``-D model trains on.
+
+    Args:
+        entries: the datalist (see :func:`load_datalist`).
+        preprocessing: the settings.
+        spatial_dims: 2 -> :class:`SliceDataset`, 3 -> :class:`VolumeDataset`.
+        min_foreground: 2D only, see :class:`SliceDataset`.
+        patch_size: 3D only, see :class:`VolumeDataset`.
+        seed: 3D patches' seed.
+        cache: ``memory``, ``disk`` (needs ``cache_dir``) or ``none``.
+        cache_dir: folder for the disk cache.
+        class_names: serve class labels as indices into this list (e.g.
+            :func:`class_names_of`); ``None`` serves none.
+        cache_workers: threads that fill the memory cache.
+        progress: show MONAI's cache progress bar.
+
+    Returns:
+        A :class:`SliceDataset` or :class:`VolumeDataset`; both work with
+        ``DataLoader`` and ``DistributedSampler`` (each rank caches every volume).
+    """
+    common = dict(cache=cache, cache_dir=cache_dir, class_names=class_names,
+                  cache_workers=cache_workers, progress=progress)
+    if spatial_dims == 2:
+        if patch_size is not None:
+            raise ConfigError("patch_size applies to 3D models (spatial_dims=3); 2D models see whole slices")
+        return SliceDataset(entries, preprocessing, min_foreground=min_foreground, **common)
+    if spatial_dims == 3:
+        return VolumeDataset(entries, preprocessing, patch_size=patch_size, seed=seed, **common)
+    raise ConfigError(f"spatial_dims must be 2 or 3; got {spatial_dims!r}")
+
+
+def _resolve_datalist(datalist: str, config_dir: Path | None) -> str:
+    path = Path(os.path.expanduser(datalist))
+    if config_dir is not None and not path.is_absolute():
+        candidate = config_dir / path
+        if candidate.exists() or glob.glob(str(candidate)):
+            return str(candidate)
+    return str(path)
+
+
+def build_training_dataset(
+    config: Any,
+    *,
+    run_dir: str | os.PathLike | None = None,
+    config_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> PreprocessedDataset:
+    """The training dataset a :class:`medidiff.config.Config` describes.
+
+    Reads ``config.data`` (``datalist`` resolved against ``config_dir`` first, then the
+    working directory; ``split``, ``preprocessing``, ``min_foreground``, ``patch_size``,
+    ``cache``, ``cache_dir`` (default ``RUN_DIR/cache``)), ``config.model.spatial_dims``,
+    ``config.model.num_class_embeds`` (class labels are served when set) and
+    ``config.train.seed``.
+
+    Returns:
+        The dataset from :func:`build_dataset`.
+    """
+    data = config.data
+    source = _resolve_datalist(data.datalist, Path(config_dir) if config_dir else None)
+    entries = load_datalist(source, split=data.split)
+    preprocessing = Preprocessing.from_dict(data.preprocessing, prefix="data.preprocessing")
+    class_names = None
+    n_classes = getattr(config.model, "num_class_embeds", None)
+    if n_classes:
+        class_names = class_names_of(entries)
+        if len(class_names) > n_classes:
+            raise ConfigError(
+                f"config key 'model.num_class_embeds' is {n_classes} but the datalist has "
+                f"{len(class_names)} classes ({', '.join(class_names)})"
+            )
+    cache_dir = data.cache_dir
+    if data.cache == "disk" and cache_dir is None:
+        if run_dir is None:
+            raise ConfigError("config key 'data.cache_dir' is needed for data.cache: disk")
+        cache_dir = Path(run_dir) / "cache"
+    return build_dataset(
+        entries, preprocessing, spatial_dims=int(config.model.spatial_dims),
+        min_foreground=data.min_foreground, patch_size=data.patch_size,
+        seed=int(getattr(config.train, "seed", 0)), cache=data.cache, cache_dir=cache_dir,
+        class_names=class_names, progress=progress,
+    )
+
+
+__all__ = [
+    "CACHE_MODES",
+    "CT_WINDOWS",
+    "DatalistEntry",
+    "PreparedScan",
+    "Preprocessed",
+    "PreprocessedDataset",
+    "Preprocessing",
+    "SliceDataset",
+    "VolumeDataset",
+    "build_dataset",
+    "build_training_dataset",
+    "class_names_of",
+    "stratified_by_kind",
+    "intensity_to_model",
+    "intensity_to_native",
+    "load_datalist",
+    "prepare_entry",
+    "preprocess",
+    "to_model",
+    "to_native",
+]

@@ -1,0 +1,1 @@
+"""medidiff.diffusion.core."""

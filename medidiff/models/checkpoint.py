@@ -1,0 +1,773 @@
+"""Checkpoints that never execute code on load.
+
+Two kinds of file:
+
+* **Inference weights** (``model.safetensors``): the model's state dict in the
+  `safetensors <https://huggingface.co/docs/safetensors>`_ format, which holds raw tensor
+  bytes and a JSON header, nothing executable. The header's string metadata carries, as
+  JSON, everything needed to use the weights: the ``DiffusionModelUNet`` constructor kwargs
+  (:func:`medidiff.models.unet.model_kwargs`), the resolved training config, the preprocessing
+  the model expects, and the medidiff version. Written by :func:`save_inference`, read by
+  :func:`load_inference` and :func:`build_model_from_checkpoint`.
+* **Resumable training state** (``checkpoints/*.pt``): model, EMA, optimizer and
+  GradScaler state dicts, step, config and RNG states, written with ``torch.save`` and read
+  with ``torch.load(weights_only=True)``, whose restricted unpickler builds only tensors and
+  plain containers and refuses every other Python object. Written by
+  :func:`save_training_state`, read by :func:`load_training_state`.
+
+No load path in this module calls an unrestricted unpickler. Pickle files given where
+weights are expected are recognised by their first bytes and refused unread.
+
+All writes go to a temporary file in the destination folder, then ``os.replace``, so a
+crash never leaves a half-written checkpoint under the final name.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> from medidiff.models.unet import build_model, model_kwargs
+    >>> from medidiff.models.checkpoint import save_inference, build_model_from_checkpoint
+    >>> kwargs = model_kwargs(2, "tiny")
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.safetensors"
+    >>> _ = save_inference(path, build_model(2, "tiny"), model_kwargs=kwargs,
+    ...                    config={"train": {"max_steps": 10}}, preprocessing={"modality": "mri"})
+    >>> loaded = build_model_from_checkpoint(path)
+    >>> loaded.checkpoint.preprocessing
+    {'modality': 'mri'}
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import medidiff
+from medidiff.errors import CheckpointError, ConfigError, OutputError
+
+__all__ = [
+    "INFERENCE_FORMAT",
+    "TRAINING_FORMAT",
+    "InferenceCheckpoint",
+    "LoadedModel",
+    "save_inference",
+    "load_inference",
+    "build_model_from_checkpoint",
+    "load_state_dict_checked",
+    "save_training_state",
+    "load_training_state",
+    "capture_rng_state",
+    "restore_rng_state",
+    "file_sha256",
+]
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_FORMAT = "medidiff-inference-1"
+TRAINING_FORMAT = "medidiff-training-1"
+
+_PICKLE_HINT = (
+    "medidiff never unpickles weights; save them with medidiff.models.checkpoint.save_inference "
+    "(or `medidiff train`), which writes safetensors"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class InferenceCheckpoint:
+    """The content of a medidiff inference weights file.
+
+    Attributes:
+        path: the file read.
+        state_dict: parameter and buffer tensors by name (floating tensors as float32,
+            whatever precision was stored).
+        model_kwargs: ``DiffusionModelUNet`` constructor kwargs.
+        config: the resolved training config (nested dict).
+        preprocessing: what the model expects of its input (modality, spacing, shape,
+            intensity scheme, orientation, ...); an opaque JSON dict here.
+        extra: any other JSON written by the saver (e.g. EMA decay, training step).
+        version: the medidiff version that wrote the file.
+        sha256: hex SHA-256 of the file's bytes; ties e.g. anomaly thresholds to these
+            exact weights.
+        stored_dtype: ``"float16"`` when saved with ``half=True``, else ``"float32"``.
+    """
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    model_kwargs: dict[str, Any]
+    config: dict[str, Any]
+    preprocessing: dict[str, Any]
+    extra: dict[str, Any]
+    version: str
+    sha256: str
+    stored_dtype: str
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A model rebuilt from an inference checkpoint, with the checkpoint it came from.
+
+    Attributes:
+        model: the ``DiffusionModelUNet`` with the checkpoint's weights, in eval mode.
+        checkpoint: the :class:`InferenceCheckpoint` (config, preprocessing, sha256, ...).
+    """
+
+    model: nn.Module
+    checkpoint: InferenceCheckpoint
+
+
+# ------------------------------------------------------------------ inference weights
+
+
+def save_inference(
+    path: str | os.PathLike,
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    *,
+    model_kwargs: Mapping[str, Any],
+    config: Mapping[str, Any],
+    preprocessing: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+    half: bool = False,
+) -> Path:
+    """Write inference weights and their metadata as a safetensors file, atomically.
+
+    Args:
+        path: destination, conventionally ``RUN_DIR/model.safetensors``; its folder is
+            created if missing; an existing file is replaced.
+        model_or_state_dict: the model (unwrapped from DDP / ``torch.compile`` if needed) or
+            its state dict. Pass the EMA model where one is used.
+        model_kwargs: the constructor kwargs from :func:`medidiff.models.unet.model_kwargs`.
+        config: the resolved training config as a dict (a dataclass is converted).
+        preprocessing: what the model expects of its input, e.g. ``{"modality": "mri",
+            "spacing": [1.0, 1.0, 1.0], "shape": [96, 96], "orientation": "RAS",
+            "intensity": "percentile-1-99"}``; stored as given.
+        extra: further JSON to keep with the weights (training step, EMA decay, ...).
+        half: store floating tensors as float16 (half the size; for shipping small
+            default models); otherwise they are stored as float32.
+            :func:`load_inference` returns float32 either way.
+
+    Returns:
+        The path written.
+
+    Raises:
+        CheckpointError: ``model_kwargs`` do not describe the weights (checked by building
+            the architecture on the meta device, which allocates nothing), a metadata value
+            is not JSON-serialisable, or the state dict is empty or holds non-tensors.
+        OutputError: the folder cannot be created or written.
+    """
+    path = Path(path)
+    state_dict = _state_dict_of(model_or_state_dict)
+    if not state_dict:
+        raise CheckpointError(f"{path}: nothing to save, the state dict is empty")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: state dict entry {key!r} is a {type(value).__name__}, not a tensor"
+            )
+        tensor = value.detach().to("cpu")
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float16 if half else torch.float32)
+        # clone(): safetensors refuses tensors that share storage.
+        tensors[key] = tensor.contiguous().clone()
+    _check_kwargs_describe_weights(path, model_kwargs, tensors)
+
+    metadata = {
+        "format": INFERENCE_FORMAT,
+        "medidiff_version": medidiff.__version__,
+        "torch_version": torch.__version__,
+        "monai_version": _monai_version(),
+        "stored_dtype": "float16" if half else "float32",
+        "model_kwargs": _to_json(model_kwargs, "model_kwargs", path),
+        "config": _to_json(config, "config", path),
+        "preprocessing": _to_json(preprocessing, "preprocessing", path),
+        "extra": _to_json(extra if extra is not None else {}, "extra", path),
+    }
+
+    from safetensors.torch import save_file
+
+    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return path
+
+
+def load_inference(path: str | os.PathLike) -> InferenceCheckpoint:
+    """Read a medidiff inference weights file without executing anything in it.
+
+    Args:
+        path: a file written by :func:`save_inference`.
+
+    Returns:
+        The :class:`InferenceCheckpoint`; floating tensors are float32.
+
+    Raises:
+        CheckpointError: the file is missing, empty, truncated or corrupt, is a pickle /
+            ``torch.save`` file, lacks medidiff metadata, was written by a newer medidiff
+            format, or holds NaN/Inf weights.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    kind = _sniff(data)
+    if kind == "torch-zip":
+        raise CheckpointError(
+            f"{path}: is a PyTorch torch.save (zip/pickle) file, not medidiff safetensors "
+            f"weights; {_PICKLE_HINT} (training state is resumed with `medidiff train --resume`)"
+        )
+    if kind == "pickle":
+        raise CheckpointError(f"{path}: is a Python pickle file, refused unread; {_PICKLE_HINT}")
+    if kind != "safetensors":
+        raise CheckpointError(
+            f"{path}: is not a safetensors file (or its header is corrupt or truncated)"
+        )
+
+    header_len = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or "format" not in metadata:
+        raise CheckpointError(
+            f"{path}: safetensors file without medidiff metadata (not written by "
+            "medidiff save_inference), so the model architecture is unknown; re-export it "
+            "with medidiff.models.checkpoint.save_inference(..., model_kwargs=...)"
+        )
+    _check_format(path, metadata["format"], INFERENCE_FORMAT, metadata.get("medidiff_version"))
+
+    fields: dict[str, dict[str, Any]] = {}
+    for key in ("model_kwargs", "config", "preprocessing", "extra"):
+        if key not in metadata:
+            raise CheckpointError(f"{path}: medidiff metadata lacks {key!r}; the file is damaged")
+        try:
+            value = json.loads(metadata[key])
+        except (TypeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path}: medidiff metadata {key!r} is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path}: medidiff metadata {key!r} is not a JSON object")
+        fields[key] = value
+
+    from safetensors.torch import load as load_safetensors_bytes
+
+    try:
+        raw = load_safetensors_bytes(data)
+    except Exception as exc:  # safetensors raises its own SafetensorError and others
+        raise CheckpointError(
+            f"{path}: corrupt or truncated safetensors data ({_first_line(exc)})"
+        ) from None
+
+    state_dict: dict[str, torch.Tensor] = {}
+    for key, tensor in raw.items():
+        if tensor.dtype in (torch.float16, torch.bfloat16):
+            tensor = tensor.to(torch.float32)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{path}: weight {key!r} contains NaN or Inf; the model diverged before it "
+                "was saved, use an earlier checkpoint"
+            )
+        state_dict[key] = tensor
+
+    return InferenceCheckpoint(
+        path=path,
+        state_dict=state_dict,
+        model_kwargs=fields["model_kwargs"],
+        config=fields["config"],
+        preprocessing=fields["preprocessing"],
+        extra=fields["extra"],
+        version=str(metadata.get("medidiff_version", "unknown")),
+        sha256=hashlib.sha256(data).hexdigest(),
+        stored_dtype=str(metadata.get("stored_dtype", "float32")),
+    )
+
+
+def build_model_from_checkpoint(
+    path_or_checkpoint: str | os.PathLike | InferenceCheckpoint,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Rebuild the model an inference checkpoint describes and load its weights.
+
+    Args:
+        path_or_checkpoint: a weights file or an already loaded checkpoint.
+        device: where to put the model; on CUDA flash attention is switched on.
+
+    Returns:
+        A :class:`LoadedModel` whose model is in eval mode on ``device``.
+
+    Raises:
+        CheckpointError: the file cannot be read (see :func:`load_inference`), its stored
+            model kwargs are invalid, or the weights do not fit the architecture.
+    """
+    from medidiff.models.unet import build_model_from_kwargs, enable_flash_attention
+
+    if isinstance(path_or_checkpoint, InferenceCheckpoint):
+        checkpoint = path_or_checkpoint
+    else:
+        checkpoint = load_inference(path_or_checkpoint)
+    try:
+        model = build_model_from_kwargs(checkpoint.model_kwargs)
+    except ConfigError as exc:
+        raise CheckpointError(
+            f"{checkpoint.path}: stored model_kwargs are invalid: {exc}"
+        ) from None
+    except (TypeError, ValueError) as exc:  # MONAI's own checks
+        raise CheckpointError(
+            f"{checkpoint.path}: MONAI cannot build the stored model: {_first_line(exc)}"
+        ) from None
+    load_state_dict_checked(model, checkpoint.state_dict, source=str(checkpoint.path))
+    model = model.to(device)
+    enable_flash_attention(model, device)
+    model.eval()
+    return LoadedModel(model=model, checkpoint=checkpoint)
+
+
+def load_state_dict_checked(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str
+) -> None:
+    """Load a state dict strictly, failing with a message that names every kind of mismatch.
+
+    Args:
+        model: the model to load into (unchanged if the check fails).
+        state_dict: tensors by name.
+        source: where the weights came from (a file name), for the message.
+
+    Raises:
+        CheckpointError: one line naming missing keys, unexpected keys and shape mismatches
+            (``key: model expects (a, b), file has (c, d)``), the first few of each with
+            their counts.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: model expects {tuple(expected[k].shape)}, file has {tuple(state_dict[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(expected[k].shape) != tuple(state_dict[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
+            if items:
+                shown = "; ".join(items[:3]) + ("; ..." if len(items) > 3 else "")
+                parts.append(f"{len(items)} {label} ({shown})")
+        hint = "the checkpoint was made for a different architecture (preset or overrides)"
+        if unexpected and all(k.startswith("module.") for k in unexpected):
+            hint = "the keys carry a 'module.' prefix: save model.module, not the DDP wrapper"
+        raise CheckpointError(
+            f"{source}: weights do not match the model: {', '.join(parts)}; {hint}"
+        )
+    model.load_state_dict(dict(state_dict), strict=True)
+
+
+# -------------------------------------------------------------- resumable training state
+
+
+def save_training_state(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """Write resumable training state with ``torch.save``, atomically.
+
+    ``state`` may hold only what ``torch.load(weights_only=True)`` rebuilds: tensors,
+    str, bytes, int, float, bool, None, ``torch.Size``/``dtype``/``device`` and dicts,
+    lists, tuples and sets of them; this is checked before writing. Typical keys: ``model``,
+    ``ema``, ``optimizer``, ``scaler``, ``lr_scheduler`` (state dicts), ``step``, ``epoch``,
+    ``config`` (dict) and ``rng`` (from :func:`capture_rng_state`).
+
+    Args:
+        path: destination, e.g. ``RUN_DIR/checkpoints/step_001000.pt``; its folder is
+            created if missing.
+        state: the training state.
+
+    Returns:
+        The path written.
+
+    Raises:
+        CheckpointError: ``state`` holds an object that a weights-only load would refuse
+            (the message names where, e.g. ``state['config']['lr']``).
+        OutputError: the folder cannot be created or written.
+    """
+    path = Path(path)
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: training state must be a dict, got {type(state).__name__}")
+    _check_weights_only_safe(state, "state", path)
+    payload = {
+        "format": TRAINING_FORMAT,
+        "medidiff_version": medidiff.__version__,
+        "state": dict(state),
+    }
+    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return path
+
+
+def load_training_state(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Read training state written by :func:`save_training_state`, never running code.
+
+    Args:
+        path: the file.
+        map_location: where tensors are placed (``"cpu"`` by default; the Trainer moves
+            them into its model and optimizer).
+
+    Returns:
+        The ``state`` dict as saved.
+
+    Raises:
+        CheckpointError: the file is missing, empty, corrupt or truncated, is a
+            safetensors weights file, holds objects other than tensors and plain
+            containers (refused without running them), or is not medidiff training state.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: training state not found")
+    with path.open("rb") as handle:
+        head = handle.read(64)
+    if not head:
+        raise CheckpointError(f"{path}: training state is empty (0 bytes); use an earlier one")
+    if _sniff(head, size=path.stat().st_size) == "safetensors":
+        raise CheckpointError(
+            f"{path}: is inference weights (safetensors), not resumable training state; "
+            "resume from a file under RUN_DIR/checkpoints/"
+        )
+    try:
+        # weights_only=True: the restricted unpickler builds tensors and plain containers
+        # only and raises on any other global, before anything could run.
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        message = str(exc)
+        if "Weights only load failed" in message or "Unsupported global" in message:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"{path}: refused: it holds Python objects other than tensors and plain "
+                f"containers{what}; medidiff never unpickles code"
+            ) from None
+        raise CheckpointError(
+            f"{path}: corrupt or truncated training state ({_first_line(exc)}); "
+            "use an earlier checkpoint"
+        ) from None
+    if not isinstance(payload, dict) or "format" not in payload or "state" not in payload:
+        raise CheckpointError(
+            f"{path}: not medidiff training state (no format marker); it was not written by "
+            "medidiff.models.checkpoint.save_training_state"
+        )
+    _check_format(path, payload["format"], TRAINING_FORMAT, payload.get("medidiff_version"))
+    if not isinstance(payload["state"], dict):
+        raise CheckpointError(f"{path}: training state is not a dict; the file is damaged")
+    return payload["state"]
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Capture every global random number generator a training run draws from.
+
+    The result holds only tensors, ints, floats, strings and lists, so it can be saved
+    with :func:`save_training_state` and read back with a weights-only load.
+
+    Returns:
+        ``{"torch_cpu": ByteTensor, "torch_cuda": [ByteTensor per device] (empty when
+        CUDA is unused), "python": {...}, "numpy": {...}}``.
+    """
+    version, internal, gauss_next = random.getstate()
+    algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    cuda_states: list[torch.Tensor] = []
+    # Only if this process has used CUDA: get_rng_state_all() would initialise it.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda_states = [s.clone() for s in torch.cuda.get_rng_state_all()]
+    return {
+        "torch_cpu": torch.get_rng_state().clone(),
+        "torch_cuda": cuda_states,
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),  # 624 words + position
+            "gauss_next": gauss_next,
+        },
+        "numpy": {
+            "algorithm": str(algorithm),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),  # uint32 words
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+    }
+
+
+def restore_rng_state(rng_state: Mapping[str, Any]) -> None:
+    """Restore generators captured by :func:`capture_rng_state`.
+
+    CUDA states are restored when CUDA is available; states saved on a CUDA machine and
+    restored without one are skipped with a warning (resuming a GPU run on a CPU).
+
+    Args:
+        rng_state: the dict returned by :func:`capture_rng_state` (possibly after a
+            save/load round trip).
+
+    Raises:
+        CheckpointError: the dict lacks a generator or holds malformed values.
+    """
+    try:
+        torch.set_rng_state(rng_state["torch_cpu"].to(device="cpu", dtype=torch.uint8))
+        py = rng_state["python"]
+        internal = tuple(int(v) for v in py["state"].tolist())
+        gauss_next = py["gauss_next"]
+        random.setstate((int(py["version"]), internal, gauss_next))
+        nps = rng_state["numpy"]
+        np.random.set_state(
+            (
+                str(nps["algorithm"]),
+                nps["keys"].cpu().numpy().astype(np.uint32),
+                int(nps["pos"]),
+                int(nps["has_gauss"]),
+                float(nps["cached_gaussian"]),
+            )
+        )
+        cuda_states = list(rng_state.get("torch_cuda", []))
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"RNG state is malformed ({type(exc).__name__}: {_first_line(exc)}); "
+            "it must come from capture_rng_state()"
+        ) from None
+    if cuda_states:
+        if not torch.cuda.is_available():
+            logger.warning("RNG state holds CUDA generators but CUDA is unavailable; skipped")
+            return
+        count = torch.cuda.device_count()
+        if count != len(cuda_states):
+            logger.warning(
+                "RNG state holds %d CUDA generators, this machine has %d devices; "
+                "restoring the first %d",
+                len(cuda_states),
+                count,
+                min(count, len(cuda_states)),
+            )
+        for index, state in enumerate(cuda_states[:count]):
+            torch.cuda.set_rng_state(state.to(device="cpu", dtype=torch.uint8), index)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks.
+
+    Args:
+        path: the file.
+
+    Returns:
+        64 lowercase hex digits.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _state_dict_of(obj: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """The state dict of a model (unwrapping DDP and torch.compile) or a mapping as is."""
+    if isinstance(obj, nn.Module):
+        while True:
+            if isinstance(obj, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+                obj = obj.module
+            elif hasattr(obj, "_orig_mod") and isinstance(obj._orig_mod, nn.Module):
+                obj = obj._orig_mod  # torch.compile wrapper
+            else:
+                break
+        return obj.state_dict()
+    if isinstance(obj, Mapping):
+        return obj
+    raise CheckpointError(
+        f"expected a model or a state dict to save, got {type(obj).__name__}"
+    )
+
+
+def _check_kwargs_describe_weights(
+    path: Path, kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
+) -> None:
+    """Refuse to write weights that the stored kwargs could not rebuild into a model."""
+    from medidiff.models.unet import build_model_from_kwargs
+
+    try:
+        with torch.device("meta"):  # shapes only, no memory, no initialisation cost
+            skeleton = build_model_from_kwargs(kwargs)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: model_kwargs are invalid: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: MONAI cannot build model_kwargs: {_first_line(exc)}"
+        ) from None
+    expected = skeleton.state_dict()
+    if set(expected) != set(state_dict) or any(
+        tuple(expected[k].shape) != tuple(state_dict[k].shape) for k in expected
+    ):
+        try:
+            load_state_dict_checked(skeleton, state_dict, source=f"{path}: model_kwargs")
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc} (the kwargs passed to save_inference do not describe these weights)"
+            ) from None
+
+
+def _json_default(value: Any) -> Any:
+    """Convert the few non-JSON types a config commonly holds; refuse everything else."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON-serialisable")
+
+
+def _to_json(value: Any, name: str, path: Path) -> str:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"{path}: {name} must be a dict, got {type(value).__name__}")
+    try:
+        return json.dumps(dict(value), sort_keys=True, allow_nan=False, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: {name} cannot be stored as JSON ({exc}); use plain numbers, strings, "
+            "lists and dicts"
+        ) from None
+
+
+def _monai_version() -> str:
+    try:
+        import monai
+
+        return str(monai.__version__)
+    except ImportError:  # pragma: no cover - monai is a hard dependency
+        return "unknown"
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync, then rename over it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write here ({exc.strerror or exc})") from None
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with tmp.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        # mkstemp creates the file readable by its owner only; give it the mode a plain
+        # open() would (0o666 less the umask) so shared run folders stay readable.
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: writing failed ({exc.strerror or exc})") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: is not a file; give the .safetensors weights file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not data:
+        raise CheckpointError(f"{path}: checkpoint is empty (0 bytes)")
+    return data
+
+
+def _sniff(head: bytes, size: int | None = None) -> str:
+    """Classify a file by its first bytes: safetensors, torch-zip, pickle or unknown.
+
+    A safetensors file starts with an 8-byte little-endian header length N followed by a
+    JSON object of N bytes; ``torch.save`` writes a zip archive (``PK\\x03\\x04``) and older
+    torch and ``pickle`` write a pickle stream opening with the PROTO opcode ``\\x80``.
+    """
+    size = len(head) if size is None else size
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    # safetensors first: its 8-byte length may itself start with 0x80 (e.g. a 12160-byte
+    # header), which must not be mistaken for pickle's PROTO opcode.
+    if len(head) >= 9 and size >= 8:
+        header_len = int.from_bytes(head[:8], "little")
+        if 2 <= header_len <= size - 8 and head[8:9] == b"{":
+            return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return "unknown"
+
+
+def _check_format(path: Path, found: Any, expected: str, version: Any) -> None:
+    """Accept ``expected``; name a newer revision or a foreign format in the error."""
+    if found == expected:
+        return
+    stem, _, revision = expected.rpartition("-")
+    if isinstance(found, str) and found.startswith(stem + "-"):
+        tail = found[len(stem) + 1 :]
+        if tail.isdigit() and int(tail) > int(revision):
+            raise CheckpointError(
+                f"{path}: written by a newer medidiff ({version}, format {found}); this is "
+                f"medidiff {medidiff.__version__} (reads {expected}): upgrade medidiff"
+            )
+    raise CheckpointError(f"{path}: unknown checkpoint format {found!r}; expected {expected}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_weights_only_safe(value: Any, where: str, path: Path) -> None:
+    """Raise if ``value`` holds an object ``torch.load(weights_only=True)`` would refuse."""
+    if isinstance(value, torch.Tensor) or value is None:
+        return
+    if type(value) in (str, bytes, int, float, bool, complex, torch.Size, torch.dtype,
+                       torch.device):
+        return
+    if type(value) in (dict, collections.OrderedDict):
+        for key, item in value.items():
+            _check_weights_only_safe(key, f"{where} key {key!r}", path)
+            _check_weights_only_safe(item, f"{where}[{key!r}]", path)
+        return
+    if type(value) in (list, tuple, set):
+        for index, item in enumerate(value):
+            _check_weights_only_safe(item, f"{where}[{index}]", path)
+        return
+    hint = ""
+    if isinstance(value, (np.ndarray, np.generic)):
+        hint = "; convert numpy values with torch.from_numpy() or .item()"
+    raise CheckpointError(
+        f"{path}: cannot save training state: {where} is a {type(value).__module__}."
+        f"{type(value).__qualname__}, which a safe (weights-only) load refuses{hint}"
+    )

@@ -1,0 +1,140 @@
+"""Scan-level parallelism on one CPU machine: a few worker processes, one scan each at a time.
+
+Scoring a scan is a network part (PyTorch, which uses every core it is given) and a serial
+part (resampling, the 3D median filter, NIfTI compression, the PNG overlay) that runs on
+one core. On a small CPU machine the serial part leaves the other cores idle, so
+``W`` processes with ``cores / W`` PyTorch threads each finish a batch of scans sooner than
+one process with all the threads once there are enough scans to pay for starting the
+workers (each imports PyTorch and receives the model: a few seconds). Measured with
+``pipelines/benchmark_workers.py`` on the 2-core reference machine, 2 workers of 1 thread
+against 1 process of 2 threads: 16 scans 1.25x faster with the default method and 1.42x
+with the no-network baseline; 6 scans 1.03x and 0.95x (benchmarks/RESULTS.md).
+
+:func:`map_scans` sends one picklable ``shared`` object (a detector, with its model) to each
+worker once, then calls ``fn(shared, item)`` for every item and yields the results **in
+input order**. Results do not depend on the number of workers: every scan's noise comes
+from seeds derived from the scan's name (:func:`medidiff.anomaly.methods.stable_seed`).
+Under CUDA, or with ``workers=1``, everything runs in this process.
+
+Workers are started with ``spawn`` (safe with PyTorch's thread pools, and the same on
+Linux, macOS and Windows), ignore Ctrl-C (the parent stops them) and are terminated if
+anything fails, so no orphan keeps computing.
+
+Example:
+    >>> list(map_scans(lambda shared, x: shared + x, 10, [1, 2, 3], workers=1))
+    [11, 12, 13]
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+__all__ = ["MAX_AUTO_WORKERS", "default_workers", "map_scans", "usable_cpus"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: the most workers chosen automatically (more rarely pays: each holds a model copy)
+MAX_AUTO_WORKERS = 4
+
+_SHARED: Any = None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_workers(device: Any, items: int) -> int:
+    """Worker processes for ``items`` scans: 1 on CUDA, else one per usable CPU (at most
+    :data:`MAX_AUTO_WORKERS` and ``items``)."""
+    if getattr(device, "type", str(device)) == "cuda":
+        return 1
+    return max(1, min(items, usable_cpus(), MAX_AUTO_WORKERS))
+
+
+def _init_worker(payload: bytes, threads: int) -> None:
+    import signal
+
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    torch.set_num_threads(threads)
+    global _SHARED
+    _SHARED = pickle.loads(payload)
+
+
+def _call(task: tuple[Callable[[Any, Any], Any], Any]) -> Any:
+    fn, item = task
+    return fn(_SHARED, item)
+
+
+def map_scans(
+    fn: Callable[[Any, T], R],
+    shared: Any,
+    items: Sequence[T],
+    *,
+    workers: int = 1,
+    desc: str = "",
+    progress: bool = False,
+) -> Iterator[R]:
+    """``fn(shared, item)`` for every item, in ``workers`` processes, results in input order.
+
+    Args:
+        fn: a module-level function (it is pickled by name); exceptions it raises reach the
+            caller unchanged.
+        shared: what every call gets first, e.g. a detector; pickled once per worker. Its
+            ``progress`` attribute, if any, is off in the workers (one bar, here).
+        items: the work; each item is pickled to a worker.
+        workers: processes; ``<= 1`` runs in this process (no pickling at all).
+        desc: progress bar label.
+        progress: show a progress bar over items.
+
+    Yields:
+        The results, in the order of ``items``.
+    """
+    from tqdm.auto import tqdm
+
+    items = list(items)
+    workers = max(1, min(int(workers), len(items)))
+    bar = tqdm(total=len(items), desc=desc, unit="scan", disable=not progress or None)
+    try:
+        if workers == 1:
+            for item in items:
+                yield fn(shared, item)
+                bar.update(1)
+            return
+        import multiprocessing
+
+        import torch
+
+        had_progress = getattr(shared, "progress", None)
+        if had_progress:
+            shared.progress = False
+        try:
+            payload = pickle.dumps(shared)
+        finally:
+            if had_progress:
+                shared.progress = had_progress
+        threads = max(1, torch.get_num_threads() // workers)
+        pool = multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_init_worker, initargs=(payload, threads)
+        )
+        try:
+            for result in pool.imap(_call, [(fn, item) for item in items], chunksize=1):
+                yield result
+                bar.update(1)
+            pool.close()
+        except BaseException:
+            pool.terminate()
+            raise
+        finally:
+            pool.join()
+    finally:
+        bar.close()

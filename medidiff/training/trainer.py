@@ -1,0 +1,566 @@
+"""The Trainer: noise-prediction training of a diffusion U-Net, resumable and DDP-ready.
+
+One optimisation step (Ho et al. 2020, Algorithm 1):
+
+    x_0 ~ data,  t ~ U{0, ..., T-1},  eps ~ N(0, I) (or simplex noise, AnoDDPM)
+    x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps        # medidiff.diffusion.core.q_sample
+    loss = || target - f_theta(x_t, t) ||^2                         # target: eps, v or x_0
+
+with AdamW, linear warm-up then cosine decay of the learning rate, gradient clipping, an
+exponential moving average (EMA) of the weights that is used for previews and saved as the
+inference weights, AMP on CUDA (bf16 where supported, else fp16 with a GradScaler) and
+fp32 on the CPU.
+
+Reproducibility: all randomness of step ``s`` (timesteps, noise, label dropout) comes from
+a generator seeded by ``(seed, rank, s)``, and the data order of each epoch from
+``(seed, epoch)``; with the optimiser, scheduler and EMA states restored, a resumed run
+on the CPU reaches bit-identical weights to an uninterrupted one.
+
+Outputs (DESIGN.md): ``RUN_DIR/model.safetensors``, ``RUN_DIR/config.yaml``,
+``RUN_DIR/checkpoints/last.pt``, ``RUN_DIR/metrics.csv``, TensorBoard events under
+``RUN_DIR/tb/``, previews under ``RUN_DIR/previews/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medidiff.config import Config
+from medidiff.runtime.distributed import DistInfo, any_rank, all_reduce_mean, barrier, init_distributed
+from medidiff.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    OutputError,
+    TrainingDivergedError,
+)
+
+CHECKPOINT_NAME = "last.pt"
+METRICS_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "samples_per_s"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :meth:`Trainer.fit` did.
+
+    Attributes:
+        run_dir: the run folder.
+        model_path: the inference weights (``model.safetensors``).
+        steps: the step count reached.
+        final_loss: the loss of the last step (mean over ranks).
+        seconds: wall time of this call.
+        resumed_from: the step a resumed run started at (0 for a fresh run).
+    """
+
+    run_dir: Path
+    model_path: Path
+    steps: int
+    final_loss: float
+    seconds: float
+    resumed_from: int
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """A generator that depends only on ``(seed, rank, step)``: resuming needs no RNG replay."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + rank * 10_007 + step) % (2**63 - 1))
+    return g
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``max_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of parameters and buffers, with the usual warm-up
+    ``decay_t = min(decay, (1 + t) / (10 + t))`` so early averages are not dominated by
+    the random initialisation. The update is one fused ``_foreach_lerp_`` over all
+    floating-point tensors: shadow <- shadow + (1 - decay_t) (theta - shadow)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        state = model.state_dict()
+        self.shadow = {k: v.detach().clone().float() for k, v in state.items()}
+        self.updates = 0
+        self._float_keys = [k for k, v in state.items() if v.dtype.is_floating_point]
+        self._other_keys = [k for k, v in state.items() if not v.dtype.is_floating_point]
+        self._shadow_float = [self.shadow[k] for k in self._float_keys]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        state = model.state_dict(keep_vars=False)
+        live = [state[k].detach().float() for k in self._float_keys]
+        torch._foreach_lerp_(self._shadow_float, live, 1.0 - d)
+        for k in self._other_keys:
+            self.shadow[k].copy_(state[k])
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow, "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state["shadow"].items():
+            if k not in self.shadow or self.shadow[k].shape != v.shape:
+                raise CheckpointError(f"EMA state does not match the model at key '{k}'")
+            self.shadow[k].copy_(v)
+        self.updates = int(state["updates"])
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Shuffled indices of one epoch, seeded by ``(seed, epoch)`` and sharded by rank like
+    ``DistributedSampler``; can start part-way through an epoch (for resume)."""
+
+    def __init__(self, n: int, seed: int, info: DistInfo) -> None:
+        self.n, self.seed, self.info = n, seed, info
+        self.epoch, self.offset = 0, 0
+        self.per_rank = math.ceil(n / info.world_size)
+
+    def set_epoch(self, epoch: int, offset: int = 0) -> None:
+        self.epoch, self.offset = epoch, offset
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed * 7919 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        total = self.per_rank * self.info.world_size
+        order = (order * (total // max(1, len(order)) + 1))[:total]  # pad so ranks are equal
+        mine = order[self.info.rank :: self.info.world_size]
+        return iter(mine[self.offset :])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.offset
+
+
+class Trainer:
+    """Trains a diffusion U-Net from a :class:`~medidiff.config.Config`.
+
+    Args:
+        config: the resolved run config.
+        run_dir: output folder (created).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        dataset: optional in-memory dataset yielding ``(1, *spatial)`` tensors (or dicts
+            with ``image`` and ``class_label``); built from ``config.data`` when omitted.
+        progress: show a tqdm bar on rank 0.
+
+    Example:
+        >>> from medidiff.config import Config
+        >>> from medidiff.training.trainer import Trainer
+        >>> import torch, tempfile
+        >>> cfg = Config.from_dict({"model": {"preset": "tiny"},
+        ...     "train": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 0,
+        ...               "preview_every": 0, "log_every": 1}})
+        >>> data = [torch.rand(1, 16, 16) for _ in range(4)]
+        >>> result = Trainer(cfg, tempfile.mkdtemp(), dataset=data, progress=False).fit()
+        >>> result.steps
+        2
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        run_dir: str | os.PathLike,
+        *,
+        device: str = "auto",
+        dataset: Any = None,
+        progress: bool = True,
+        config_dir: str | os.PathLike | None = None,
+    ) -> None:
+        from medidiff.diffusion.core import NoiseSchedule
+        from medidiff.models.unet import build_model, model_kwargs
+        from medidiff.diffusion.noise import NoiseSpec
+
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.config_dir = Path(config_dir) if config_dir else None
+        self.info = init_distributed(device)
+        self.device = self.info.device
+        self.progress = progress and self.info.is_main
+        c = config
+        torch.manual_seed(c.train.seed)
+        overrides = {
+            k: getattr(c.model, k)
+            for k in ("channels", "attention_levels", "num_res_blocks", "num_head_channels", "norm_num_groups")
+            if getattr(c.model, k) is not None
+        }
+        # One extra class embedding, the last row, is the null class of classifier-free guidance.
+        n_embeds = c.model.num_class_embeds + 1 if c.model.num_class_embeds else None
+        self.model_kwargs = model_kwargs(
+            c.model.spatial_dims, c.model.preset, num_class_embeds=n_embeds, **overrides
+        )
+        self.model = build_model(
+            c.model.spatial_dims, c.model.preset, num_class_embeds=n_embeds, **overrides
+        ).to(self.device)
+        self.use_cuda = self.device.type == "cuda"
+        if self.use_cuda and c.train.channels_last:
+            fmt = torch.channels_last if c.model.spatial_dims == 2 else torch.channels_last_3d
+            self.model = self.model.to(memory_format=fmt)
+        self.schedule = NoiseSchedule.create(
+            c.diffusion.schedule,
+            num_train_timesteps=c.diffusion.num_train_timesteps,
+            beta_start=c.diffusion.beta_start,
+            beta_end=c.diffusion.beta_end,
+        ).to(self.device)
+        self.noise_spec = NoiseSpec(
+            kind=c.diffusion.noise,
+            octaves=c.diffusion.simplex_octaves,
+            persistence=c.diffusion.simplex_persistence,
+            **({"frequency": c.diffusion.simplex_frequency} if c.diffusion.simplex_frequency else {}),
+        )
+        self.optimizer = _adamw(self.model.parameters(), lr=c.train.lr, weight_decay=c.train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, c.train.warmup_steps, c.train.max_steps, c.train.min_lr_ratio),
+        )
+        self.amp_dtype = None
+        if self.use_cuda and c.train.amp:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.ema = EMA(self.model, c.train.ema_decay) if c.train.ema_decay > 0 else None
+        self.ddp_model: torch.nn.Module = self.model
+        if self.info.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp_model = DDP(self.model, device_ids=[self.device.index] if self.use_cuda else None)
+        self.dataset = dataset if dataset is not None else self._build_dataset()
+        if len(self.dataset) == 0:
+            raise DataError("the training dataset is empty (no slices or volumes passed the filters)")
+        self.step = 0
+        self.preprocessing: dict = getattr(self.dataset, "preprocessing_dict", lambda: {})() if hasattr(
+            self.dataset, "preprocessing_dict") else {}
+
+    # ---- data ---------------------------------------------------------------------
+    def _build_dataset(self) -> Any:
+        from medidiff.data.datasets import build_training_dataset
+
+        return build_training_dataset(self.config, run_dir=self.run_dir, config_dir=self.config_dir)
+
+    def _batches(self, start_step: int) -> Iterator[dict]:
+        bs = self.config.train.batch_size
+        sampler = ResumableSampler(len(self.dataset), self.config.train.seed, self.info)
+        per_epoch = max(1, sampler.per_rank // bs) if sampler.per_rank >= bs else 1
+        epoch, offset_batches = divmod(start_step, per_epoch)
+        while True:
+            sampler.set_epoch(epoch, offset_batches * bs)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)  # 3D random patches: seeded by (seed, epoch, index)
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=bs, sampler=sampler, drop_last=sampler.per_rank >= bs,
+                num_workers=self.config.data.num_workers, collate_fn=_collate,
+            )
+            for batch in loader:
+                yield batch
+            epoch, offset_batches = epoch + 1, 0
+
+    # ---- one step -------------------------------------------------------------------
+    def _loss(self, batch: dict, step: int) -> torch.Tensor:
+        from medidiff.diffusion.core import q_sample, training_target
+        from medidiff.diffusion.noise import sample_noise
+
+        c = self.config
+        x0 = batch["image"].to(self.device, non_blocking=True)
+        if self.use_cuda and c.train.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last if x0.ndim == 4 else torch.channels_last_3d)
+        g = step_generator(c.train.seed, self.info.rank, step, self.device)
+        b = x0.shape[0]
+        t = torch.randint(0, c.diffusion.num_train_timesteps, (b,), device=self.device, generator=g)
+        noise = sample_noise(self.noise_spec, tuple(x0.shape), generator=g, device=self.device)
+        x_t = q_sample(self.schedule, x0, t, noise)
+        target = training_target(self.schedule, x0, t, noise, prediction_type=c.diffusion.prediction_type)
+        labels = batch.get("class_label")
+        if labels is not None and c.model.num_class_embeds:
+            labels = labels.to(self.device).long()
+            drop = torch.rand(b, device=self.device, generator=g) < c.train.cond_drop_prob
+            # the null class of classifier-free guidance is the extra, last embedding row
+            # (medidiff.diffusion.core.resolve_null_label)
+            labels = torch.where(drop, torch.full_like(labels, c.model.num_class_embeds), labels)
+        else:
+            labels = None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            pred = self.ddp_model(x_t, timesteps=t, class_labels=labels)
+        return F.mse_loss(pred.float(), target.float())
+
+    def _optim_step(self, loss: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.config.train.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return float(grad_norm)
+
+    def train_step(self, batch: dict) -> tuple[float, float]:
+        """One optimisation step on ``batch`` (``{"image": (B, 1, *spatial)}``).
+
+        Returns:
+            ``(loss, grad_norm)``: the loss averaged over ranks and the pre-clip norm.
+
+        Raises:
+            TrainingDivergedError: the loss is NaN/Inf on any rank (nothing is updated).
+        """
+        loss = self._loss(batch, self.step)
+        bad = not bool(torch.isfinite(loss.detach()).item())
+        if any_rank(bad, self.info):
+            raise TrainingDivergedError(
+                f"loss became {loss.item()} at step {self.step}; stopped. The last good "
+                f"checkpoint ({self.checkpoint_path}) is kept; lower train.lr or check the data"
+            )
+        grad_norm = self._optim_step(loss)
+        self.step += 1
+        return float(all_reduce_mean(loss.detach(), self.info)), grad_norm
+
+    # ---- state ----------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoints" / CHECKPOINT_NAME
+
+    def inference_state_dict(self) -> dict:
+        if self.ema is not None:
+            return {k: v.clone() for k, v in self.ema.shadow.items()}
+        return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def save_checkpoint(self) -> None:
+        """Resumable state (atomic) and the inference weights; rank 0 only."""
+        from medidiff.models.checkpoint import capture_rng_state, save_training_state
+
+        if not self.info.is_main:
+            return
+        state = {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else {},
+            "config": self.config.to_dict(),
+            "rng": capture_rng_state(),
+        }
+        save_training_state(self.checkpoint_path, state)
+        self.save_inference()
+
+    def save_inference(self) -> Path:
+        from medidiff import __version__
+        from medidiff.models.checkpoint import save_inference
+
+        path = self.run_dir / "model.safetensors"
+        if self.info.is_main:
+            save_inference(
+                path,
+                self.inference_state_dict(),
+                model_kwargs=self.model_kwargs,
+                config=self.config.to_dict(),
+                preprocessing=self.preprocessing,
+                extra={"step": self.step, "medidiff_version": __version__,
+                       "class_names": list(getattr(self.dataset, "class_names", None) or []),
+                       "intensity_reference": getattr(self.dataset, "intensity_reference", None)},
+            )
+        return path
+
+    def load_checkpoint(self) -> int:
+        from medidiff.models.checkpoint import load_state_dict_checked, load_training_state, restore_rng_state
+
+        path = self.checkpoint_path
+        if not path.exists():
+            raise CheckpointError(f"{path}: no checkpoint to resume from; run without --resume first")
+        state = load_training_state(path)
+        saved = Config.from_dict(state["config"])
+        for section in ("model", "diffusion", "data"):
+            if getattr(saved, section) != getattr(self.config, section):
+                raise ConfigError(
+                    f"--resume: the '{section}' section differs from the checkpoint's ({path}); "
+                    "only train settings may change when resuming"
+                )
+        load_state_dict_checked(self.model, state["model"], str(path))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        restore_rng_state(state["rng"])
+        self.step = int(state["step"])
+        return self.step
+
+    # ---- previews and logs -------------------------------------------------------------
+    def preview(self) -> Path | None:
+        """A PNG grid of a few samples from the EMA weights (DDIM, few steps)."""
+        c = self.config.train
+        if not self.info.is_main or c.preview_samples == 0:
+            return None
+        from medidiff.diffusion.core import sample
+        from medidiff.models.unet import build_model_from_kwargs
+        from medidiff.viz.display import save_image_grid
+
+        model = build_model_from_kwargs(self.model_kwargs).to(self.device).eval()
+        model.load_state_dict(self.inference_state_dict())
+        shape = (c.preview_samples, 1, *self.dataset_spatial_shape())
+        model_fn = lambda x, t: model(x, timesteps=t)  # noqa: E731
+        n_classes = self.config.model.num_class_embeds
+        if n_classes:  # one sample per class in turn, plain conditional (guidance 1)
+            from medidiff.diffusion.core import guided_model_fn
+
+            labels = torch.arange(c.preview_samples, device=self.device) % n_classes
+            model_fn = guided_model_fn(model, labels, 1.0)
+        with torch.no_grad():
+            result = sample(
+                model_fn,
+                self.schedule, shape, sampler="ddim", steps=c.preview_steps,
+                seeds=list(range(c.preview_samples)), device=self.device, noise_spec=self.noise_spec,
+                prediction_type=self.config.diffusion.prediction_type,
+            )
+        path = self.run_dir / "previews" / f"step_{self.step:07d}.png"
+        save_image_grid(result.sample.float().cpu().numpy(), path, title=f"step {self.step}")
+        return path
+
+    def dataset_spatial_shape(self) -> tuple[int, ...]:
+        item = self.dataset[0]
+        image = item["image"] if isinstance(item, dict) else item
+        return tuple(image.shape[1:])
+
+    # ---- the loop -------------------------------------------------------------------
+    def fit(self, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+        """Train to ``config.train.max_steps``.
+
+        Args:
+            resume: continue from ``RUN_DIR/checkpoints/last.pt``.
+            stop_after: stop after this step as if the job were killed there (no final
+                save; what survives is the last periodic checkpoint). For tests and
+                time-boxed jobs.
+        """
+        c = self.config.train
+        t_start = time.perf_counter()
+        if self.info.is_main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(
+                    f"{self.run_dir}: cannot create the run folder ({exc.strerror})"
+                ) from None
+        barrier(self.info)
+        start = self.load_checkpoint() if resume else 0
+        if self.info.is_main:
+            from medidiff.io.volume import write_text_atomic
+
+            write_text_atomic(self.run_dir / "config.yaml", self.config.to_yaml())
+        logger = _Logger(self.run_dir, append=resume and start > 0) if self.info.is_main else None
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=c.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        self.model.train()
+        loss_value = float("nan")
+        batches = self._batches(start)
+        last_log, last_log_step = time.perf_counter(), start
+        try:
+            while self.step < c.max_steps:
+                batch = next(batches)
+                loss_value, grad_norm = self.train_step(batch)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                if logger is not None and (self.step % max(1, c.log_every) == 0 or self.step == c.max_steps):
+                    now = time.perf_counter()
+                    done = (self.step - last_log_step) * c.batch_size * self.info.world_size
+                    logger.log(self.step, loss_value, self.scheduler.get_last_lr()[0], grad_norm,
+                               now - t_start, done / max(now - last_log, 1e-9))
+                    last_log, last_log_step = now, self.step
+                if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.max_steps:
+                    self.save_checkpoint()
+                if c.preview_every and self.step % c.preview_every == 0:
+                    self.preview()
+                    self.model.train()
+                if stop_after is not None and self.step >= stop_after:
+                    break
+            else:
+                self.save_checkpoint()
+            barrier(self.info)
+        finally:
+            if bar is not None:
+                bar.close()
+            if logger is not None:
+                logger.close()
+        return TrainResult(
+            run_dir=self.run_dir, model_path=self.run_dir / "model.safetensors", steps=self.step,
+            final_loss=loss_value, seconds=time.perf_counter() - t_start, resumed_from=start,
+        )
+
+
+def _adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where this torch build has one for the device (one
+    kernel per step instead of several foreach passes), else the foreach implementation."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, **kwargs)
+
+
+def _collate(items: list) -> dict:
+    """Batch plain tensors or dicts with ``image`` (and optional ``class_label``)."""
+    if isinstance(items[0], dict):
+        out = {"image": torch.stack([torch.as_tensor(i["image"]) for i in items]).float()}
+        if items[0].get("class_label") is not None:
+            out["class_label"] = torch.as_tensor([int(i["class_label"]) for i in items])
+        return out
+    return {"image": torch.stack([torch.as_tensor(i) for i in items]).float()}
+
+
+class _Logger:
+    """metrics.csv plus TensorBoard scalars (rank 0)."""
+
+    def __init__(self, run_dir: Path, append: bool) -> None:
+        path = run_dir / "metrics.csv"
+        keep = append and path.exists()
+        self.file = open(path, "a" if keep else "w", newline="", encoding="utf-8")
+        self.csv = csv.writer(self.file)
+        if not keep:
+            self.csv.writerow(METRICS_FIELDS)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+        except Exception:  # tensorboard missing: metrics.csv still has everything
+            self.tb = None
+
+    def log(self, step: int, loss: float, lr: float, grad_norm: float, seconds: float, sps: float) -> None:
+        self.csv.writerow([step, f"{loss:.6g}", f"{lr:.6g}", f"{grad_norm:.6g}", f"{seconds:.3f}", f"{sps:.3f}"])
+        self.file.flush()
+        if self.tb is not None:
+            self.tb.add_scalar("train/loss", loss, step)
+            self.tb.add_scalar("train/lr", lr, step)
+            self.tb.add_scalar("train/grad_norm", grad_norm, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def numpy_seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (for scripts)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)

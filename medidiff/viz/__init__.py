@@ -1,0 +1,1 @@
+"""medidiff.viz."""
