@@ -28,9 +28,11 @@ demo: $(STAMP)
 	$(VENV)/bin/medidiff demo --out demo_out --overwrite
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not slow"
 
 sample-data: $(STAMP)
