@@ -32,7 +32,7 @@ def test_tiny_preset_round_trip_shapes(dims):
 def test_latent_shape_refuses_indivisible_grid():
     kwargs = autoencoder_kwargs(3, "small")
     assert downsample_factor(kwargs) == 4
-    assert latent_shape(kwargs, (96, 112, 96)) == (3, 24, 28, 24)
+    assert latent_shape(kwargs, (96, 112, 96)) == (4, 24, 28, 24)
     with pytest.raises(ConfigError, match="divisible by 4"):
         latent_shape(kwargs, (96, 110, 96))
 

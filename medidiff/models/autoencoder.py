@@ -82,7 +82,7 @@ class AutoencoderPreset:
 
 AUTOENCODER_PRESETS: dict[str, AutoencoderPreset] = {
     "tiny": AutoencoderPreset(channels=(8, 16), latent_channels=3, num_res_blocks=1, norm_num_groups=8),
-    "small": AutoencoderPreset(channels=(16, 32, 64), latent_channels=3, num_res_blocks=1, norm_num_groups=16),
+    "small": AutoencoderPreset(channels=(16, 32, 64), latent_channels=4, num_res_blocks=1, norm_num_groups=16),
     "base": AutoencoderPreset(channels=(64, 128, 256), latent_channels=4, num_res_blocks=2, norm_num_groups=32),
 }
 
