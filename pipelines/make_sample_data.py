@@ -9,8 +9,8 @@ nilearn's wheel, made into a different "person" by
    onto the 2 mm output grid (trilinear, ``scipy.ndimage.map_coordinates(order=1)``);
 2. per-tissue intensity gains from the grey/white-matter probability maps (CSF is the rest of
    the brain mask);
-3. for test subjects, a synthetic lesion (tumour-like, MS-like or stroke-like) painted onto the
-   tissue image, with its binary label;
+3. for lesion subjects (test, val_lesions, train_lesions), a synthetic lesion (tumour-like,
+   MS-like or stroke-like) painted onto the tissue image, with its binary label;
 4. a smooth multiplicative bias field and Rician noise (applied after the lesion);
 5. skull-stripping: everything outside the deformed brain mask is exactly 0.
 
@@ -64,6 +64,13 @@ INTENSITY_SCALE = 160.0
 MR_DTYPE = np.uint8
 NIFTI_XFORM_SCANNER = 1
 KINDS = ("tumor", "ms", "stroke", "healthy")
+LESION_KINDS = ("tumor", "ms", "stroke")
+# Splits whose scans carry a lesion label (all zero for a healthy test scan). ``test`` is only
+# for reporting; ``val_lesions`` is for tuning anomaly settings; ``train_lesions`` is for
+# mask-conditioned training. Their subjects never share a uid with any other split.
+LABELLED_SPLITS = ("test", "val_lesions", "train_lesions")
+VAL_LESIONS_PER_KIND = 4
+TRAIN_LESIONS_PER_KIND = 8
 
 
 def _param(default, doc: str):
@@ -136,8 +143,8 @@ class SubjectSpec:
     """Who one subject is.
 
     Args:
-        split: ``train``, ``val``, ``test`` or ``ct``.
-        name: file stem, e.g. ``sub-000`` or ``tumor-002``.
+        split: ``train``, ``val``, ``test``, ``val_lesions``, ``train_lesions`` or ``ct``.
+        name: file stem, e.g. ``sub-000`` or ``tumor-002``; unique across the whole cohort.
         uid: unique integer mixed with the base seed; never reuse one.
         kind: ``healthy``, ``tumor``, ``ms``, ``stroke`` or ``ct``.
         axcodes: on-disk orientation, e.g. ``("R", "A", "S")``; the world-space anatomy is the
@@ -155,9 +162,13 @@ def cohort_specs() -> list[SubjectSpec]:
     """The fixed list of subjects in ``sample_data/``.
 
     Returns:
-        24 training, 6 validation, 16 test (4 per kind) and 3 CT subjects. Training ``sub-001``
-        (LPS) and ``sub-002`` (PIR), and test ``tumor-001`` (PIR) and ``ms-001`` (LPS) are stored
-        in a non-RAS on-disk orientation.
+        24 training, 6 validation, 16 test (4 per kind) and 3 CT subjects, then 12 labelled
+        validation-lesion subjects (``val_lesions``: 4 tumour, 4 MS, 4 stroke, named
+        ``<kind>-100`` ...) and 24 training-lesion subjects (``train_lesions``: 8 per lesion kind,
+        named ``<kind>-200`` ...). Training ``sub-001`` (LPS) and ``sub-002`` (PIR), and test
+        ``tumor-001`` (PIR) and ``ms-001`` (LPS) are stored in a non-RAS on-disk orientation.
+        Subjects are only ever appended, with fresh uids: each subject's random streams depend
+        on ``(seed, uid)`` alone, so adding one leaves every existing file byte-identical.
     """
     odd = {
         ("train", "sub-001"): ("L", "P", "S"),
@@ -170,6 +181,16 @@ def cohort_specs() -> list[SubjectSpec]:
     for k, kind in enumerate(KINDS):
         specs += [SubjectSpec("test", f"{kind}-{i:03d}", 200 + 10 * k + i, kind) for i in range(4)]
     specs += [SubjectSpec("ct", f"ct-{i:03d}", 300 + i, "ct") for i in range(3)]
+    for k, kind in enumerate(LESION_KINDS):
+        specs += [
+            SubjectSpec("val_lesions", f"{kind}-{100 + i:03d}", 400 + 10 * k + i, kind)
+            for i in range(VAL_LESIONS_PER_KIND)
+        ]
+    for k, kind in enumerate(LESION_KINDS):
+        specs += [
+            SubjectSpec("train_lesions", f"{kind}-{200 + i:03d}", 500 + 10 * k + i, kind)
+            for i in range(TRAIN_LESIONS_PER_KIND)
+        ]
     return [
         SubjectSpec(s.split, s.name, s.uid, s.kind, odd.get((s.split, s.name), s.axcodes))
         for s in specs
@@ -827,7 +848,7 @@ def make_subject(
         contrast = random_contrast(rngs["contrast"], cfg)
         params["contrast"] = asdict(contrast)
         image = tissue_contrast(anat, contrast)
-        if spec.split == "test":
+        if spec.split in LABELLED_SPLITS:
             label = np.zeros(shape, dtype=bool)
         if spec.kind in LESION_PAINTERS:
             ctx = lesion_context(image, anat)
@@ -884,19 +905,19 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, description: 
 
 
 def subject_paths(out_dir: Path, spec: SubjectSpec) -> dict[str, Path]:
-    """``image``, ``mask`` and (test only) ``label`` paths of one subject."""
+    """``image``, ``mask`` and (labelled splits only) ``label`` paths of one subject."""
     base = out_dir / spec.split
     paths = {
         "image": base / "images" / f"{spec.name}.nii.gz",
         "mask": base / "brainmasks" / f"{spec.name}.nii.gz",
     }
-    if spec.split == "test":
+    if spec.split in LABELLED_SPLITS:
         paths["label"] = base / "labels" / f"{spec.name}.nii.gz"
     return paths
 
 
 def write_subject(out_dir: Path, vols: SubjectVolumes) -> None:
-    """Write a subject's image, brain mask and (test) label on one grid and affine."""
+    """Write a subject's image, brain mask and (labelled splits) label on one grid and affine."""
     paths = subject_paths(out_dir, vols.spec)
     what = "synthetic CT (HU)" if vols.spec.kind == "ct" else "synthetic T1w"
     write_nifti(paths["image"], vols.image, vols.affine, f"medidiff sample_data {what} from MNI152")
@@ -921,19 +942,23 @@ def dataset_json(out_dir: Path, specs: list[SubjectSpec], seed: int) -> dict:
             if "label" in p:
                 row["label"] = _rel(out_dir, p["label"])
             row["mask"] = _rel(out_dir, p["mask"])
-            if split == "test":
+            if split in LABELLED_SPLITS:
                 row["kind"] = s.kind
             rows.append(row)
         return rows
 
     training, validation, test, ct = (entries(s) for s in ("train", "val", "test", "ct"))
+    validation_lesions, training_lesions = entries("val_lesions"), entries("train_lesions")
     return {
         "name": "medidiff-sample",
         "description": (
             "Small synthetic brain-MRI cohort made from the MNI ICBM152 2009a nonlinear symmetric "
             "T1 template (bundled in nilearn) by random affine + elastic warps, tissue-contrast "
-            "variation, bias fields and Rician noise; test scans carry synthetic tumour-, MS- and "
-            "stroke-like lesions. Skull-stripped, 2 mm isotropic. The 'ct' entries are SYNTHETIC "
+            "variation, bias fields and Rician noise; test, validation_lesions and "
+            "training_lesions scans carry synthetic tumour-, MS- and stroke-like lesions with "
+            "labels ('validation' is healthy, for threshold calibration; 'validation_lesions' is "
+            "for tuning; 'training_lesions' is for mask-conditioned training; 'test' is for "
+            "reporting only). Skull-stripped, 2 mm isotropic. The 'ct' entries are SYNTHETIC "
             "CT-like volumes (tissue classes mapped to Hounsfield units plus a synthetic skull), "
             "not real CT. For software tests and demos only; not for clinical or scientific use."
         ),
@@ -956,9 +981,13 @@ def dataset_json(out_dir: Path, specs: list[SubjectSpec], seed: int) -> dict:
         "numTraining": len(training),
         "numValidation": len(validation),
         "numTest": len(test),
+        "numValidationLesions": len(validation_lesions),
+        "numTrainingLesions": len(training_lesions),
         "training": training,
         "validation": validation,
         "test": test,
+        "validation_lesions": validation_lesions,
+        "training_lesions": training_lesions,
         "ct": [dict(r, modality="CT (synthetic)") for r in ct],
         "ct_shape": list(CT_SHAPE),
     }
@@ -1038,12 +1067,12 @@ ICBM_NOTICE = (
 )
 
 
-def _test_table(subjects: list[SubjectVolumes]) -> str:
-    """Markdown rows: test case, kind, on-disk orientation, lesion volume."""
+def _case_table(subjects: list[SubjectVolumes], split: str = "test") -> str:
+    """Markdown rows of one labelled split: case, kind, on-disk orientation, lesion volume."""
     voxel_ml = SPACING_MM**3 / 1000.0
     rows = []
     for v in subjects:
-        if v.spec.split == "test":
+        if v.spec.split == split:
             volume = float(v.label.sum()) * voxel_ml
             rows.append(
                 f"| `{v.spec.name}` | {v.spec.kind} | {''.join(v.spec.axcodes)} | {volume:.1f} |"
@@ -1055,7 +1084,14 @@ def readme_text(
     specs: list[SubjectSpec], subjects: list[SubjectVolumes], seed: int, cfg: SimulationConfig
 ) -> str:
     """The ``sample_data/README.md`` text (parameter table generated from ``cfg``)."""
-    n = {split: sum(s.split == split for s in specs) for split in ("train", "val", "test", "ct")}
+    n = {
+        split: sum(s.split == split for s in specs)
+        for split in ("train", "val", "test", "ct", "val_lesions", "train_lesions")
+    }
+    per_kind = {
+        split: sum(s.split == split and s.kind == LESION_KINDS[0] for s in specs)
+        for split in ("val_lesions", "train_lesions")
+    }
     odd = ", ".join(
         f"`{s.split}/{s.name}` ({''.join(s.axcodes)})"
         for s in specs
@@ -1064,12 +1100,16 @@ def readme_text(
     rows = "\n".join(
         f"| `{f.name}` | {getattr(cfg, f.name)} | {f.metadata['doc']} |" for f in fields(cfg)
     )
-    test_rows = _test_table(subjects)
+    test_rows = _case_table(subjects, "test")
+    val_lesion_rows = _case_table(subjects, "val_lesions")
+    train_lesion_rows = _case_table(subjects, "train_lesions")
     return f"""# medidiff sample data
 
 A small **synthetic** brain-MRI cohort for medidiff's tests, demo and tutorials: {n['train']}
 healthy training scans, {n['val']} healthy validation scans, {n['test']} test scans (4 tumour-like,
-4 MS-like, 4 stroke-like, 4 healthy, with lesion labels) and {n['ct']} CT-like volumes.
+4 MS-like, 4 stroke-like, 4 healthy, with lesion labels), {n['val_lesions']} labelled validation
+lesion scans ({per_kind['val_lesions']} per lesion kind), {n['train_lesions']} labelled training lesion scans
+({per_kind['train_lesions']} per lesion kind) and {n['ct']} CT-like volumes.
 Every scan is the same real anatomy — the MNI ICBM152 template — warped, re-contrasted and
 noised differently, so it is realistic enough to train a small model on and free to ship.
 It is **not** patient data and **not** for clinical or scientific conclusions.
@@ -1112,6 +1152,20 @@ The build is deterministic: each subject has its own random generator seeded fro
 `(seed, subject uid)`, so any one subject can be regenerated alone
 (`make_subject(spec, load_template(), seed)`); `tests/test_sample_data.py` does that.
 
+## Splits and what each is for
+
+| split (`dataset.json` key) | scans | use it for |
+| --- | --- | --- |
+| `train` (`training`) | {n['train']} healthy | training the healthy (unconditional) models |
+| `val` (`validation`) | {n['val']} healthy | calibrating anomaly thresholds on healthy scans (voxel FPR, false-positive volume) |
+| `val_lesions` (`validation_lesions`) | {n['val_lesions']} labelled: {per_kind['val_lesions']} tumour, {per_kind['val_lesions']} MS, {per_kind['val_lesions']} stroke | **tuning** anomaly settings (noise level, steps, post-processing, method choice) and reporting validation numbers |
+| `train_lesions` (`training_lesions`) | {n['train_lesions']} labelled: {per_kind['train_lesions']} tumour, {per_kind['train_lesions']} MS, {per_kind['train_lesions']} stroke | mask-conditioned training (image + lesion mask pairs) |
+| `test` (`test`) | {n['test']} labelled: 4 tumour, 4 MS, 4 stroke, 4 healthy | **reporting only**: never tune or train on it |
+| `ct` (`ct`) | {n['ct']} synthetic CT-like | CT code paths (HU, no skull-stripping) |
+
+Every subject has its own uid (its random streams), so no two splits share a subject; the
+lesion splits use the same lesion simulators and ranges as the test split.
+
 ## Layout
 
 | path | what it is |
@@ -1123,9 +1177,13 @@ The build is deterministic: each subject has its own random generator seeded fro
 | `test/images/<kind>-NNN.nii.gz` | T1w with a synthetic lesion (`tumor`, `ms`, `stroke`) or none (`healthy`) |
 | `test/labels/<same name>` | lesion mask, uint8 0/1 (all zero for `healthy-*`) |
 | `test/brainmasks/<same name>` | brain masks |
+| `val_lesions/images/<kind>-1NN.nii.gz` | T1w with a synthetic lesion (`tumor`, `ms`, `stroke`), `<kind>-100` ... `<kind>-{100 + per_kind['val_lesions'] - 1:03d}` |
+| `val_lesions/labels/<same name>`, `val_lesions/brainmasks/<same name>` | lesion masks (uint8 0/1) and brain masks |
+| `train_lesions/images/<kind>-2NN.nii.gz` | T1w with a synthetic lesion, `<kind>-200` ... `<kind>-{200 + per_kind['train_lesions'] - 1:03d}` |
+| `train_lesions/labels/<same name>`, `train_lesions/brainmasks/<same name>` | lesion masks (uint8 0/1) and brain masks |
 | `ct/images/ct-NNN.nii.gz` | **synthetic** CT-like volumes in HU (int16), NOT skull-stripped, air = -1000 |
 | `ct/brainmasks/<same name>` | brain masks of the CT volumes |
-| `dataset.json` | Decathlon-style index: `training`, `validation`, `test` (with `kind`), `ct`; paths relative to this folder |
+| `dataset.json` | Decathlon-style index: `training`, `validation`, `test`, `validation_lesions`, `training_lesions` (the last three with `label` and `kind`), `ct`; counters `numTraining`, `numValidation`, `numTest`, `numValidationLesions`, `numTrainingLesions`; paths relative to this folder |
 | `simulation_parameters.json` | every random draw of every subject (warp, gains, lesion geometry, bias, SNR) |
 | `montage.png` | axial slices (above) |
 
@@ -1143,7 +1201,8 @@ anatomy in world space. Their masks and labels share their grid and affine exact
 3. **Tissue contrast.** The template T1 is multiplied by `1 + sum_k (g_k - 1) p_k`, with p_k the
    deformed GM/WM/CSF probabilities (CSF = brain - GM - WM) and per-subject gains g_k;
    1.0 on the template scale = {INTENSITY_SCALE:g} output units.
-4. **Lesion** (test only, before bias and noise; label always inside the brain mask):
+4. **Lesion** (test, val_lesions and train_lesions; before bias and noise; label always inside
+   the brain mask):
    - *tumour*: lumpy sphere (noise-perturbed radius) in hemispheric white matter: necrotic core
      (strongly hypointense), enhancing rim (hyperintense ring), oedema reaching further into
      white matter (mildly hypointense); label = core + rim + oedema.
@@ -1163,6 +1222,18 @@ anatomy in world space. Their masks and labels share their grid and affine exact
 | case | kind | on-disk orientation | lesion volume (ml) |
 | --- | --- | --- | --- |
 {test_rows}
+
+## Validation lesion cases (`val_lesions`)
+
+| case | kind | on-disk orientation | lesion volume (ml) |
+| --- | --- | --- | --- |
+{val_lesion_rows}
+
+## Training lesion cases (`train_lesions`)
+
+| case | kind | on-disk orientation | lesion volume (ml) |
+| --- | --- | --- | --- |
+{train_lesion_rows}
 
 ## Simulation parameters
 
