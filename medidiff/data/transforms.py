@@ -23,7 +23,7 @@ chain.
 
 Example:
     >>> import numpy as np
-    >>> from medidiff.io.volume import Volume, check_same_grid
+    >>> from medidiff.io import Volume, check_same_grid
     >>> from medidiff.data.transforms import Preprocessing, preprocess, to_native
     >>> arr = np.zeros((20, 24, 16), np.float32); arr[4:16, 5:20, 3:13] = np.linspace(1, 100, 10)
     >>> vol = Volume(arr, np.diag([2.0, 2.0, 2.0, 1.0]))
@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from medidiff.errors import ConfigError, VolumeContentError
-from medidiff.io.volume import Volume, check_same_grid
+from medidiff.io import Volume, check_same_grid
 
 #: CT display windows as ``name -> (level/centre, width)`` in Hounsfield units: the usual
 #: radiology presets (Radiopaedia, "Windowing (CT)": brain W80 L40, subdural W200 L80
