@@ -25,7 +25,7 @@ _EXPORTS = {
     "save_volume": "medidiff.io.volume",
     "Config": "medidiff.config",
     "Preprocessing": "medidiff.data.datasets",
-    "load_datalist": "medidiff.data.datasets",
+    "load_datalist": "medidiff.data.datalist",
     "build_model": "medidiff.models.unet",
     "NoiseSchedule": "medidiff.diffusion.core",
     "sample": "medidiff.diffusion.core",

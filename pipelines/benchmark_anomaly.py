@@ -277,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from medidiff.models.checkpoint import build_model_from_checkpoint
-    from medidiff.data.datasets import load_datalist, stratified_by_kind
+    from medidiff.data.datalist import load_datalist, stratified_by_kind
     from medidiff.runtime.distributed import resolve_device
-    from medidiff.io.volume import write_json_atomic
+    from medidiff.io import write_json_atomic
 
     # loaded once: every method uses the same weights even if training rewrites the file
     loaded = build_model_from_checkpoint(args.checkpoint, resolve_device(args.device))

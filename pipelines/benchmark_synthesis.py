@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from medidiff.io.volume import write_json_atomic, write_text_atomic
+    from medidiff.io import write_json_atomic, write_text_atomic
     from medidiff.synthesis.synthesizer import Synthesizer
     from medidiff.synthesis.metrics import ImageSet, RealReference, evaluate_against, load_real_images
 

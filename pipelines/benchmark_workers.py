@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from medidiff.anomaly.detector import AnomalyDetector, MethodConfig, calibrate
     from medidiff.anomaly.baseline import IntensityBaseline
     from medidiff.models.checkpoint import build_model_from_checkpoint
-    from medidiff.data.datasets import load_datalist
+    from medidiff.data.datalist import load_datalist
     from medidiff.runtime.parallel import usable_cpus
     from medidiff.models.pretrained import resolve_checkpoint
 

@@ -183,7 +183,7 @@ def card_metrics(a: argparse.Namespace) -> list[dict]:
 def rewrite_card(a: argparse.Namespace) -> int:
     """``--card-only``: new metrics and note in the existing card; weights untouched."""
     from medidiff.models.checkpoint import file_sha256
-    from medidiff.io.volume import write_json_atomic, write_text_atomic
+    from medidiff.io import write_json_atomic, write_text_atomic
 
     facts_path = a.out / f"{a.name}.json"
     facts = json.loads(facts_path.read_text(encoding="utf-8"))
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from medidiff.models.checkpoint import file_sha256, load_inference, save_inference
     from medidiff.config import Config
-    from medidiff.io.volume import write_json_atomic, write_text_atomic
+    from medidiff.io import write_json_atomic, write_text_atomic
     from medidiff.models.pretrained import MODELS
 
     src = a.run / "model.safetensors"

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from medidiff.anomaly.detector import AnomalyDetector, calibrate
-    from medidiff.data.datasets import load_datalist
+    from medidiff.data.datalist import load_datalist
     from medidiff.errors import MedidiffError
     from medidiff.viz.figures import loss_curve, save_how_it_works_figures
     from medidiff.models.pretrained import resolve_checkpoint

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from medidiff.anomaly.detector import AnomalyDetector, MethodConfig
     from medidiff.models.checkpoint import build_model_from_checkpoint
-    from medidiff.data.datasets import load_datalist, stratified_by_kind
+    from medidiff.data.datalist import load_datalist, stratified_by_kind
     from medidiff.io.volume import load_volume
     from medidiff.anomaly.postprocess import PostprocessConfig, anomaly_map
     from medidiff.models.pretrained import resolve_checkpoint

@@ -195,3 +195,20 @@ def test_dicom_folder_with_several_series(run_cli):
         else:
             one_line_error((rc, out, err), "MR2")
     assert len(uids) == 3 and loaded >= 1
+
+
+def test_output_into_a_closed_pipe_ends_quietly(lps_file):
+    """``medidiff info FILE | head -2``: the reader leaves early; no error, status 141 (SIGPIPE)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medidiff", "info", str(lps_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    proc.stdout.close()  # before medidiff writes anything: every write fails
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == "", err

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from medidiff.errors import MedidiffError
-from medidiff.io.volume import load_volume
+from medidiff.io import load_volume
 
 _spec = importlib.util.spec_from_file_location(
     "corpus_report", Path(__file__).resolve().parents[1] / "pipelines" / "corpus_report.py"

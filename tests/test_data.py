@@ -1,8 +1,10 @@
-"""Tests of medidiff.data.datasets: datalists and cached slice/volume datasets."""
+"""Tests of medidiff.data.datalist and medidiff.data.datasets: datalists and cached slice/volume datasets."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +13,16 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 import medidiff.data.datasets as data_mod
+from medidiff.data.datalist import DatalistEntry, class_names_of, load_datalist, volume_files
 from medidiff.data.datasets import (
-    DatalistEntry,
     Preprocessing,
     SliceDataset,
     VolumeDataset,
     build_dataset,
-    class_names_of,
-    load_datalist,
     prepare_entry,
 )
 from medidiff.errors import ConfigError, DataError, VolumeContentError
-from medidiff.io.volume import Volume, save_volume
+from medidiff.io import Volume, save_volume
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = (16, 16, 12)  # the tiny model grid used here
@@ -391,7 +391,7 @@ def test_sample_data_integration():
     dataset_json = REPO / "sample_data" / "dataset.json"
     if not dataset_json.exists():
         pytest.skip("sample_data/dataset.json is not there (run `make sample-data`)")
-    from medidiff.io.volume import load_volume
+    from medidiff.io import load_volume
 
     train = load_datalist(dataset_json)
     test = load_datalist(dataset_json, split="test")
@@ -434,7 +434,7 @@ def test_dicom_series_folders_are_cases(tmp_path):
 
 
 def test_stratified_by_kind_takes_kinds_in_turn():
-    from medidiff.data.datasets import DatalistEntry, stratified_by_kind
+    from medidiff.data.datalist import DatalistEntry, stratified_by_kind
 
     kinds = ["tumor", "tumor", "ms", "stroke", "ms", "healthy"]
     entries = [DatalistEntry(image=Path(f"{k}-{i}.nii.gz"), extra={"kind": k}) for i, k in enumerate(kinds)]
@@ -442,3 +442,22 @@ def test_stratified_by_kind_takes_kinds_in_turn():
     assert [e.image.name for e in picked] == ["tumor-0.nii.gz", "ms-2.nii.gz", "stroke-3.nii.gz", "healthy-5.nii.gz"]
     assert [e.image.name for e in stratified_by_kind(entries, 5)][-1] == "tumor-1.nii.gz"
     assert stratified_by_kind(entries, None) == entries
+
+
+def test_datalist_module_does_not_import_torch_or_monai(cohort):
+    """Listing files must stay fast: medidiff.data.datalist imports neither torch nor MONAI."""
+    folder = cohort[0].image.parent
+    code = (
+        "import sys; from medidiff.data.datalist import load_datalist; "
+        f"entries = load_datalist({str(folder)!r}); assert len(entries) == 3; "
+        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_volume_files_lists_visible_volume_files_sorted(tmp_path):
+    for name in ("b.nii.gz", "a.NRRD", "c.dcm", "notes.txt", ".hidden.nii.gz"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "d.nii").mkdir()  # a folder named like a volume is not a file
+    assert [p.name for p in volume_files(tmp_path)] == ["a.NRRD", "b.nii.gz"]

@@ -53,7 +53,7 @@ def test_baseline_level_is_the_median_normalised_brain_intensity(tiny_checkpoint
     the checkpoint's percentile scaling, computed here by hand."""
     from medidiff.anomaly.detector import AnomalyDetector, calibrate
     from medidiff.anomaly.baseline import BASELINE_NAME, IntensityBaseline
-    from medidiff.data.datasets import DatalistEntry
+    from medidiff.data.datalist import DatalistEntry
     from medidiff.errors import ConfigError
 
     rng = np.random.default_rng(0)

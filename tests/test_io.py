@@ -1,4 +1,4 @@
-"""medidiff.io.volume: geometry survives every reader and the writer; bad files get one clear error.
+"""medidiff.io: geometry survives every reader and the writer; bad files get one clear error.
 
 References used (independent of medidiff's own conversion code): nibabel's header/affine
 and orientation tools, SimpleITK's ``TransformIndexToPhysicalPoint`` / ``GetPixel`` and
@@ -24,10 +24,8 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from scipy.spatial.transform import Rotation
 
 from medidiff.errors import ConfigError, MedidiffError, OutputError, VolumeContentError, VolumeError
-from medidiff.io.volume import (
+from medidiff.io import (
     Volume,
-    _captured,
-    _load_with_sitk,
     atomic_path,
     check_same_grid,
     is_volume_path,
@@ -38,6 +36,8 @@ from medidiff.io.volume import (
     write_json_atomic,
     write_text_atomic,
 )
+from medidiff.io.reading import quiet_readers
+from medidiff.io.volume import _load_with_sitk
 
 ATOL = 1e-4  # mm; see the module docstring
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -640,22 +640,34 @@ def test_errors_are_medidiff_errors_for_the_cli(tmp_path, run_cli):
     assert err.count("\n") == 1 and err.startswith("medidiff: error: ") and "bad.nii.gz" in err
 
 
-def test_reader_chatter_is_captured(capfd):
+def test_reader_chatter_is_collected_without_touching_stderr(capfd):
+    """Warnings and nibabel's log records are collected with the libraries' own switches;
+    file descriptor 2 is never redirected (a library must not do that to its host)."""
     import warnings
 
     import nibabel.imageglobals as nib_globals
 
     handlers = nib_globals.logger.handlers[:]
     messages: list[str] = []
-    with _captured(messages):
-        os.write(2, b"native library says hello\n")
+    with quiet_readers(messages, itk=True):
+        assert sitk.ProcessObject.GetGlobalWarningDisplay() is False
         warnings.warn("python says hello", UserWarning, stacklevel=1)
         nib_globals.logger.warning("nibabel says hello")
-    assert {"native library says hello", "python says hello", "nibabel says hello"} <= set(messages)
-    assert capfd.readouterr().err == ""
+        os.write(2, b"native text still reaches stderr\n")
+    assert {"python says hello", "nibabel says hello"} <= set(messages)
+    assert capfd.readouterr().err == "native text still reaches stderr\n"
     assert nib_globals.logger.handlers == handlers  # restored
-    os.write(2, b"after\n")  # and fd 2 is the real stderr again
-    assert capfd.readouterr().err == "after\n"
+    assert sitk.ProcessObject.GetGlobalWarningDisplay() is True  # restored
+
+
+def test_itk_warnings_switch_is_restored_even_if_it_was_off():
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        with quiet_readers([], itk=True):
+            pass
+        assert sitk.ProcessObject.GetGlobalWarningDisplay() is False
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(True)
 
 
 # --------------------------------------------------------------------------- writing

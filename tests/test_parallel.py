@@ -48,7 +48,7 @@ def test_calibration_and_scoring_do_not_depend_on_the_number_of_workers(
 ):
     from medidiff.anomaly.detector import AnomalyDetector, MethodConfig, calibrate
     from medidiff.models.checkpoint import build_model_from_checkpoint
-    from medidiff.data.datasets import load_datalist
+    from medidiff.data.datalist import load_datalist
     from medidiff.cli.demo import _score_all
 
     loaded = build_model_from_checkpoint(tiny_checkpoint_2d)

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from medidiff.io.volume import Volume, load_volume, save_volume
+from medidiff.io import Volume, load_volume, save_volume
 from medidiff.data.transforms import Preprocessing, intensity_to_native, preprocess, to_model, to_native
 
 SETTINGS = settings(max_examples=30, deadline=None,

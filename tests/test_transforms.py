@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medidiff.errors import ConfigError, VolumeContentError
-from medidiff.io.volume import Volume
+from medidiff.io import Volume
 from medidiff.data.transforms import (
     CT_WINDOWS,
     Preprocessing,

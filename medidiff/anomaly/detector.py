@@ -52,7 +52,7 @@ import torch
 import medidiff
 from medidiff.anomaly.methods import METHODS, MethodConfig, reconstruct, stable_seed
 from medidiff.errors import CheckpointError, ConfigError, VolumeContentError
-from medidiff.io.volume import Volume, load_volume, strip_volume_suffix, write_json_atomic
+from medidiff.io import Volume, load_volume, strip_volume_suffix, write_json_atomic
 from medidiff.anomaly.postprocess import (
     PostprocessConfig,
     anomaly_map,

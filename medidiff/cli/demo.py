@@ -225,7 +225,7 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
-    from medidiff.io.volume import write_json_atomic
+    from medidiff.io import write_json_atomic
 
     write_json_atomic(out / DEMO_MARKER, {"format": DEMO_FORMAT, "version": medidiff.__version__})
 
@@ -256,7 +256,7 @@ class _Stages:
 def _load_splits(sample_data: Path, limit: int | None) -> tuple[list[Any], list[Any]]:
     """The healthy validation entries and the test entries (``limit``: N test scans taking
     the kinds in turn, so a quick look still shows every kind)."""
-    from medidiff.data.datasets import load_datalist
+    from medidiff.data.datalist import load_datalist
 
     dataset = sample_data / "dataset.json"
     if not dataset.is_file():
@@ -277,7 +277,7 @@ def _load_splits(sample_data: Path, limit: int | None) -> tuple[list[Any], list[
     if limit is not None:
         if limit < 1:
             raise DataError(f"--limit must be >= 1; got {limit}")
-        from medidiff.data.datasets import stratified_by_kind
+        from medidiff.data.datalist import stratified_by_kind
 
         test = stratified_by_kind(test, limit)
     return healthy, test
@@ -298,7 +298,7 @@ def _write_scores(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     import io
 
     from medidiff.cli.commands.anomaly import SCORE_COLUMNS
-    from medidiff.io.volume import write_text_atomic
+    from medidiff.io import write_text_atomic
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(SCORE_COLUMNS), extrasaction="ignore",
@@ -631,7 +631,7 @@ def run_demo(
     from medidiff.models.checkpoint import build_model_from_checkpoint, load_inference
     from medidiff.runtime.distributed import resolve_device
     from medidiff.errors import ConfigError
-    from medidiff.io.volume import write_json_atomic
+    from medidiff.io import write_json_atomic
     from medidiff.runtime.parallel import default_workers
     from medidiff.models.pretrained import DEFAULT_2D, DEFAULT_3D, resolve_checkpoint
     from medidiff.viz.report import write_demo_report

@@ -71,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     """
     try:
         code = _main(argv)
+        if argv is None:
+            sys.stdout.flush()  # here, not at exit, so that a closed pipe is handled below
     except KeyboardInterrupt:  # e.g. while the parser or a command module is imported
         _error(_INTERRUPTED)
         code = 130
+    except BrokenPipeError:
+        code = _stdout_closed()
     if code == 130 and argv is None:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -104,11 +108,25 @@ def _main(argv: list[str] | None) -> int:
     except MemoryError:
         _error("out of memory; try a smaller --batch-size or a smaller input")
         return 1
+    except BrokenPipeError:  # the reader went away, e.g. ``medidiff info F | head -2``
+        return _stdout_closed()
     except Exception as exc:  # noqa: BLE001 - last line of defence; MEDIDIFF_DEBUG shows the trace
         if os.environ.get("MEDIDIFF_DEBUG"):
             raise
         _error(f"unexpected {type(exc).__name__}: {exc} (set MEDIDIFF_DEBUG=1 for a traceback)")
         return 1
+
+
+def _stdout_closed() -> int:
+    """Stop quietly, as a program killed by SIGPIPE would (status 141): point stdout at
+    /dev/null so that the interpreter's final flush does not fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (already closed, or not a file)
+        pass
+    return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,9 +21,13 @@ MetaTensors) and the native grid's affine define the geometric inverse, which
 the cropped field of view. Tests check it against MONAI's own ``inverse()`` of the same
 chain.
 
+The settings are a :class:`~medidiff.data.preprocessing.Preprocessing`. The same chain as
+MONAI dictionary transforms, to drop into your own pipeline and invert with MONAI's
+``Compose.inverse`` / ``Invertd``, is :func:`medidiff.data.compose.preprocessing_transforms`.
+
 Example:
     >>> import numpy as np
-    >>> from medidiff.io.volume import Volume, check_same_grid
+    >>> from medidiff.io import Volume, check_same_grid
     >>> from medidiff.data.transforms import Preprocessing, preprocess, to_native
     >>> arr = np.zeros((20, 24, 16), np.float32); arr[4:16, 5:20, 3:13] = np.linspace(1, 100, 10)
     >>> vol = Volume(arr, np.diag([2.0, 2.0, 2.0, 1.0]))
@@ -36,233 +40,25 @@ Example:
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from medidiff.data.preprocessing import (
+    CT_WINDOWS,
+    DEFAULT_FOREGROUND_THRESHOLD,
+    MODEL_MAX,
+    MODEL_MIN,
+    Preprocessing,
+)
 from medidiff.errors import ConfigError, VolumeContentError
-from medidiff.io.volume import Volume, check_same_grid
-
-#: CT display windows as ``name -> (level/centre, width)`` in Hounsfield units: the usual
-#: radiology presets (Radiopaedia, "Windowing (CT)": brain W80 L40, subdural W200 L80
-#: (ranges W130-300 L50-100), soft tissue W400 L50 (W350-400 L20-60), lung W1500 L-600,
-#: bone W1800 L400).
-CT_WINDOWS: dict[str, tuple[float, float]] = {
-    "brain": (40.0, 80.0),
-    "subdural": (80.0, 200.0),
-    "soft_tissue": (50.0, 400.0),
-    "lung": (-600.0, 1500.0),
-    "bone": (400.0, 1800.0),
-}
-
-#: Default ``foreground_threshold`` per modality: skull-stripped MRI has background 0;
-#: in CT, air is about -1000 HU and anything above -500 HU is tissue (head/body).
-DEFAULT_FOREGROUND_THRESHOLD = {"mri": 0.0, "ct": -500.0}
-
-#: The model's intensity range: every scheme maps to [MODEL_MIN, MODEL_MAX].
-MODEL_MIN, MODEL_MAX = 0.0, 1.0
+from medidiff.io import Volume, check_same_grid
 
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 _INTERPOLATION = {"linear": "bilinear", "nearest": "nearest"}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How volumes are brought onto the model grid (a checkpoint stores this).
-
-    Scheme-specific fields left as ``None`` take the modality's defaults in
-    ``__post_init__``, so an instance always holds resolved values and
-    ``Preprocessing.from_dict(p.to_dict()) == p``.
-
-    Attributes:
-        modality: ``"mri"`` or ``"ct"``.
-        spacing: target voxel size in mm along the model grid's x, y, z (RAS) axes.
-        shape: model grid size ``(X, Y, Z)`` in voxels, RAS order; 2D models see the
-            ``(X, Y)`` axial slices along z. The default, 96 x 112 x 96 at 2 mm
-            (192 x 224 x 192 mm), holds an adult brain (the sample cohort's brains span
-            at most 78 x 97 x 83 voxels) and is divisible by 16 for U-Net downsampling.
-        orientation: the model grid's axis codes; only ``"RAS"`` is supported.
-        lower_percentile, upper_percentile: MRI only (default 1 and 99): these
-            percentiles of the foreground's intensities map to 0 and 1.
-        window: CT only: a preset name from :data:`CT_WINDOWS` (default ``"brain"``
-            unless an explicit window is given).
-        window_center, window_width: CT only: an explicit HU window (both or neither;
-            not together with ``window``). ``center - width/2`` maps to 0,
-            ``center + width/2`` to 1.
-        clip: clip the rescaled intensities to [0, 1] (default True). Clipping keeps the
-            diffusion model's data bounded (DDPM's ``clip_sample`` assumes it) at the cost
-            of saturating MRI voxels brighter than the 99th percentile (1 % of the
-            foreground by construction) and CT outside the window. With ``clip=False``
-            the map is purely linear and :func:`intensity_to_native` inverts it exactly.
-        foreground_threshold: voxels with native intensity ``<= threshold`` are
-            background (default 0 for MRI, i.e. skull-stripped data; -500 HU for CT).
-    """
-
-    modality: str = "mri"
-    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
-    shape: tuple[int, int, int] = (96, 112, 96)
-    orientation: str = "RAS"
-    lower_percentile: float | None = None
-    upper_percentile: float | None = None
-    window: str | None = None
-    window_center: float | None = None
-    window_width: float | None = None
-    clip: bool = True
-    foreground_threshold: float | None = None
-
-    def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        key = "preprocessing"
-        if not isinstance(self.modality, str) or self.modality.lower() not in ("mri", "ct"):
-            raise ConfigError(f"{key}.modality must be 'mri' or 'ct'; got {self.modality!r}")
-        set_("modality", self.modality.lower())
-        set_("spacing", _triple(self.spacing, f"{key}.spacing", kind=float))
-        set_("shape", _triple(self.shape, f"{key}.shape", kind=int))
-        if self.orientation != "RAS":
-            raise ConfigError(
-                f"{key}.orientation must be 'RAS' (2D models read axial slices along the "
-                f"last axis of the RAS grid); got {self.orientation!r}"
-            )
-        if not isinstance(self.clip, bool):
-            raise ConfigError(f"{key}.clip must be true or false; got {self.clip!r}")
-        threshold = self.foreground_threshold
-        if threshold is None:
-            threshold = DEFAULT_FOREGROUND_THRESHOLD[self.modality]
-        if not _is_number(threshold) or not math.isfinite(threshold):
-            raise ConfigError(f"{key}.foreground_threshold must be a finite number; got {threshold!r}")
-        set_("foreground_threshold", float(threshold))
-        if self.modality == "mri":
-            self._resolve_mri(key, set_)
-        else:
-            self._resolve_ct(key, set_)
-
-    def _resolve_mri(self, key: str, set_: Any) -> None:
-        for name in ("window", "window_center", "window_width"):
-            if getattr(self, name) is not None:
-                raise ConfigError(f"{key}.{name} applies to CT only; remove it or set {key}.modality: ct")
-        lower = 1.0 if self.lower_percentile is None else self.lower_percentile
-        upper = 99.0 if self.upper_percentile is None else self.upper_percentile
-        for name, value in (("lower_percentile", lower), ("upper_percentile", upper)):
-            if not _is_number(value) or not 0 <= value <= 100:
-                raise ConfigError(f"{key}.{name} must be a number in [0, 100]; got {value!r}")
-        if not lower < upper:
-            raise ConfigError(
-                f"{key}.lower_percentile ({lower}) must be below {key}.upper_percentile ({upper})"
-            )
-        set_("lower_percentile", float(lower))
-        set_("upper_percentile", float(upper))
-
-    def _resolve_ct(self, key: str, set_: Any) -> None:
-        for name in ("lower_percentile", "upper_percentile"):
-            if getattr(self, name) is not None:
-                raise ConfigError(
-                    f"{key}.{name} applies to MRI only; CT uses {key}.window or "
-                    f"{key}.window_center/window_width"
-                )
-        explicit = (self.window_center, self.window_width)
-        if self.window is not None:
-            if any(v is not None for v in explicit):
-                raise ConfigError(
-                    f"{key}.window ({self.window!r}) and {key}.window_center/window_width "
-                    "are exclusive; give a preset or an explicit window, not both"
-                )
-            if not isinstance(self.window, str) or self.window not in CT_WINDOWS:
-                raise ConfigError(
-                    f"{key}.window: unknown preset {self.window!r}; choose one of "
-                    f"{', '.join(CT_WINDOWS)} or give window_center and window_width"
-                )
-        elif all(v is None for v in explicit):
-            set_("window", "brain")
-        else:
-            if any(v is None for v in explicit):
-                missing = "window_center" if self.window_center is None else "window_width"
-                raise ConfigError(f"{key}.{missing} is missing; an explicit CT window needs both")
-            if not _is_number(self.window_center) or not math.isfinite(self.window_center):
-                raise ConfigError(f"{key}.window_center must be a number (HU); got {self.window_center!r}")
-            if not _is_number(self.window_width) or not 0 < self.window_width < math.inf:
-                raise ConfigError(f"{key}.window_width must be a positive number (HU); got {self.window_width!r}")
-            set_("window_center", float(self.window_center))
-            set_("window_width", float(self.window_width))
-
-    @property
-    def ct_window(self) -> tuple[float, float] | None:
-        """``(center, width)`` in HU for CT, ``None`` for MRI."""
-        if self.modality != "ct":
-            return None
-        if self.window is not None:
-            return CT_WINDOWS[self.window]
-        return (float(self.window_center), float(self.window_width))  # type: ignore[arg-type]
-
-    def grid_affine(self, center: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
-        """A model-grid affine (RAS, ``spacing``) whose grid centre lies at ``center`` (mm).
-
-        Useful for writing synthetic volumes that have no native scan.
-
-        Returns:
-            ``(4, 4)`` float64 voxel-to-world matrix.
-        """
-        affine = np.diag([*self.spacing, 1.0])
-        half = (np.asarray(self.shape, dtype=np.float64) - 1.0) / 2.0
-        affine[:3, 3] = np.asarray(center, dtype=np.float64) - affine[:3, :3] @ half
-        return affine
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict of the resolved settings (lists for tuples)."""
-        out = asdict(self)
-        out["spacing"] = list(self.spacing)
-        out["shape"] = list(self.shape)
-        return out
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | None, *, prefix: str = "preprocessing") -> "Preprocessing":
-        """Build from a dict (e.g. a YAML section), refusing unknown keys.
-
-        Args:
-            raw: the keys of this class; missing keys take their defaults.
-            prefix: how error messages name the section (e.g. ``data.preprocessing``).
-
-        Raises:
-            ConfigError: unknown key, wrong type or bad value, naming the key.
-        """
-        raw = {} if raw is None else raw
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{prefix} must be a mapping of settings; got {type(raw).__name__}")
-        known = [f.name for f in fields(cls)]
-        for k in raw:
-            if k not in known:
-                raise ConfigError(f"{prefix}.{k} is unknown; known keys: {', '.join(known)}")
-        try:
-            return cls(**dict(raw))
-        except ConfigError as exc:
-            if prefix != "preprocessing":
-                raise ConfigError(str(exc).replace("preprocessing.", f"{prefix}.")) from None
-            raise
-
-
-def _triple(value: Any, key: str, *, kind: type) -> tuple:
-    if kind is float and _is_number(value):
-        value = (value, value, value)  # a scalar spacing means isotropic
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
-        raise ConfigError(f"{key} must be 3 positive {'integers' if kind is int else 'numbers'}; got {value!r}")
-    out = []
-    for v in value:
-        ok = _is_number(v) and math.isfinite(v) and v > 0
-        if kind is int:
-            ok = ok and float(v).is_integer()
-        if not ok:
-            raise ConfigError(
-                f"{key} must be 3 positive {'integers' if kind is int else 'numbers'}; got {list(value)!r}"
-            )
-        out.append(kind(v))
-    return tuple(out)
 
 
 @dataclass(frozen=True, eq=False)
@@ -343,7 +139,8 @@ def _crop_pad(tensor, lo: np.ndarray, hi: np.ndarray, value: float):
     return tensor
 
 
-def _crop_pad_numpy(array: np.ndarray, lo: np.ndarray, hi: np.ndarray, value: Any) -> np.ndarray:
+def crop_pad_numpy(array: np.ndarray, lo: np.ndarray, hi: np.ndarray, value: Any) -> np.ndarray:
+    """Step 3 on a plain array: the window ``[lo, hi)``, ``value`` where it leaves the grid."""
     size = np.asarray(array.shape)
     start, end = np.maximum(lo, 0), np.minimum(hi, size)
     cropped = array[tuple(slice(s, e) for s, e in zip(start, end))]
@@ -351,7 +148,7 @@ def _crop_pad_numpy(array: np.ndarray, lo: np.ndarray, hi: np.ndarray, value: An
     return np.pad(cropped, pads, constant_values=value)
 
 
-def _intensity_map(pre: Preprocessing, image: np.ndarray, foreground: np.ndarray, source: str) -> dict:
+def intensity_map(pre: Preprocessing, image: np.ndarray, foreground: np.ndarray, source: str) -> dict:
     """The linear map a_min -> 0, a_max -> 1 for this volume."""
     if pre.modality == "ct":
         center, width = pre.ct_window  # type: ignore[misc]
@@ -402,6 +199,42 @@ def preprocess(volume: Volume, preprocessing: Preprocessing, *, mask: Volume | N
     from monai.transforms import ScaleIntensityRange
 
     source = str(volume.meta.get("source", "volume"))
+    _check_input(volume, mask, source)
+    threshold = preprocessing.foreground_threshold
+
+    # 1-2. orientation and spacing (MONAI, affine tracked by the MetaTensor)
+    image_t = _orient_resample(_to_metatensor(volume.array, volume.affine), preprocessing.spacing, "bilinear")
+    resampled = image_t[0].numpy()
+    foreground_full = resampled > threshold
+    if not foreground_full.any():
+        raise no_foreground_error(volume.array, preprocessing, source)
+
+    # 3. a window of `shape` voxels centred on the foreground's bounding box
+    lo, hi = model_window(foreground_full, preprocessing.shape, source, stacklevel=3)
+    image_t = _crop_pad(image_t, lo, hi, float(resampled.min()))
+    foreground = crop_pad_numpy(foreground_full, lo, hi, False)
+
+    # 4. intensity: a_min -> 0, a_max -> 1 (MONAI ScaleIntensityRange)
+    intensity = intensity_map(preprocessing, image_t[0].numpy(), foreground, source)
+    scaled = ScaleIntensityRange(
+        a_min=intensity["a_min"], a_max=intensity["a_max"], b_min=MODEL_MIN, b_max=MODEL_MAX,
+        clip=preprocessing.clip,
+    )(image_t)
+
+    return Preprocessed(
+        image=np.ascontiguousarray(scaled[0].numpy(), dtype=np.float32),
+        mask=None if mask is None else _mask_to_model(mask, preprocessing, lo, hi),
+        foreground=foreground,
+        affine=np.asarray(scaled.affine, dtype=np.float64),
+        intensity=intensity,
+        native_affine=np.asarray(volume.affine, dtype=np.float64),
+        native_shape=tuple(int(s) for s in volume.shape),  # type: ignore[arg-type]
+        box_start=tuple(int(v) for v in lo),  # type: ignore[arg-type]
+        source=volume.meta.get("source"),
+    )
+
+
+def _check_input(volume: Volume, mask: Volume | None, source: str) -> None:
     if volume.array.ndim != 3:
         raise VolumeContentError(f"{source}: preprocessing needs a 3D volume; got shape {volume.shape}")
     if 1 in volume.shape:
@@ -414,62 +247,48 @@ def preprocess(volume: Volume, preprocessing: Preprocessing, *, mask: Volume | N
     if mask is not None:
         check_same_grid(volume, mask)
 
-    # 1-2. orientation and spacing (MONAI, affine tracked by the MetaTensor)
-    image_t = _orient_resample(_to_metatensor(volume.array, volume.affine), preprocessing.spacing, "bilinear")
-    resampled = image_t[0].numpy()
-    foreground_full = resampled > preprocessing.foreground_threshold
-    if not foreground_full.any():
-        lo_value, hi_value = np.min(volume.array), np.max(volume.array)
-        hint = (
-            f"every voxel is {float(lo_value):g} (a constant volume): there is no image to "
-            "score or train on" if lo_value == hi_value else
-            "check the modality or set preprocessing.foreground_threshold"
-        )
-        raise VolumeContentError(
-            f"{source}: no voxel above the foreground threshold "
-            f"{preprocessing.foreground_threshold:g} (modality {preprocessing.modality}); {hint}"
-        )
 
-    # 3. a window of `shape` voxels centred on the foreground's bounding box
-    target = np.asarray(preprocessing.shape)
-    box_lo, box_hi = _foreground_box(foreground_full)
+def no_foreground_error(native: Any, preprocessing: Preprocessing, source: str) -> VolumeContentError:
+    """The error for a volume with no voxel above the foreground threshold."""
+    lo_value, hi_value = np.min(native), np.max(native)
+    hint = (
+        f"every voxel is {float(lo_value):g} (a constant volume): there is no image to "
+        "score or train on" if lo_value == hi_value else
+        "check the modality or set preprocessing.foreground_threshold"
+    )
+    return VolumeContentError(
+        f"{source}: no voxel above the foreground threshold "
+        f"{preprocessing.foreground_threshold:g} (modality {preprocessing.modality}); {hint}"
+    )
+
+
+def model_window(
+    foreground: np.ndarray, shape: Sequence[int], source: str, *, stacklevel: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3's window ``[lo, hi)``: ``shape`` voxels centred on the foreground's bounding box.
+
+    Symmetric up to one voxel (``lo = box_lo + floor((extent - shape) / 2)``); ``lo`` is
+    negative and ``hi`` beyond the grid where the window must be padded. Warns when the
+    foreground is larger than ``shape`` (its edges are then cropped).
+    """
+    target = np.asarray(shape)
+    box_lo, box_hi = _foreground_box(foreground)
     extent = box_hi - box_lo
     lo = box_lo + (extent - target) // 2  # floor: symmetric up to one voxel
-    hi = lo + target
     if (extent > target).any():
         warnings.warn(
             f"{source}: the foreground's extent {tuple(int(e) for e in extent)} voxels exceeds "
-            f"the model grid {tuple(preprocessing.shape)}; its edges are cropped",
-            stacklevel=2,
+            f"the model grid {tuple(int(t) for t in target)}; its edges are cropped",
+            stacklevel=stacklevel,
         )
-    pad_value = float(resampled.min())
-    image_t = _crop_pad(image_t, lo, hi, pad_value)
-    foreground = _crop_pad_numpy(foreground_full, lo, hi, False)
+    return lo, lo + target
 
-    # 4. intensity: a_min -> 0, a_max -> 1 (MONAI ScaleIntensityRange)
-    intensity = _intensity_map(preprocessing, image_t[0].numpy(), foreground, source)
-    scaled = ScaleIntensityRange(
-        a_min=intensity["a_min"], a_max=intensity["a_max"], b_min=MODEL_MIN, b_max=MODEL_MAX,
-        clip=preprocessing.clip,
-    )(image_t)
 
-    mask_out = None
-    if mask is not None:
-        mask_t = _orient_resample(_to_metatensor(mask.array, mask.affine), preprocessing.spacing, "nearest")
-        mask_t = _crop_pad(mask_t, lo, hi, 0.0)
-        mask_out = _cast_like(mask_t[0].numpy(), np.asarray(mask.array).dtype)
-
-    return Preprocessed(
-        image=np.ascontiguousarray(scaled[0].numpy(), dtype=np.float32),
-        mask=mask_out,
-        foreground=foreground,
-        affine=np.asarray(scaled.affine, dtype=np.float64),
-        intensity=intensity,
-        native_affine=np.asarray(volume.affine, dtype=np.float64),
-        native_shape=tuple(int(s) for s in volume.shape),  # type: ignore[arg-type]
-        box_start=tuple(int(v) for v in lo),  # type: ignore[arg-type]
-        source=volume.meta.get("source"),
-    )
+def _mask_to_model(mask: Volume, preprocessing: Preprocessing, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The mask through steps 1-3 (nearest neighbour, padded with 0), in its own dtype."""
+    mask_t = _orient_resample(_to_metatensor(mask.array, mask.affine), preprocessing.spacing, "nearest")
+    mask_t = _crop_pad(mask_t, lo, hi, 0.0)
+    return _cast_like(mask_t[0].numpy(), np.asarray(mask.array).dtype)
 
 
 def _cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -44,8 +44,7 @@ import logging
 import os
 import random
 import re
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,8 @@ import torch
 from torch import nn
 
 import medidiff
-from medidiff.errors import CheckpointError, ConfigError, OutputError
+from medidiff.errors import CheckpointError, ConfigError
+from medidiff.io.atomic import atomic_write, json_default
 
 __all__ = [
     "INFERENCE_FORMAT",
@@ -197,7 +197,7 @@ def save_inference(
 
     from safetensors.torch import save_file
 
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
 
 
@@ -407,7 +407,7 @@ def save_training_state(path: str | os.PathLike, state: Mapping[str, Any]) -> Pa
         "medidiff_version": medidiff.__version__,
         "state": dict(state),
     }
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 
@@ -626,26 +626,13 @@ def _check_kwargs_describe_weights(
             ) from None
 
 
-def _json_default(value: Any) -> Any:
-    """Convert the few non-JSON types a config commonly holds; refuse everything else."""
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    raise TypeError(f"{type(value).__name__} {value!r} is not JSON-serialisable")
-
-
 def _to_json(value: Any, name: str, path: Path) -> str:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
     if not isinstance(value, Mapping):
         raise CheckpointError(f"{path}: {name} must be a dict, got {type(value).__name__}")
     try:
-        return json.dumps(dict(value), sort_keys=True, allow_nan=False, default=_json_default)
+        return json.dumps(dict(value), sort_keys=True, allow_nan=False, default=json_default)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(
             f"{path}: {name} cannot be stored as JSON ({exc}); use plain numbers, strings, "
@@ -660,37 +647,6 @@ def _monai_version() -> str:
         return str(monai.__version__)
     except ImportError:  # pragma: no cover - monai is a hard dependency
         return "unknown"
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync, then rename over it."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write here ({exc.strerror or exc})") from None
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with tmp.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        # mkstemp creates the file readable by its owner only; give it the mode a plain
-        # open() would (0o666 less the umask) so shared run folders stay readable.
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: writing failed ({exc.strerror or exc})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -534,7 +534,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def _write_manifest(path: Path, rows: Iterable[Mapping[str, str]]) -> None:
-    from medidiff.io.volume import write_text_atomic
+    from medidiff.io import write_text_atomic
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
@@ -599,7 +599,7 @@ def _check_folder(out: Path, settings: Mapping[str, Any], overwrite: bool) -> No
 
 def _prepare_folder(out: Path, settings: Mapping[str, Any], num: int, overwrite: bool) -> None:
     """Rank 0: clear the folder on ``overwrite``, drop stale temporaries, record the config."""
-    from medidiff.io.volume import write_json_atomic
+    from medidiff.io import write_json_atomic
 
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -458,7 +458,7 @@ class Trainer:
         barrier(self.info)
         start = self.load_checkpoint() if resume else 0
         if self.info.is_main:
-            from medidiff.io.volume import write_text_atomic
+            from medidiff.io import write_text_atomic
 
             write_text_atomic(self.run_dir / "config.yaml", self.config.to_yaml())
         logger = _Logger(self.run_dir, append=resume and start > 0) if self.info.is_main else None

@@ -62,7 +62,7 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 100) -> Path:
     """Lay out ``fig``, write it as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    from medidiff.io.volume import atomic_path
+    from medidiff.io import atomic_path
 
     fig.tight_layout()
     with atomic_path(path) as tmp:

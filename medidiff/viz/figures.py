@@ -513,7 +513,7 @@ def _dataset_json(sample_data: str | os.PathLike) -> Path:
 
 def _entry(dataset: Path, split: str, prefer: str | None = None, kind: str | None = None) -> Any:
     """A datalist entry of ``split`` (with ``kind``), preferring a name containing ``prefer``."""
-    from medidiff.data.datasets import load_datalist
+    from medidiff.data.datalist import load_datalist
 
     entries = load_datalist(dataset, split=split)
     if kind is not None:

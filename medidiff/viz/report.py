@@ -231,7 +231,7 @@ def document(
 
 def write_html(path: str | os.PathLike, text: str) -> Path:
     """Write the page atomically."""
-    from medidiff.io.volume import write_text_atomic
+    from medidiff.io import write_text_atomic
 
     return write_text_atomic(path, text)
 

@@ -255,7 +255,7 @@ def load_inputs(sources: list[str], split: str | None, masks: str | None) -> lis
     """
     from dataclasses import replace
 
-    from medidiff.data.datasets import load_datalist
+    from medidiff.data.datalist import load_datalist
     from medidiff.errors import DataError
     from medidiff.io.volume import is_volume_path, strip_volume_suffix
 
@@ -358,7 +358,7 @@ def _write_scores(path: Path, rows: list[dict[str, Any]]) -> None:
     import csv
     import io
 
-    from medidiff.io.volume import write_text_atomic
+    from medidiff.io import write_text_atomic
 
     buffer = io.StringIO()
     writer = csv.DictWriter(
@@ -430,7 +430,7 @@ def run(args: argparse.Namespace) -> int:
     from medidiff.anomaly.detector import Thresholds, scan_output_paths
     from medidiff.runtime.distributed import barrier, cleanup, init_distributed, shard
     from medidiff.errors import MedidiffError
-    from medidiff.io.volume import check_writable_folder, write_json_atomic
+    from medidiff.io import check_writable_folder, write_json_atomic
 
     checkpoint = require_checkpoint(args)
     method, post = configs_from_args(args)

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from medidiff.runtime.distributed import cleanup, init_distributed, shard
     from medidiff.errors import ConfigError, MedidiffError, OutputError
-    from medidiff.io.volume import check_writable_folder
+    from medidiff.io import check_writable_folder
 
     checkpoint = require_checkpoint(args)
     if not 0 < args.fpr < 1:

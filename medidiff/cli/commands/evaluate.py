@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medidiff.io.volume import write_json_atomic
+    from medidiff.io import write_json_atomic
     from medidiff.anomaly.metrics import evaluate_cases
 
     if args.out:
@@ -129,7 +129,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse an --out that exists (without --overwrite), is a folder or cannot be written,
     before any work."""
     from medidiff.errors import OutputError
-    from medidiff.io.volume import check_writable_folder
+    from medidiff.io import check_writable_folder
 
     if out.is_dir():
         raise OutputError(f"--out {out}: is a folder; give a .json file name")
@@ -156,16 +156,14 @@ def _truth_targets(
     truth: str, split: str | None
 ) -> tuple[list[dict[str, Any]], list[str], str | None]:
     """Ground-truth cases (dicts: name, truth, mask, group), entries without truth, split used."""
+    from medidiff.data.datalist import volume_files
     from medidiff.errors import DataError
-    from medidiff.io.volume import VOLUME_SUFFIXES, is_volume_path, strip_volume_suffix
+    from medidiff.io.volume import VOLUME_SUFFIXES, strip_volume_suffix
 
     path = Path(truth).expanduser()
     no_truth: list[str] = []
     if path.is_dir():
-        # listed here rather than with medidiff.data.datasets.load_datalist, whose import pulls in
-        # torch and MONAI (seconds) for what is a directory listing
-        files = sorted(p for p in path.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and is_volume_path(p))
+        files = volume_files(path)
         if not files:
             raise DataError(
                 f"--truth {path}: no lesion masks ({', '.join(VOLUME_SUFFIXES)}) in this folder"
@@ -173,7 +171,7 @@ def _truth_targets(
         targets = [{"name": strip_volume_suffix(p.name), "truth": p, "mask": None, "group": None}
                    for p in files]
     elif path.is_file() and path.name.lower().endswith((".json", ".csv", ".tsv")):
-        from medidiff.data.datasets import load_datalist
+        from medidiff.data.datalist import load_datalist
 
         if split is None and path.name.lower().endswith(".json"):
             split = "test"

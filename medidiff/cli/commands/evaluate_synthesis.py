@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_out(out, args.overwrite)  # exists without --overwrite, or not writable: before any work
 
-    from medidiff.io.volume import write_json_atomic
+    from medidiff.io import write_json_atomic
     from medidiff.synthesis.metrics import evaluate_synthesis
 
     result = evaluate_synthesis(

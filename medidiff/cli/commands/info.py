@@ -24,7 +24,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from medidiff.io.volume import Volume
+    from medidiff.io import Volume
 
 # Extra metadata worth showing when a reader provides it.
 _DETAIL_KEYS = (
@@ -61,15 +61,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from medidiff.io.volume import load_volume
+    from medidiff.io import Volume, load_volume
+    from medidiff.io.reading import dedupe, native_stderr_to
 
-    volume = load_volume(
-        args.file,
-        volume_index=args.volume_index,
-        allow_non_finite=True,
-        allow_4d=True,
-        series_uid=args.series_uid,
-    )
+    # this command owns its process: text that JPEG/JPEG 2000 decoders print straight to
+    # stderr becomes warning rows, so stderr keeps only the one-line error
+    native: list[str] = []
+    with native_stderr_to(native):
+        volume = load_volume(
+            args.file,
+            volume_index=args.volume_index,
+            allow_non_finite=True,
+            allow_4d=True,
+            series_uid=args.series_uid,
+        )
+    if native:
+        notes = dedupe([*volume.meta.get("warnings", []), *native])
+        volume = Volume(volume.array, volume.affine, {**volume.meta, "warnings": notes})
     summary = describe(volume)
     if args.json:
         # one key per line, each value compact (the affine stays a readable 4x4 list)

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     from medidiff.config import Config
     from medidiff.errors import OutputError
-    from medidiff.io.volume import check_writable_folder
+    from medidiff.io import check_writable_folder
     from medidiff.training.trainer import Trainer
 
     config = Config.from_yaml(args.config, args.overrides)
