@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medidiff.io.images import display_view, mid_slice, new_figure, save_figure, save_image_grid
+from medidiff.io.images import display_view, mid_slice, new_figure, save_figure
 from medidiff.viz.overlay import overlay_figure
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -137,8 +137,8 @@ def noising_strip(
         alpha_bar = float(alpha_bar_at(schedule, torch.tensor([t]))[0])
         vmin, vmax = (0.0, 1.0) if t < 0 else robust_range(x_t)
         label = "x_0 (clean)" if t < 0 else f"t={t}"
-        show_panel(ax, x_t, f"{label}\n" + r"$\sqrt{\bar\alpha_t}$" + f"={math.sqrt(alpha_bar):.3f}",
-              vmin=vmin, vmax=vmax)
+        title = f"{label}\n" + r"$\sqrt{\bar\alpha_t}$" + f"={math.sqrt(alpha_bar):.3f}"
+        show_panel(ax, x_t, title, vmin=vmin, vmax=vmax)
     fig.suptitle(f"forward process q(x_t | x_0), {noise_spec.kind} noise", fontsize=9)
     return fig
 

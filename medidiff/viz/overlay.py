@@ -131,8 +131,26 @@ def overlay_figure(
     map_max: float | None = None,
     title: str | None = None,
 ) -> Any:
-    """The overlay montage as a :class:`matplotlib.figure.Figure` (arguments as
-    :func:`save_overlay`, without the path)."""
+    """The overlay montage: one row per axial slice; input, reconstruction, map, contour.
+
+    Args:
+        image: the input on the model grid, ``(X, Y, Z)`` RAS, values in [0, 1].
+        reconstruction: the reconstruction, same grid.
+        anomaly_map: the anomaly map, same grid.
+        segmentation: optional bool ``(X, Y, Z)``: its contour is drawn in red.
+        truth: optional ground-truth mask: its contour is drawn in green.
+        region: mask used to choose slices (default: where the image is non-zero).
+        slices: explicit axial slice indices (default :func:`choose_slices`).
+        num_slices: how many slices when choosing.
+        map_max: top of the map's colour scale (default: its 99.9th percentile). Give a
+            fixed value, e.g. :func:`map_scale` of the calibrated thresholds, to make
+            overlays of different scans comparable. Values at or below
+            :data:`MAP_FLOOR` of it are transparent.
+        title: figure title.
+
+    Returns:
+        A :class:`matplotlib.figure.Figure` (Agg canvas, no pyplot).
+    """
     image = np.asarray(image, dtype=np.float32)
     amap = np.asarray(anomaly_map, dtype=np.float32)
     if region is None:
@@ -167,38 +185,17 @@ def save_overlay(
     reconstruction: np.ndarray,
     anomaly_map: np.ndarray,
     path: str | os.PathLike,
-    *,
-    segmentation: np.ndarray | None = None,
-    truth: np.ndarray | None = None,
-    region: np.ndarray | None = None,
-    slices: list[int] | None = None,
-    num_slices: int = 4,
-    map_max: float | None = None,
-    title: str | None = None,
+    **options: Any,
 ) -> Path:
-    """Write a montage: one row per axial slice; input, reconstruction, map, contour.
+    """Write the montage of :func:`overlay_figure` as PNG (atomically, 80 dpi).
 
     Args:
-        image: the input on the model grid, ``(X, Y, Z)`` RAS, values in [0, 1].
-        reconstruction: the reconstruction, same grid.
-        anomaly_map: the anomaly map, same grid.
-        path: the PNG to write (atomically).
-        segmentation: optional bool ``(X, Y, Z)``: its contour is drawn in red.
-        truth: optional ground-truth mask: its contour is drawn in green.
-        region: mask used to choose slices (default: where the image is non-zero).
-        slices: explicit axial slice indices (default :func:`choose_slices`).
-        num_slices: how many slices when choosing.
-        map_max: top of the map's colour scale (default: its 99.9th percentile). Give a
-            fixed value, e.g. :func:`map_scale` of the calibrated thresholds, to make
-            overlays of different scans comparable. Values at or below
-            :data:`MAP_FLOOR` of it are transparent.
-        title: figure title.
+        image, reconstruction, anomaly_map: as :func:`overlay_figure`.
+        path: the PNG to write.
+        **options: the keyword arguments of :func:`overlay_figure` (``segmentation``,
+            ``truth``, ``region``, ``slices``, ``num_slices``, ``map_max``, ``title``).
 
     Returns:
         The written path.
     """
-    fig = overlay_figure(
-        image, reconstruction, anomaly_map, segmentation=segmentation, truth=truth,
-        region=region, slices=slices, num_slices=num_slices, map_max=map_max, title=title,
-    )
-    return save_figure(fig, path, dpi=80)
+    return save_figure(overlay_figure(image, reconstruction, anomaly_map, **options), path, dpi=80)
