@@ -69,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     from medidiff.anomaly.detector import AnomalyDetector, calibrate
     from medidiff.data.datalist import load_datalist
     from medidiff.errors import MedidiffError
-    from medidiff.viz.figures import loss_curve, save_how_it_works_figures
+    from medidiff.io.images import save_figure
+    from medidiff.viz.curves import loss_curve
+    from medidiff.viz.figures import save_how_it_works_figures
     from medidiff.models.pretrained import resolve_checkpoint
-    from medidiff.viz.display import save_figure
 
     start = time.perf_counter()
     try:

@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medidiff.viz.report import document, esc, fmt, image, section, table
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -86,19 +84,6 @@ def test_baseline_level_is_the_median_normalised_brain_intensity(tiny_checkpoint
     detector = AnomalyDetector(tiny_checkpoint_2d)
     with pytest.raises(ConfigError, match="method"):
         detector.use_thresholds(thresholds)  # a diffusion method refuses the baseline's
-
-
-# ---- the HTML writer --------------------------------------------------------------------
-
-
-def test_html_writer_escapes_text_and_formats_numbers():
-    page = document("a <b> & c", [section("S", table(["x", "<y>"], [["<script>", 0.12345],
-                                                                  [None, float("nan")]]), "s")])
-    assert "<script>" not in page and "&lt;script&gt;" in page
-    assert "0.123" in page and page.count("n/a") == 2
-    assert fmt(3) == "3" and fmt(True) == "yes" and fmt(float("inf")) == "n/a"
-    assert esc('"') == "&quot;"
-    assert "not available" in image(None, "montage").html
 
 
 # ---- the demo's pieces ------------------------------------------------------------------

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from medidiff.viz import figures
 from medidiff.diffusion.core import NoiseSchedule, inference_timesteps
-from medidiff.errors import ConfigError, DataError
-from medidiff.viz.figures import display_view
 from medidiff.diffusion.noise import NoiseSpec, sample_noise
-from medidiff.viz.display import save_figure
+from medidiff.errors import ConfigError, DataError
+from medidiff.io.images import display_view, save_figure
+from medidiff.viz import figures
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
@@ -87,7 +86,7 @@ def test_noising_strip_rejects_bad_input():
 
 def test_display_view_puts_anterior_up():
     x = np.zeros((4, 6))
-    x[0, 5] = 1  # patient right (x = 0), most anterior (largest y)
+    x[0, 5] = 1  # patient's left (x = 0 in RAS), most anterior (largest y)
     view = display_view(x)
     assert view.shape == (6, 4) and view[0, 0] == 1
 

@@ -1,71 +1,58 @@
-"""PNG montages, overlays and (later) the HTML report. Matplotlib with the Agg backend."""
+"""Shared drawing pieces of the figures and overlays: one panel, a contour, a display range.
+
+The writers and the display orientation live in :mod:`medidiff.io.images` (writing a PNG is
+I/O, used below the viz layer too) and are re-exported here: :func:`save_image_grid`,
+:func:`save_figure`, :func:`display_view` (RAS ``(X, Y)`` -> screen: anterior up,
+neurological convention), :func:`mid_slice`, :func:`new_figure`. Figures are
+:class:`matplotlib.figure.Figure` objects on an Agg canvas; nothing here imports pyplot or
+switches matplotlib's backend.
+"""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from medidiff.io.images import display_view, mid_slice, new_figure, save_figure, save_image_grid
 
-def _mid_slice(img: np.ndarray) -> np.ndarray:
-    """A 2D view of one sample: ``(C, H, W)`` -> channel 0; ``(C, X, Y, Z)`` -> axial middle."""
-    img = np.asarray(img)
-    if img.ndim == 4:
-        img = img[0, :, :, img.shape[-1] // 2]
-    elif img.ndim == 3:
-        img = img[0]
-    return img
-
-
-def save_image_grid(
-    images: np.ndarray,
-    path: str | os.PathLike,
-    *,
-    title: str | None = None,
-    columns: int = 8,
-    vmin: float | None = 0.0,
-    vmax: float | None = 1.0,
-) -> Path:
-    """Write a grid of images as PNG (atomically).
-
-    Args:
-        images: ``(N, C, H, W)`` or ``(N, C, X, Y, Z)`` (the axial middle slice is shown);
-            arrays are in RAS order, so they are shown transposed with anterior up.
-        path: the PNG to write.
-        title: optional figure title.
-        columns: images per row.
-        vmin, vmax: display range (``None``: per-image range).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(images)
-    cols = max(1, min(columns, n))
-    rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows + (0.3 if title else 0)), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for i, img in enumerate(images):
-        ax = axes.ravel()[i]
-        # RAS (x, y): transpose so rows are y, flip so anterior is up; neurological
-        # convention (patient's right on the right).
-        ax.imshow(np.flipud(_mid_slice(img).T), cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return save_figure(fig, path, dpi=100)
+__all__ = [
+    "axial",
+    "display_view",
+    "draw_contour",
+    "mid_slice",
+    "new_figure",
+    "robust_range",
+    "save_figure",
+    "save_image_grid",
+    "show_panel",
+]
 
 
-def save_figure(fig, path: str | os.PathLike, *, dpi: int = 100) -> Path:
-    """Lay out ``fig``, write it as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
+def axial(x: np.ndarray) -> np.ndarray:
+    """(X, Y) as is; (X, Y, Z) -> the axial middle slice."""
+    x = np.asarray(x)
+    return x[:, :, x.shape[2] // 2] if x.ndim == 3 else x
 
-    from medidiff.io import atomic_path
 
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
-    return Path(path)
+def show_panel(ax: Any, slice_2d: np.ndarray, title: str, *, vmin: float | None = 0.0,
+               vmax: float | None = 1.0, cmap: str = "gray") -> Any:
+    """Draw one axial RAS slice as a panel (no axes, small title); return its AxesImage."""
+    image = ax.imshow(display_view(slice_2d), cmap=cmap, vmin=vmin, vmax=vmax,
+                      interpolation="nearest")
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    return image
+
+
+def draw_contour(ax: Any, mask_2d: np.ndarray, color: str, *, linewidth: float = 0.9) -> None:
+    """The 0.5 contour of an axial RAS mask slice, in display orientation (nothing if empty)."""
+    view = display_view(np.asarray(mask_2d, dtype=float))
+    if view.max() > 0:
+        ax.contour(view, levels=[0.5], colors=color, linewidths=linewidth)
+
+
+def robust_range(x: np.ndarray) -> tuple[float, float]:
+    """The 0.5th and 99.5th percentiles (a display range that noise does not blow up)."""
+    lo, hi = np.percentile(np.asarray(x, dtype=np.float64), [0.5, 99.5])
+    return float(lo), float(max(hi, lo + 1e-6))

@@ -10,13 +10,14 @@ Four strips and a loss curve, used by ``docs/how_it_works.md`` (made by
   x_t and the network's x_0 estimate at evenly chosen steps (Ho et al. 2020; Song et al. 2021).
 - :func:`anomaly_strip`: partial-diffusion anomaly detection on one scan: input, x_t at the
   method's start, reconstruction, anomaly map, segmentation and ground truth.
-- :func:`loss_curve`: the training loss of a run's ``metrics.csv``.
+- :func:`loss_curve`: the training loss of a run's ``metrics.csv`` (from
+  :mod:`medidiff.viz.curves`, re-exported here).
 
-Slices are axial slices of the RAS model grid ``(X, Y)``, shown as
-:func:`medidiff.viz.display.save_image_grid` does: transposed and flipped so that anterior is
-up and the patient's right is on the right (neurological convention). Every function
-returns a matplotlib ``Figure`` (Agg backend); write it with
-:func:`medidiff.viz.display.save_figure`. The pixel arrays a panel shows are the
+Slices are axial slices of the RAS model grid ``(X, Y)``, shown with
+:func:`medidiff.io.images.display_view`: transposed and flipped so that anterior is up and
+the patient's right is on the right (neurological convention). Every function returns a
+:class:`matplotlib.figure.Figure` on an Agg canvas (no pyplot, no backend switch); write it
+with :func:`medidiff.io.images.save_figure`. The pixel arrays a panel shows are the
 ``AxesImage`` arrays of its axes (``fig.axes[i].images[0].get_array()``), in display
 orientation (see :func:`display_view`).
 
@@ -33,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -46,6 +46,15 @@ import numpy as np
 import torch
 
 from medidiff.errors import ConfigError, DataError
+from medidiff.viz.curves import loss_curve
+from medidiff.viz.display import (
+    axial,
+    display_view,
+    draw_contour,
+    new_figure,
+    robust_range,
+    show_panel,
+)
 
 __all__ = [
     "FIGURE_NAMES",
@@ -65,53 +74,10 @@ FIGURE_NAMES = {"noising": "noising.png", "reverse": "reverse.png", "anomaly": "
 _PANEL_INCH = 1.7  # width of one panel in inches
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def display_view(slice_2d: np.ndarray) -> np.ndarray:
-    """An axial RAS slice ``(X, Y)`` in display orientation ``(Y, X)``: anterior up.
-
-    Args:
-        slice_2d: ``(X, Y)`` array of the RAS model grid.
-
-    Returns:
-        ``flipud(slice_2d.T)``, the array a panel shows.
-    """
-    return np.flipud(np.asarray(slice_2d).T)
-
-
 def _to_numpy(x: Any) -> np.ndarray:
     if torch.is_tensor(x):
         return x.detach().float().cpu().numpy()
     return np.asarray(x, dtype=np.float32)
-
-
-def _axial(x: np.ndarray) -> np.ndarray:
-    """(X, Y) as is; (X, Y, Z) -> the axial middle slice."""
-    x = np.asarray(x)
-    return x[:, :, x.shape[2] // 2] if x.ndim == 3 else x
-
-
-def _show(ax: Any, slice_2d: np.ndarray, title: str, *, vmin: float | None = 0.0,
-          vmax: float | None = 1.0, cmap: str = "gray") -> Any:
-    """Draw one panel (no axes, small title) and return its AxesImage."""
-    image = ax.imshow(display_view(slice_2d), cmap=cmap, vmin=vmin, vmax=vmax,
-                      interpolation="nearest")
-    ax.set_title(title, fontsize=8)
-    ax.axis("off")
-    return image
-
-
-def _robust_range(x: np.ndarray) -> tuple[float, float]:
-    """The 0.5th and 99.5th percentiles (a display range that noise does not blow up)."""
-    lo, hi = np.percentile(np.asarray(x, dtype=np.float64), [0.5, 99.5])
-    return float(lo), float(max(hi, lo + 1e-6))
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,15 +131,14 @@ def noising_strip(
     x0 = torch.from_numpy(np.ascontiguousarray(x0_np))[None, None]  # (1, 1, X, Y)
     eps = sample_noise(noise_spec, tuple(x0.shape), seeds=[int(seed)])
 
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(steps), figsize=(_PANEL_INCH * len(steps), 2.3), squeeze=False)
+    fig, axes = new_figure(1, len(steps), (_PANEL_INCH * len(steps), 2.3))
     for ax, t in zip(axes[0], steps):
         x_t = q_sample(schedule, x0, t, eps)[0, 0].numpy()
         alpha_bar = float(alpha_bar_at(schedule, torch.tensor([t]))[0])
-        vmin, vmax = (0.0, 1.0) if t < 0 else _robust_range(x_t)
+        vmin, vmax = (0.0, 1.0) if t < 0 else robust_range(x_t)
         label = "x_0 (clean)" if t < 0 else f"t={t}"
-        _show(ax, x_t, f"{label}\n" + r"$\sqrt{\bar\alpha_t}$" + f"={math.sqrt(alpha_bar):.3f}",
-              vmin=vmin, vmax=vmax)
+        title = f"{label}\n" + r"$\sqrt{\bar\alpha_t}$" + f"={math.sqrt(alpha_bar):.3f}"
+        show_panel(ax, x_t, title, vmin=vmin, vmax=vmax)
     fig.suptitle(f"forward process q(x_t | x_0), {noise_spec.kind} noise", fontsize=9)
     return fig
 
@@ -278,16 +243,15 @@ def reverse_trajectory_strip(
     frames = reverse_trajectory(checkpoint, sampler=sampler, steps=steps, seed=seed, device=device)
     count = min(shown, len(frames))
     picks = sorted({int(round(i)) for i in np.linspace(0, len(frames) - 1, count)})
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, len(picks), figsize=(_PANEL_INCH * len(picks), 4.3), squeeze=False)
+    fig, axes = new_figure(2, len(picks), (_PANEL_INCH * len(picks), 4.3))
     for col, k in enumerate(picks):
         frame = frames[k]
-        x_t = _axial(frame.x_t)
+        x_t = axial(frame.x_t)
         last = frame.t < 0
-        rng = (0.0, 1.0) if last else _robust_range(x_t)
-        _show(axes[0, col], x_t, "sample x_0" if last else f"x_t, t={frame.t}",
+        rng = (0.0, 1.0) if last else robust_range(x_t)
+        show_panel(axes[0, col], x_t, "sample x_0" if last else f"x_t, t={frame.t}",
               vmin=rng[0], vmax=rng[1])
-        _show(axes[1, col], _axial(frame.pred_x0),
+        show_panel(axes[1, col], axial(frame.pred_x0),
               "sample x_0" if last else r"$\hat{x}_0$" + f" at t={frame.t}")
     fig.suptitle(f"reverse process: {sampler}, {len(frames) - 1} steps, seed {seed}", fontsize=9)
     return fig
@@ -327,12 +291,6 @@ def _noised_input(detector: Any, image: np.ndarray, z: int | None, name: str) ->
     return _to_numpy(x_t[0, 0])
 
 
-def _contour(ax: Any, mask_2d: np.ndarray, color: str) -> None:
-    view = display_view(np.asarray(mask_2d, dtype=float))
-    if view.max() > 0:
-        ax.contour(view, levels=[0.5], colors=color, linewidths=0.9)
-
-
 def anomaly_strip(
     detector: Any,
     volume: Any,
@@ -368,24 +326,42 @@ def anomaly_strip(
     Returns:
         The figure.
     """
+    if result is None:
+        result = _score(detector, volume, mask, thresholds)
+    truth_grid = _truth_on_grid(truth, result)
+    z = _strip_slice(slice_index, result.grid, truth_grid)
+    return _anomaly_panels(detector, result, truth_grid, z)
+
+
+def _score(detector: Any, volume: Any, mask: Any, thresholds: Any) -> Any:
+    """``detector.score(volume, mask=mask)`` with ``thresholds`` (a Thresholds, a file or
+    ``None`` for the detector's own); the detector's thresholds are restored afterwards."""
     from medidiff.anomaly.detector import Thresholds
+
+    saved = detector.thresholds
+    if thresholds is not None and not isinstance(thresholds, Thresholds):
+        thresholds = Thresholds.load(thresholds)
+    try:
+        if thresholds is not None:
+            detector.use_thresholds(thresholds)
+        return detector.score(volume, mask=mask)
+    finally:
+        detector.thresholds = saved
+
+
+def _truth_on_grid(truth: Any, result: Any) -> np.ndarray | None:
+    """The ground-truth Volume resampled (nearest) onto the result's model grid, as bool."""
     from medidiff.data.transforms import to_model
 
-    if result is None:
-        saved = detector.thresholds
-        if thresholds is not None and not isinstance(thresholds, Thresholds):
-            thresholds = Thresholds.load(thresholds)
-        try:
-            if thresholds is not None:
-                detector.use_thresholds(thresholds)
-            result = detector.score(volume, mask=mask)
-        finally:
-            detector.thresholds = saved
-    grid = result.grid
-    truth_grid = None
-    if truth is not None:
-        truth_grid = to_model(np.asarray(truth.array) > 0, result.preprocessed,
-                              reference=truth, interpolation="nearest") > 0
+    if truth is None:
+        return None
+    return to_model(np.asarray(truth.array) > 0, result.preprocessed,
+                    reference=truth, interpolation="nearest") > 0
+
+
+def _strip_slice(slice_index: Any, grid: Any, truth_grid: np.ndarray | None) -> int:
+    """The axial slice to show: ``slice_index`` (checked), else the slice with the most
+    ground-truth voxels, else the one with the largest anomaly-map mass."""
     depth = grid.image.shape[2]
     if slice_index is None:
         if truth_grid is not None and truth_grid.any():
@@ -400,7 +376,12 @@ def anomaly_strip(
         raise ConfigError(
             f"slice_index must be an integer in 0 .. {depth - 1}; got {slice_index!r}"
         )
-    z = slice_index
+    return slice_index
+
+
+def _anomaly_panels(detector: Any, result: Any, truth_grid: np.ndarray | None, z: int) -> Any:
+    """The strip of :func:`anomaly_strip` for axial slice ``z`` of a scored scan."""
+    grid = result.grid
     x_t = _noised_input(detector, grid.image, z, result.name)
     x_t_slice = x_t if detector.spatial_dims == 2 else x_t[:, :, z]
     method = detector.method
@@ -409,91 +390,23 @@ def anomaly_strip(
     image = grid.image[:, :, z]
     amap = grid.anomaly_map[:, :, z]
     panels = 4 + (grid.segmentation is not None) + (truth_grid is not None)
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, panels, figsize=(_PANEL_INCH * panels, 2.4), squeeze=False)
+    fig, axes = new_figure(1, panels, (_PANEL_INCH * panels, 2.4))
     axes = list(axes[0])
-    _show(axes[0], image, "input x_0")
-    lo, hi = _robust_range(x_t_slice)
-    _show(axes[1], x_t_slice, f"x_t, t={t} ({method.noise})", vmin=lo, vmax=hi)
-    _show(axes[2], grid.reconstruction[:, :, z], f"reconstruction ({method.method})")
+    show_panel(axes[0], image, "input x_0")
+    lo, hi = robust_range(x_t_slice)
+    show_panel(axes[1], x_t_slice, f"x_t, t={t} ({method.noise})", vmin=lo, vmax=hi)
+    show_panel(axes[2], grid.reconstruction[:, :, z], f"reconstruction ({method.method})")
     vmax = float(np.percentile(grid.anomaly_map[grid.mask], 99.9)) if grid.mask.any() else 1.0
-    _show(axes[3], amap, "anomaly map", vmin=0.0, vmax=max(vmax, 1e-6), cmap="hot")
+    show_panel(axes[3], amap, "anomaly map", vmin=0.0, vmax=max(vmax, 1e-6), cmap="hot")
     col = 4
     if grid.segmentation is not None:
-        _show(axes[col], image, "segmentation")
-        _contour(axes[col], grid.segmentation[:, :, z], "red")
+        show_panel(axes[col], image, "segmentation")
+        draw_contour(axes[col], grid.segmentation[:, :, z], "red")
         col += 1
     if truth_grid is not None:
-        _show(axes[col], image, "ground truth")
-        _contour(axes[col], truth_grid[:, :, z], "lime")
+        show_panel(axes[col], image, "ground truth")
+        draw_contour(axes[col], truth_grid[:, :, z], "lime")
     fig.suptitle(f"{result.name}: axial slice {z}, score {result.score:.4f}", fontsize=9)
-    return fig
-
-
-# --------------------------------------------------------------------------------------------
-# Training loss
-# --------------------------------------------------------------------------------------------
-
-
-def _read_loss(metrics_csv: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, losses) of a metrics.csv; a resumed run's repeated steps keep the last row."""
-    if not metrics_csv.is_file():
-        raise DataError(
-            f"{metrics_csv}: no such metrics file (a training run writes RUN_DIR/metrics.csv)"
-        )
-    by_step: dict[int, float] = {}
-    with open(metrics_csv, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        if "step" not in columns or "loss" not in columns:
-            raise DataError(f"{metrics_csv}: needs 'step' and 'loss' columns; has {columns}")
-        for row in reader:
-            try:
-                step, loss = int(float(row["step"])), float(row["loss"])
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(loss) and loss > 0:
-                by_step[step] = loss
-    if not by_step:
-        raise DataError(f"{metrics_csv}: no rows with a positive finite loss")
-    steps = np.array(sorted(by_step), dtype=np.int64)
-    return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
-
-
-def loss_curve(metrics_csv: str | os.PathLike, *, title: str | None = None) -> Any:
-    """The training loss against the step, log y, with a smoothed line.
-
-    The smoothed line is a centred moving average of log(loss) over an odd window of about
-    5 % of the logged points (at least 1; the ends repeat the first and last values), i.e.
-    a running geometric mean.
-
-    Args:
-        metrics_csv: a run's ``metrics.csv`` (columns ``step`` and ``loss``).
-        title: the figure title (default: the run folder's name).
-
-    Returns:
-        The figure.
-
-    Raises:
-        DataError: missing file, missing columns or no usable rows.
-    """
-    path = Path(metrics_csv)
-    steps, losses = _read_loss(path)
-    window = max(1, int(round(0.05 * len(losses)))) | 1  # odd, so the average is centred
-    logs = np.log(losses)
-    kernel = np.ones(window) / window
-    padded = np.pad(logs, window // 2, mode="edge")
-    smooth = np.exp(np.convolve(padded, kernel, mode="valid"))
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.0, 3.0))
-    ax.plot(steps, losses, color="0.7", linewidth=0.8, label="loss (logged)")
-    ax.plot(steps, smooth, color="C0", linewidth=1.6, label=f"moving geometric mean ({window})")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("noise-prediction MSE")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title if title is not None else path.parent.name, fontsize=9)
     return fig
 
 
@@ -570,10 +483,9 @@ def save_how_it_works_figures(
     from medidiff.models.checkpoint import load_inference
     from medidiff.config import Config
     from medidiff.diffusion.core import NoiseSchedule
-    from medidiff.io.volume import load_volume
     from medidiff.diffusion.noise import NoiseSpec
-    from medidiff.viz.display import save_figure
-    from medidiff.data.transforms import Preprocessing, preprocess
+    from medidiff.io.images import save_figure
+    from medidiff.data.transforms import Preprocessing
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -588,14 +500,9 @@ def save_how_it_works_figures(
     prep = Preprocessing.from_dict(ckpt.preprocessing)
 
     paths: dict[str, Path] = {}
-    raw = json.loads(dataset.read_text())
-    healthy = _entry(dataset, "validation" if raw.get("validation") else "training")
-    scan = preprocess(load_volume(healthy.image), prep,
-                      mask=load_volume(healthy.mask) if healthy.mask else None)
-    brain = scan.mask > 0 if scan.mask is not None else scan.foreground
-    z = int(np.argmax(np.asarray(brain).sum(axis=(0, 1))))
     paths["noising"] = save_figure(
-        noising_strip(scan.image[:, :, z], schedule, spec, seed=seed), out / FIGURE_NAMES["noising"]
+        noising_strip(_healthy_slice(dataset, prep), schedule, spec, seed=seed),
+        out / FIGURE_NAMES["noising"],
     )
     paths["reverse"] = save_figure(
         reverse_trajectory_strip(checkpoint, seed=seed, device=device),
@@ -603,8 +510,33 @@ def save_how_it_works_figures(
     )
     if detector is None:
         detector = AnomalyDetector(checkpoint, device=device, seed=seed)
+    fig = _tumour_strip(detector, dataset, thresholds, anomaly_result)
+    paths["anomaly"] = save_figure(fig, out / FIGURE_NAMES["anomaly"])
+    return paths
+
+
+def _healthy_slice(dataset: Path, prep: Any) -> np.ndarray:
+    """The axial slice with the most brain of the first healthy validation scan (training
+    split if there is none), preprocessed with ``prep``: ``(X, Y)``."""
+    from medidiff.data.transforms import preprocess
+    from medidiff.io.volume import load_volume
+
+    raw = json.loads(dataset.read_text())
+    healthy = _entry(dataset, "validation" if raw.get("validation") else "training")
+    scan = preprocess(load_volume(healthy.image), prep,
+                      mask=load_volume(healthy.mask) if healthy.mask else None)
+    brain = scan.mask > 0 if scan.mask is not None else scan.foreground
+    z = int(np.argmax(np.asarray(brain).sum(axis=(0, 1))))
+    return scan.image[:, :, z]
+
+
+def _tumour_strip(detector: Any, dataset: Path, thresholds: Any, anomaly_result: Any) -> Any:
+    """:func:`anomaly_strip` of a tumour test scan (``tumor-000`` if present) with its brain
+    mask and lesion label; ``anomaly_result`` is reused when it is that scan's."""
+    from medidiff.io.volume import load_volume
+
     case = _entry(dataset, "test", prefer="tumor-000", kind="tumor")
-    fig = anomaly_strip(
+    return anomaly_strip(
         detector,
         load_volume(case.image),
         mask=load_volume(case.mask) if case.mask else None,
@@ -612,5 +544,3 @@ def save_how_it_works_figures(
         thresholds=thresholds,
         result=anomaly_result if getattr(anomaly_result, "name", None) == case.name else None,
     )
-    paths["anomaly"] = save_figure(fig, out / FIGURE_NAMES["anomaly"])
-    return paths

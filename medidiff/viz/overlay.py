@@ -4,7 +4,8 @@ One row per axial slice (the last axis of the RAS model grid), four columns: the
 its reconstruction, the anomaly map (``hot`` colour map over the input), and the input
 with the segmentation's contour (and the ground truth's, when given). Slices are shown
 in neurological convention (patient's right on the right, anterior up), as
-:func:`medidiff.viz.display.save_image_grid` does.
+:func:`medidiff.io.images.display_view` does; :func:`overlay_figure` returns the
+:class:`matplotlib.figure.Figure`, :func:`save_overlay` writes it.
 
 Example:
     >>> import numpy as np, tempfile, os
@@ -24,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAP_FLOOR", "choose_slices", "map_scale", "save_overlay"]
+from medidiff.viz.display import display_view, draw_contour, new_figure, save_figure
+
+__all__ = ["MAP_FLOOR", "choose_slices", "map_scale", "overlay_figure", "save_overlay"]
 
 #: map values at or below this fraction of the colour scale's top are not drawn
 MAP_FLOOR = 0.25
@@ -62,11 +65,6 @@ def choose_slices(
     return sorted(chosen)
 
 
-def _view(slice_2d: np.ndarray) -> np.ndarray:
-    """RAS (x, y) -> display rows = y (anterior up), columns = x."""
-    return np.flipud(np.asarray(slice_2d).T)
-
-
 def map_scale(thresholds: Any) -> float | None:
     """A colour-scale top shared by every scan scored with the same thresholds.
 
@@ -78,11 +76,52 @@ def map_scale(thresholds: Any) -> float | None:
     return 3.0 * float(value) if value is not None and float(value) > 0 else None
 
 
-def save_overlay(
+def _map_top(amap: np.ndarray, map_max: float | None) -> float:
+    """The top of the map's colour scale: ``map_max``, else the 99.9th percentile of its
+    positive values (1 for an all-zero map)."""
+    positive = amap[amap > 0]
+    vmax = (
+        map_max
+        if map_max is not None
+        else (float(np.percentile(positive, 99.9)) if positive.size else 1.0)
+    )
+    return vmax if vmax > 0 else 1.0
+
+
+def _draw_row(
+    axes: Any,
+    z: int,
+    image: np.ndarray,
+    reconstruction: np.ndarray,
+    amap: np.ndarray,
+    vmax: float,
+    masks: tuple[tuple[np.ndarray | None, str], ...],
+) -> None:
+    """One axial slice ``z``: input, reconstruction, map over the input, contours."""
+    base = display_view(image[:, :, z])
+    panels = [base, display_view(reconstruction[:, :, z])]
+    for col, ax in enumerate(axes):
+        ax.axis("off")
+        if col < 2:
+            ax.imshow(panels[col], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        elif col == 2:
+            ax.imshow(base, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            # below a quarter of the scale (3/4 of the voxel threshold with map_scale) the
+            # input shows through: healthy tissue stays grey instead of dark red
+            shown = np.ma.masked_less_equal(display_view(amap[:, :, z]), vmax * MAP_FLOOR)
+            ax.imshow(shown, cmap="hot", vmin=0, vmax=vmax, alpha=0.8, interpolation="nearest")
+        else:
+            ax.imshow(base, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            for mask, colour in masks:
+                if mask is not None:
+                    draw_contour(ax, mask[:, :, z], colour, linewidth=0.8)
+    axes[0].text(1, 3, f"z={z}", color="yellow", fontsize=6, va="top")
+
+
+def overlay_figure(
     image: np.ndarray,
     reconstruction: np.ndarray,
     anomaly_map: np.ndarray,
-    path: str | os.PathLike,
     *,
     segmentation: np.ndarray | None = None,
     truth: np.ndarray | None = None,
@@ -91,14 +130,13 @@ def save_overlay(
     num_slices: int = 4,
     map_max: float | None = None,
     title: str | None = None,
-) -> Path:
-    """Write a montage: one row per axial slice; input, reconstruction, map, contour.
+) -> Any:
+    """The overlay montage: one row per axial slice; input, reconstruction, map, contour.
 
     Args:
         image: the input on the model grid, ``(X, Y, Z)`` RAS, values in [0, 1].
         reconstruction: the reconstruction, same grid.
         anomaly_map: the anomaly map, same grid.
-        path: the PNG to write (atomically).
         segmentation: optional bool ``(X, Y, Z)``: its contour is drawn in red.
         truth: optional ground-truth mask: its contour is drawn in green.
         region: mask used to choose slices (default: where the image is non-zero).
@@ -111,63 +149,53 @@ def save_overlay(
         title: figure title.
 
     Returns:
-        The written path.
+        A :class:`matplotlib.figure.Figure` (Agg canvas, no pyplot).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from medidiff.viz.display import save_figure
-
     image = np.asarray(image, dtype=np.float32)
     amap = np.asarray(anomaly_map, dtype=np.float32)
     if region is None:
         region = image > 0
     if slices is None:
         slices = choose_slices(amap, region, num_slices)
-    positive = amap[amap > 0]
-    vmax = (
-        map_max
-        if map_max is not None
-        else (float(np.percentile(positive, 99.9)) if positive.size else 1.0)
-    )
-    vmax = vmax if vmax > 0 else 1.0
+    vmax = _map_top(amap, map_max)
     columns = [
         "input",
         "reconstruction",
         "anomaly map",
         "segmentation" if segmentation is not None else "input",
     ]
-    fig, axes = plt.subplots(
-        len(slices), 4, figsize=(8.0, 2.1 * len(slices) + (0.4 if title else 0.1)), squeeze=False
+    fig, axes = new_figure(
+        len(slices), 4, (8.0, 2.1 * len(slices) + (0.4 if title else 0.1))
+    )
+    masks = tuple(
+        (None if mask is None else np.asarray(mask), colour)
+        for mask, colour in ((truth, "lime"), (segmentation, "red"))
     )
     for row, z in enumerate(slices):
-        base = _view(image[:, :, z])
-        panels = [base, _view(np.asarray(reconstruction)[:, :, z])]
-        for col, ax in enumerate(axes[row]):
-            ax.axis("off")
-            if col < 2:
-                ax.imshow(panels[col], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            elif col == 2:
-                ax.imshow(base, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-                # below a quarter of the scale (3/4 of the voxel threshold with map_scale) the
-                # input shows through: healthy tissue stays grey instead of dark red
-                shown = np.ma.masked_less_equal(_view(amap[:, :, z]), vmax * MAP_FLOOR)
-                ax.imshow(shown, cmap="hot", vmin=0, vmax=vmax, alpha=0.8, interpolation="nearest")
-            else:
-                ax.imshow(base, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-                for mask, colour in ((truth, "lime"), (segmentation, "red")):
-                    if mask is not None and np.asarray(mask)[:, :, z].any():
-                        ax.contour(
-                            _view(np.asarray(mask)[:, :, z].astype(np.float32)),
-                            levels=[0.5],
-                            colors=colour,
-                            linewidths=0.8,
-                        )
-            if row == 0:
-                ax.set_title(columns[col], fontsize=8)
-        axes[row][0].text(1, 3, f"z={z}", color="yellow", fontsize=6, va="top")
+        _draw_row(axes[row], z, image, np.asarray(reconstruction), amap, vmax, masks)
+    for col, ax in enumerate(axes[0]):
+        ax.set_title(columns[col], fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    return save_figure(fig, path, dpi=80)
+    return fig
+
+
+def save_overlay(
+    image: np.ndarray,
+    reconstruction: np.ndarray,
+    anomaly_map: np.ndarray,
+    path: str | os.PathLike,
+    **options: Any,
+) -> Path:
+    """Write the montage of :func:`overlay_figure` as PNG (atomically, 80 dpi).
+
+    Args:
+        image, reconstruction, anomaly_map: as :func:`overlay_figure`.
+        path: the PNG to write.
+        **options: the keyword arguments of :func:`overlay_figure` (``segmentation``,
+            ``truth``, ``region``, ``slices``, ``num_slices``, ``map_max``, ``title``).
+
+    Returns:
+        The written path.
+    """
+    return save_figure(overlay_figure(image, reconstruction, anomaly_map, **options), path, dpi=80)
