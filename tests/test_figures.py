@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from medidiff.viz import figures
-from medidiff.diffusion.core import NoiseSchedule, inference_timesteps
+from medidiff.diffusion import NoiseSchedule, inference_timesteps
 from medidiff.errors import ConfigError, DataError
 from medidiff.viz.figures import display_view
 from medidiff.diffusion.noise import NoiseSpec, sample_noise
@@ -141,7 +141,7 @@ def tumour():
 
 def test_anomaly_strip_panels_and_noise(tiny_checkpoint_2d, tumour, tmp_path):
     from medidiff.anomaly.detector import AnomalyDetector, MethodConfig
-    from medidiff.diffusion.core import predict_x0
+    from medidiff.diffusion import predict_x0
     from medidiff.data.transforms import to_model
 
     detector = AnomalyDetector(tiny_checkpoint_2d, MethodConfig("x0"), seed=4)

@@ -221,7 +221,7 @@ def test_labels_change_the_output(tiny_checkpoint_2d_conditional):
 
 
 def test_guidance_zero_is_exactly_the_unconditional_path(tiny_checkpoint_2d_conditional):
-    from medidiff.diffusion.core import sample
+    from medidiff.diffusion import sample
 
     ckpt = tiny_checkpoint_2d_conditional
     uncond = Synthesizer(ckpt, device="cpu", steps=3, batch_size=2)

@@ -152,7 +152,7 @@ def test_conditional_training_with_preview(tmp_path):
 
 def test_preview_samples_with_the_training_noise(tmp_path, monkeypatch):
     """A simplex-trained model must be previewed from simplex noise, not Gaussian."""
-    import medidiff.diffusion.core as diffusion
+    import medidiff.diffusion.sampling as diffusion
 
     seen = {}
     real_sample = diffusion.sample

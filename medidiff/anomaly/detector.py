@@ -488,7 +488,7 @@ class AnomalyDetector:
         progress: bool = False,
     ) -> None:
         from medidiff.models.checkpoint import LoadedModel, build_model_from_checkpoint
-        from medidiff.diffusion.core import NoiseSchedule, resolve_null_label
+        from medidiff.diffusion import NoiseSchedule, resolve_null_label
         from medidiff.models.unet import prepare_for_inference
         from medidiff.runtime.distributed import resolve_device
         from medidiff.diffusion.noise import NoiseSpec

@@ -28,8 +28,8 @@ is half the network's input along each axis with a stride of half a patch (50 % 
 i.e. 3 x 3 patches on a 2D slice, so that every pixel is noised in 1 to 4 patches. It can be
 set in voxels (``patch_size``, ``patch_stride``).
 
-All methods rest on :func:`medidiff.diffusion.core.partial_reconstruction` (``patched`` noises
-its patch itself and uses the reverse half, :func:`medidiff.diffusion.core.denoise`).
+All methods rest on :func:`medidiff.diffusion.partial_reconstruction` (``patched`` noises
+its patch itself and uses the reverse half, :func:`medidiff.diffusion.denoise`).
 Randomness is per image: image ``b`` draws all its noise from seeds derived from
 ``seeds[b]`` (and the start / patch index), so a scan's map does not depend on the batch.
 
@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from medidiff.diffusion.core import ModelFn, NoiseSchedule, denoise, partial_reconstruction, q_sample
+from medidiff.diffusion import ModelFn, NoiseSchedule, denoise, partial_reconstruction, q_sample
 from medidiff.errors import ConfigError
 from medidiff.diffusion.noise import NOISE_KINDS, NoiseSpec, sample_noise
 

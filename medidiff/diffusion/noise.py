@@ -34,11 +34,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from medidiff.constants import NOISE_KINDS
 from medidiff.errors import ConfigError
 
 __all__ = ["NOISE_KINDS", "NoiseSpec", "per_sample_generators", "sample_noise"]
-
-NOISE_KINDS = ("gaussian", "simplex")
 
 # Period of the lattice hash: lattice coordinates are taken modulo 256.
 _PERM_SIZE = 256

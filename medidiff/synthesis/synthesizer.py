@@ -24,7 +24,7 @@ scans; CT: the HU window); without a reference they stay on [0, 1] and the manif
 ``intensity`` column says so.
 
 Reproducibility: sample ``i`` draws all its noise from a generator seeded with
-``seed + i`` (:func:`medidiff.diffusion.core.sample` with per-sample ``seeds``), so it is the
+``seed + i`` (:func:`medidiff.diffusion.sample` with per-sample ``seeds``), so it is the
 same whatever the batch size, the number of ranks or an interruption and resume (on the
 same kind of device).
 
@@ -231,7 +231,7 @@ class Synthesizer:
         from medidiff.models.checkpoint import InferenceCheckpoint, build_model_from_checkpoint, load_inference
         from medidiff.models.unet import prepare_for_inference
         from medidiff.config import Config
-        from medidiff.diffusion.core import NoiseSchedule
+        from medidiff.diffusion import NoiseSchedule
         from medidiff.runtime.distributed import resolve_device
         from medidiff.diffusion.noise import NoiseSpec
         from medidiff.data.transforms import Preprocessing
@@ -304,7 +304,7 @@ class Synthesizer:
         self.model = prepare_for_inference(build_model_from_checkpoint(ckpt, device=self.device).model, self.device)
         self._null_label: int | None = None
         if self.num_classes is not None:
-            from medidiff.diffusion.core import resolve_null_label
+            from medidiff.diffusion import resolve_null_label
 
             self._null_label = resolve_null_label(self.model)
 
@@ -411,11 +411,11 @@ class Synthesizer:
         """The denoiser the sampler calls for a batch of ``batch`` samples.
 
         An unconditional model is called as is. A conditional one goes through
-        :func:`medidiff.diffusion.core.guided_model_fn`: without a label, every sample gets the
+        :func:`medidiff.diffusion.guided_model_fn`: without a label, every sample gets the
         null class (the last embedding row) at guidance 0, which is one network pass on
         the null label, exactly the unconditional path.
         """
-        from medidiff.diffusion.core import guided_model_fn
+        from medidiff.diffusion import guided_model_fn
 
         model = self.model
         if self.num_classes is None:
@@ -437,7 +437,7 @@ class Synthesizer:
         Raises:
             ConfigError: a negative or non-integer index or seed.
         """
-        from medidiff.diffusion.core import sample
+        from medidiff.diffusion import sample
 
         if not _is_int(seed) or seed < 0:
             raise ConfigError(f"--seed must be an integer >= 0; got {seed!r}")

@@ -3,7 +3,7 @@
 One optimisation step (Ho et al. 2020, Algorithm 1):
 
     x_0 ~ data,  t ~ U{0, ..., T-1},  eps ~ N(0, I) (or simplex noise, AnoDDPM)
-    x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps        # medidiff.diffusion.core.q_sample
+    x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps        # medidiff.diffusion.q_sample
     loss = || target - f_theta(x_t, t) ||^2                         # target: eps, v or x_0
 
 with AdamW, linear warm-up then cosine decay of the learning rate, gradient clipping, an
@@ -182,7 +182,7 @@ class Trainer:
         progress: bool = True,
         config_dir: str | os.PathLike | None = None,
     ) -> None:
-        from medidiff.diffusion.core import NoiseSchedule
+        from medidiff.diffusion import NoiseSchedule
         from medidiff.models.unet import build_model, model_kwargs
         from medidiff.diffusion.noise import NoiseSpec
 
@@ -270,7 +270,7 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------
     def _loss(self, batch: dict, step: int) -> torch.Tensor:
-        from medidiff.diffusion.core import q_sample, training_target
+        from medidiff.diffusion import q_sample, training_target
         from medidiff.diffusion.noise import sample_noise
 
         c = self.config
@@ -288,7 +288,7 @@ class Trainer:
             labels = labels.to(self.device).long()
             drop = torch.rand(b, device=self.device, generator=g) < c.train.cond_drop_prob
             # the null class of classifier-free guidance is the extra, last embedding row
-            # (medidiff.diffusion.core.resolve_null_label)
+            # (medidiff.diffusion.resolve_null_label)
             labels = torch.where(drop, torch.full_like(labels, c.model.num_class_embeds), labels)
         else:
             labels = None
@@ -406,7 +406,7 @@ class Trainer:
         c = self.config.train
         if not self.info.is_main or c.preview_samples == 0:
             return None
-        from medidiff.diffusion.core import sample
+        from medidiff.diffusion import sample
         from medidiff.models.unet import build_model_from_kwargs
         from medidiff.viz.display import save_image_grid
 
@@ -416,7 +416,7 @@ class Trainer:
         model_fn = lambda x, t: model(x, timesteps=t)  # noqa: E731
         n_classes = self.config.model.num_class_embeds
         if n_classes:  # one sample per class in turn, plain conditional (guidance 1)
-            from medidiff.diffusion.core import guided_model_fn
+            from medidiff.diffusion import guided_model_fn
 
             labels = torch.arange(c.preview_samples, device=self.device) % n_classes
             model_fn = guided_model_fn(model, labels, 1.0)

@@ -4,7 +4,7 @@ Four strips and a loss curve, used by ``docs/how_it_works.md`` (made by
 ``pipelines/make_figures.py``), the demo report and the model cards:
 
 - :func:`noising_strip`: the forward process q(x_t | x_0) on one slice, x_t =
-  sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (:func:`medidiff.diffusion.core.q_sample`),
+  sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (:func:`medidiff.diffusion.q_sample`),
   with the checkpoint's noise (simplex for the default model; Wyatt et al. 2022).
 - :func:`reverse_trajectory_strip`: the learned reverse process from pure noise to a sample:
   x_t and the network's x_0 estimate at evenly chosen steps (Ho et al. 2020; Song et al. 2021).
@@ -22,7 +22,7 @@ orientation (see :func:`display_view`).
 
 Example:
     >>> import numpy as np
-    >>> from medidiff.diffusion.core import NoiseSchedule
+    >>> from medidiff.diffusion import NoiseSchedule
     >>> from medidiff.diffusion.noise import NoiseSpec
     >>> image = np.zeros((32, 40), np.float32); image[8:24, 10:30] = 0.7
     >>> fig = noising_strip(image, NoiseSchedule.create(), NoiseSpec("simplex"),
@@ -130,7 +130,7 @@ def noising_strip(
     """One slice noised by the forward process at several timesteps.
 
     x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4),
-    computed with :func:`medidiff.diffusion.core.q_sample`, with one noise draw eps (of
+    computed with :func:`medidiff.diffusion.q_sample`, with one noise draw eps (of
     ``noise_spec``'s kind, seeded with ``seed``) shared by all panels, so the panels differ
     only by t. Timesteps follow medidiff's indexing ``0 .. T-1`` (index t is the paper's
     step t + 1); ``-1`` is the clean slice itself (alpha_bar = 1). At ``t = 0`` the slice
@@ -140,7 +140,7 @@ def noising_strip(
     Args:
         image: x_0, an axial slice ``(X, Y)`` of the RAS model grid on the model's
             intensity scale ([0, 1]); numpy array or tensor.
-        schedule: the :class:`~medidiff.diffusion.core.NoiseSchedule` of the model.
+        schedule: the :class:`~medidiff.diffusion.NoiseSchedule` of the model.
         noise_spec: the :class:`~medidiff.diffusion.noise.NoiseSpec` the model was trained with.
         timesteps: the timesteps to show, each in ``-1 .. T-1``.
         seed: the noise seed.
@@ -151,7 +151,7 @@ def noising_strip(
     Raises:
         ConfigError: the image is not 2D, or a timestep is out of range.
     """
-    from medidiff.diffusion.core import alpha_bar_at, q_sample
+    from medidiff.diffusion import alpha_bar_at, q_sample
     from medidiff.diffusion.noise import sample_noise
 
     x0_np = _to_numpy(image)
@@ -209,7 +209,7 @@ def reverse_trajectory(
 ) -> list[TrajectoryFrame]:
     """Every state of one reverse run from pure noise x_{T-1} to a sample.
 
-    Runs :func:`medidiff.diffusion.core.sample` exactly as :class:`medidiff.synthesis.synthesizer.Synthesizer`
+    Runs :func:`medidiff.diffusion.sample` exactly as :class:`medidiff.synthesis.synthesizer.Synthesizer`
     does for sample seed ``seed`` (same timesteps, noise kind, clip range and unconditional
     model call) and records each visited state through its ``callback``; the final frame
     equals the Synthesizer's sample.
@@ -226,7 +226,7 @@ def reverse_trajectory(
         ``steps + 1`` frames: one per visited timestep (noisiest first), then the sample
         (``t = -1``).
     """
-    from medidiff.diffusion.core import sample
+    from medidiff.diffusion import sample
     from medidiff.synthesis.synthesizer import Synthesizer
 
     synth = Synthesizer(checkpoint, device=device, sampler=sampler, steps=steps, batch_size=1)
@@ -260,7 +260,7 @@ def reverse_trajectory_strip(
     Top row: x_t at ``shown`` states chosen evenly from x_{T-1} (pure noise) to the final
     sample; bottom row: the network's x_0 estimate at the same states,
     x_0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_bar_t) for an epsilon
-    model (:func:`medidiff.diffusion.core.predict_x0`). 3D models show the axial middle slice.
+    model (:func:`medidiff.diffusion.predict_x0`). 3D models show the axial middle slice.
 
     Args:
         checkpoint: ``model.safetensors`` path.
@@ -306,7 +306,7 @@ def _noised_input(detector: Any, image: np.ndarray, z: int | None, name: str) ->
     ``stable_seed(stable_seed(seed, name, slice, window origin), start index 0)``.
     """
     from medidiff.anomaly.methods import stable_seed
-    from medidiff.diffusion.core import q_sample
+    from medidiff.diffusion import q_sample
     from medidiff.diffusion.noise import per_sample_generators, sample_noise
 
     method = detector.method
@@ -569,7 +569,7 @@ def save_how_it_works_figures(
     from medidiff.anomaly.detector import AnomalyDetector
     from medidiff.models.checkpoint import load_inference
     from medidiff.config import Config
-    from medidiff.diffusion.core import NoiseSchedule
+    from medidiff.diffusion import NoiseSchedule
     from medidiff.io.volume import load_volume
     from medidiff.diffusion.noise import NoiseSpec
     from medidiff.viz.display import save_figure
