@@ -70,17 +70,17 @@ PARAMETERISATIONS: dict[str, Parameterisation] = {
         x0=lambda out, x_t, alpha, sigma: (x_t - sigma * out) / alpha,  # Ho et al. eq. 15
         eps=lambda out, x_t, alpha, sigma: out,
     ),
-    "sample": Parameterisation(
-        "sample",
-        target=lambda x0, eps, alpha, sigma: x0,
-        x0=lambda out, x_t, alpha, sigma: out,
-        eps=lambda out, x_t, alpha, sigma: (x_t - alpha * out) / sigma,
-    ),
     "v_prediction": Parameterisation(
         "v_prediction",
         target=lambda x0, eps, alpha, sigma: alpha * eps - sigma * x0,
         x0=lambda out, x_t, alpha, sigma: alpha * x_t - sigma * out,
         eps=lambda out, x_t, alpha, sigma: sigma * x_t + alpha * out,
+    ),
+    "sample": Parameterisation(
+        "sample",
+        target=lambda x0, eps, alpha, sigma: x0,
+        x0=lambda out, x_t, alpha, sigma: out,
+        eps=lambda out, x_t, alpha, sigma: (x_t - alpha * out) / sigma,
     ),
 }
 
