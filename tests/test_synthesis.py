@@ -14,7 +14,8 @@ from medidiff.models.checkpoint import file_sha256, load_inference, save_inferen
 from medidiff.runtime.distributed import DistInfo
 from medidiff.errors import ConfigError, OutputError
 from medidiff.io.volume import load_volume
-from medidiff.synthesis.synthesizer import MANIFEST_COLUMNS, Synthesizer, synthesize_to_folder
+from medidiff.synthesis.folder import MANIFEST_COLUMNS, synthesize_to_folder
+from medidiff.synthesis.synthesizer import Synthesizer
 
 STEPS = 2
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -175,6 +176,23 @@ class NoiseSchedule:
             beta_start=float(beta_start),
             beta_end=float(beta_end),
             cosine_s=float(cosine_s),
+        )
+
+    @classmethod
+    def from_config(cls, diffusion: Any) -> NoiseSchedule:
+        """The schedule of a ``diffusion`` config section (:class:`medidiff.config.DiffusionConfig`).
+
+        Args:
+            diffusion: has ``schedule``, ``num_train_timesteps``, ``beta_start``, ``beta_end``.
+
+        Returns:
+            The schedule, float64 on the CPU.
+        """
+        return cls.create(
+            diffusion.schedule,
+            num_train_timesteps=diffusion.num_train_timesteps,
+            beta_start=diffusion.beta_start,
+            beta_end=diffusion.beta_end,
         )
 
     @property

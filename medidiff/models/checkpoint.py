@@ -24,13 +24,12 @@ crash never leaves a half-written checkpoint under the final name.
 Example:
     >>> import tempfile, pathlib
     >>> from medidiff.models.unet import build_model, model_kwargs
-    >>> from medidiff.models.checkpoint import save_inference, build_model_from_checkpoint
+    >>> from medidiff.models.checkpoint import save_inference, load_inference
     >>> kwargs = model_kwargs(2, "tiny")
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.safetensors"
     >>> _ = save_inference(path, build_model(2, "tiny"), model_kwargs=kwargs,
     ...                    config={"train": {"max_steps": 10}}, preprocessing={"modality": "mri"})
-    >>> loaded = build_model_from_checkpoint(path)
-    >>> loaded.checkpoint.preprocessing
+    >>> load_inference(path).preprocessing
     {'modality': 'mri'}
 """
 
@@ -61,10 +60,10 @@ __all__ = [
     "INFERENCE_FORMAT",
     "TRAINING_FORMAT",
     "InferenceCheckpoint",
-    "LoadedModel",
     "save_inference",
     "load_inference",
     "build_model_from_checkpoint",
+    "build_network",
     "load_state_dict_checked",
     "save_training_state",
     "load_training_state",
@@ -112,19 +111,6 @@ class InferenceCheckpoint:
     version: str
     sha256: str
     stored_dtype: str
-
-
-@dataclass(frozen=True, eq=False)
-class LoadedModel:
-    """A model rebuilt from an inference checkpoint, with the checkpoint it came from.
-
-    Attributes:
-        model: the ``DiffusionModelUNet`` with the checkpoint's weights, in eval mode.
-        checkpoint: the :class:`InferenceCheckpoint` (config, preprocessing, sha256, ...).
-    """
-
-    model: nn.Module
-    checkpoint: InferenceCheckpoint
 
 
 # ------------------------------------------------------------------ inference weights
@@ -291,29 +277,25 @@ def load_inference(path: str | os.PathLike) -> InferenceCheckpoint:
     )
 
 
-def build_model_from_checkpoint(
-    path_or_checkpoint: str | os.PathLike | InferenceCheckpoint,
-    device: str | torch.device = "cpu",
-) -> LoadedModel:
-    """Rebuild the model an inference checkpoint describes and load its weights.
+def build_network(checkpoint: InferenceCheckpoint, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the network an inference checkpoint describes and load its weights.
+
+    Only the network: :func:`medidiff.models.loaded.load_model` builds the whole typed
+    :class:`~medidiff.models.loaded.LoadedModel` (schedule, noise, preprocessing, ...).
 
     Args:
-        path_or_checkpoint: a weights file or an already loaded checkpoint.
+        checkpoint: a loaded checkpoint (see :func:`load_inference`).
         device: where to put the model; on CUDA flash attention is switched on.
 
     Returns:
-        A :class:`LoadedModel` whose model is in eval mode on ``device``.
+        The ``DiffusionModelUNet`` in eval mode on ``device``.
 
     Raises:
-        CheckpointError: the file cannot be read (see :func:`load_inference`), its stored
-            model kwargs are invalid, or the weights do not fit the architecture.
+        CheckpointError: the stored model kwargs are invalid, or the weights do not fit
+            the architecture.
     """
     from medidiff.models.unet import build_model_from_kwargs, enable_flash_attention
 
-    if isinstance(path_or_checkpoint, InferenceCheckpoint):
-        checkpoint = path_or_checkpoint
-    else:
-        checkpoint = load_inference(path_or_checkpoint)
     try:
         model = build_model_from_kwargs(checkpoint.model_kwargs)
     except ConfigError as exc:
@@ -328,7 +310,17 @@ def build_model_from_checkpoint(
     model = model.to(device)
     enable_flash_attention(model, device)
     model.eval()
-    return LoadedModel(model=model, checkpoint=checkpoint)
+    return model
+
+
+def build_model_from_checkpoint(
+    path_or_checkpoint: str | os.PathLike | InferenceCheckpoint,
+    device: str | torch.device = "cpu",
+) -> Any:
+    """The same as :func:`medidiff.models.loaded.load_model` (kept for scripts)."""
+    from medidiff.models.loaded import load_model
+
+    return load_model(path_or_checkpoint, device)
 
 
 def load_state_dict_checked(

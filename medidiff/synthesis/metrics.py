@@ -274,7 +274,8 @@ def load_synthetic_images(
     import json
 
     from medidiff.io.volume import is_volume_path, load_volume
-    from medidiff.synthesis.synthesizer import CONFIG_NAME, INTENSITY_NATIVE, MANIFEST_NAME, read_manifest
+    from medidiff.synthesis.folder import CONFIG_NAME, MANIFEST_NAME, read_manifest
+    from medidiff.synthesis.synthesizer import INTENSITY_NATIVE
     from medidiff.data.transforms import Preprocessing, intensity_to_model, preprocess
 
     folder = Path(folder)

@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps must be >= 1; got {args.steps}")
 
     from medidiff.runtime.distributed import cleanup, init_distributed
-    from medidiff.synthesis.synthesizer import Synthesizer, synthesize_to_folder
+    from medidiff.synthesis.folder import synthesize_to_folder
+    from medidiff.synthesis.synthesizer import Synthesizer
 
     info = init_distributed(args.device)
     try:
