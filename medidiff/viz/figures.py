@@ -567,25 +567,17 @@ def save_how_it_works_figures(
         DataError: the sample data or one of its files is missing.
     """
     from medidiff.anomaly.detector import AnomalyDetector
-    from medidiff.models.checkpoint import load_inference
-    from medidiff.config import Config
-    from medidiff.diffusion import NoiseSchedule
     from medidiff.io.volume import load_volume
-    from medidiff.diffusion.noise import NoiseSpec
+    from medidiff.models.loaded import load_model
+    from medidiff.runtime.distributed import resolve_device
     from medidiff.viz.display import save_figure
-    from medidiff.data.transforms import Preprocessing, preprocess
+    from medidiff.data.transforms import preprocess
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = _dataset_json(sample_data)
-    ckpt = load_inference(checkpoint)
-    config = Config.from_dict(ckpt.config)
-    d = config.diffusion
-    schedule = NoiseSchedule.create(d.schedule, num_train_timesteps=d.num_train_timesteps,
-                                    beta_start=d.beta_start, beta_end=d.beta_end)
-    spec = NoiseSpec(kind=d.noise, octaves=d.simplex_octaves, persistence=d.simplex_persistence,
-                     **({"frequency": d.simplex_frequency} if d.simplex_frequency else {}))
-    prep = Preprocessing.from_dict(ckpt.preprocessing)
+    loaded = load_model(checkpoint, resolve_device(device))
+    schedule, spec, prep = loaded.schedule, loaded.noise_spec, loaded.preprocessing
 
     paths: dict[str, Path] = {}
     raw = json.loads(dataset.read_text())
@@ -598,11 +590,11 @@ def save_how_it_works_figures(
         noising_strip(scan.image[:, :, z], schedule, spec, seed=seed), out / FIGURE_NAMES["noising"]
     )
     paths["reverse"] = save_figure(
-        reverse_trajectory_strip(checkpoint, seed=seed, device=device),
+        reverse_trajectory_strip(loaded, seed=seed, device=device),
         out / FIGURE_NAMES["reverse"],
     )
     if detector is None:
-        detector = AnomalyDetector(checkpoint, device=device, seed=seed)
+        detector = AnomalyDetector(loaded, device=device, seed=seed)
     case = _entry(dataset, "test", prefer="tumor-000", kind="tumor")
     fig = anomaly_strip(
         detector,
