@@ -238,6 +238,22 @@ def _default_device(model_fn: ModelFn) -> torch.device:
     return torch.device("cpu")
 
 
+def _start(
+    name: str, x: Tensor, schedule: NoiseSchedule, t_start: int, seeds: Sequence[int] | None,
+    **options: object,
+) -> tuple[SamplingOptions, NoiseSchedule, list[torch.Generator]]:
+    """Check a reverse run that starts from ``x`` (named ``name`` in errors) at ``t_start``:
+    its options, the schedule cast once for ``x``'s device and dtype, one generator per sample."""
+    if x.ndim not in (4, 5):
+        raise ConfigError(
+            f"{name} must be (B, C, H, W) or (B, C, H, W, D), got shape {tuple(x.shape)}"
+        )
+    checked = SamplingOptions(**options)  # type: ignore[arg-type]
+    checked.check(schedule, t_start)
+    schedule = schedule.to(x.device, _schedule_dtype(x))
+    return checked, schedule, _generators(seeds, x.shape[0], x.device)
+
+
 @torch.no_grad()
 def sample(
     model_fn: ModelFn,
@@ -350,17 +366,11 @@ def denoise(
     Raises:
         ConfigError: bad t_start, sampler, steps, seeds, eta, clip range or prediction type.
     """
-    if x_t.ndim not in (4, 5):
-        raise ConfigError(
-            f"x_t must be (B, C, H, W) or (B, C, H, W, D), got shape {tuple(x_t.shape)}"
-        )
-    options = SamplingOptions(
-        sampler=sampler, steps=steps, noise_spec=noise_spec, eta=eta,
-        prediction_type=prediction_type, clip_range=clip_range, spacing=spacing, progress=progress,
+    options, schedule, generators = _start(
+        "x_t", x_t, schedule, t_start, seeds, sampler=sampler, steps=steps, noise_spec=noise_spec,
+        eta=eta, prediction_type=prediction_type, clip_range=clip_range, spacing=spacing,
+        progress=progress,
     )
-    options.check(schedule, t_start)
-    schedule = schedule.to(x_t.device, _schedule_dtype(x_t))
-    generators = _generators(seeds, x_t.shape[0], x_t.device)
     return _reverse(model_fn, schedule, x_t, t_start, generators, options)
 
 
@@ -418,18 +428,11 @@ def partial_reconstruction(
     Raises:
         ConfigError: bad t_start, sampler, steps, seeds, eta, clip range or prediction type.
     """
-    if x0.ndim not in (4, 5):
-        raise ConfigError(
-            f"x0 must be (B, C, H, W) or (B, C, H, W, D), got shape {tuple(x0.shape)}"
-        )
-    options = SamplingOptions(
-        sampler=sampler, steps=steps, noise_spec=noise_spec, eta=eta,
-        prediction_type=prediction_type, clip_range=clip_range, spacing=spacing, progress=progress,
+    options, schedule, generators = _start(
+        "x0", x0, schedule, t_start, seeds, sampler=sampler, steps=steps, noise_spec=noise_spec,
+        eta=eta, prediction_type=prediction_type, clip_range=clip_range, spacing=spacing,
+        progress=progress,
     )
-    options.check(schedule, t_start)
-    device = x0.device
-    schedule = schedule.to(device, _schedule_dtype(x0))
-    generators = _generators(seeds, x0.shape[0], device)
-    noise = sample_noise(noise_spec, x0.shape, generator=generators, device=device, dtype=x0.dtype)
+    noise = sample_noise(noise_spec, x0.shape, generator=generators, device=x0.device, dtype=x0.dtype)
     x_t = q_sample(schedule, x0, t_start, noise)
     return _reverse(model_fn, schedule, x_t, t_start, generators, options)
