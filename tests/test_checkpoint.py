@@ -1,4 +1,5 @@
-"""Tests for medidiff.models.checkpoint: safetensors weights and weights-only training state."""
+"""Tests for medidiff.models.checkpoint, loaded and training_state: safetensors weights, the
+LoadedModel, and weights-only training state."""
 
 from __future__ import annotations
 
@@ -19,17 +20,19 @@ from medidiff.models.checkpoint import (
     INFERENCE_FORMAT,
     InferenceCheckpoint,
     build_model_from_checkpoint,
-    capture_rng_state,
     file_sha256,
     load_inference,
     load_state_dict_checked,
-    load_training_state,
-    restore_rng_state,
     save_inference,
-    save_training_state,
 )
 from medidiff.errors import CheckpointError, OutputError
 from medidiff.models.loaded import LoadedModel, load_model
+from medidiff.models.training_state import (
+    capture_rng_state,
+    load_training_state,
+    restore_rng_state,
+    save_training_state,
+)
 from medidiff.models.unet import build_model, model_kwargs
 
 CONFIG = {"train": {"max_steps": 4, "batch_size": 2, "lr": 1e-4}, "model": {"preset": "tiny"}}

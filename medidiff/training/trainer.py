@@ -296,7 +296,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Resumable state (atomic) and the inference weights; rank 0 only."""
-        from medidiff.models.checkpoint import capture_rng_state, save_training_state
+        from medidiff.models.training_state import capture_rng_state, save_training_state
 
         if not self.info.is_main:
             return
@@ -332,7 +332,8 @@ class Trainer:
         return path
 
     def load_checkpoint(self) -> int:
-        from medidiff.models.checkpoint import load_state_dict_checked, load_training_state, restore_rng_state
+        from medidiff.models.checkpoint import load_state_dict_checked
+        from medidiff.models.training_state import load_training_state, restore_rng_state
 
         path = self.checkpoint_path
         if not path.exists():
