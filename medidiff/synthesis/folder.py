@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medidiff.errors import ConfigError, OutputError
-from medidiff.synthesis.synthesizer import _is_int
 
 if TYPE_CHECKING:
     from medidiff.synthesis.synthesizer import Synthesizer
@@ -76,6 +75,10 @@ IDENTITY_KEYS = (
     "checkpoint_sha256", "kind", "sampler", "steps", "seed", "label_index", "guidance",
     "clip_range", "eta", "output_shape", "intensity",
 )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def synth_file_name(index: int) -> str:
