@@ -26,7 +26,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
+from medidiff.constants import NOISE_KINDS, PREDICTION_TYPES, SCHEDULES
 from medidiff.errors import ConfigError
+
+#: The ``data.cache`` choices.
+CACHE_MODES = ("memory", "disk", "none")
 
 
 @dataclass(frozen=True)
@@ -76,10 +80,13 @@ class DiffusionConfig:
 
     Attributes:
         num_train_timesteps: T.
-        schedule: ``linear_beta``, ``scaled_linear_beta`` or ``cosine``.
-        beta_start, beta_end: endpoints of the (scaled-)linear schedules.
-        prediction_type: ``epsilon``, ``v_prediction`` or ``sample``.
-        noise: ``gaussian`` or ``simplex`` (AnoDDPM) — the noise the model learns to remove.
+        schedule: one of :data:`medidiff.constants.SCHEDULES` (``linear_beta``,
+            ``scaled_linear_beta``, ``sigmoid_beta``, ``cosine``).
+        beta_start, beta_end: endpoints of the linear-type schedules.
+        prediction_type: one of :data:`medidiff.constants.PREDICTION_TYPES` (``epsilon``,
+            ``v_prediction``, ``sample``).
+        noise: one of :data:`medidiff.constants.NOISE_KINDS` (``gaussian``, or ``simplex``
+            as in AnoDDPM) — the noise the model learns to remove.
         simplex_octaves, simplex_persistence, simplex_frequency: simplex-noise settings.
     """
 
@@ -287,10 +294,10 @@ def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
 def _check_values(cfg: Config) -> None:
     """Value checks beyond types (ranges and choices)."""
     _choice("model.spatial_dims", str(cfg.model.spatial_dims), ("2", "3"))
-    _choice("diffusion.schedule", cfg.diffusion.schedule, ("linear_beta", "scaled_linear_beta", "cosine"))
-    _choice("diffusion.prediction_type", cfg.diffusion.prediction_type, ("epsilon", "v_prediction", "sample"))
-    _choice("diffusion.noise", cfg.diffusion.noise, ("gaussian", "simplex"))
-    _choice("data.cache", cfg.data.cache, ("memory", "disk", "none"))
+    _choice("diffusion.schedule", cfg.diffusion.schedule, SCHEDULES)
+    _choice("diffusion.prediction_type", cfg.diffusion.prediction_type, PREDICTION_TYPES)
+    _choice("diffusion.noise", cfg.diffusion.noise, NOISE_KINDS)
+    _choice("data.cache", cfg.data.cache, CACHE_MODES)
     _positive("diffusion.num_train_timesteps", cfg.diffusion.num_train_timesteps)
     if not 0 < cfg.diffusion.beta_start < cfg.diffusion.beta_end < 1:
         raise ConfigError("config keys 'diffusion.beta_start' < 'diffusion.beta_end' must lie in (0, 1)")

@@ -38,11 +38,5 @@ class OutputError(MedidiffError):
     """An output path cannot be written (exists without ``--overwrite``, read-only, ...)."""
 
 
-class NotImplementedYet(MedidiffError):
-    """A documented command or option that this version does not implement yet."""
-
-    exit_code = 3
-
-
 class TrainingDivergedError(MedidiffError):
     """The training loss became NaN or Inf; the last good checkpoint is kept."""

@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     a.cache.mkdir(parents=True, exist_ok=True)
     tag = loaded.checkpoint.sha256[:12]
 
-    from medidiff.data.transforms import Preprocessing
-
-    prep = Preprocessing.from_dict(loaded.checkpoint.preprocessing)
+    prep = loaded.preprocessing
     scans = []
     for e in tests:
         mask = load_volume(e.mask)

@@ -140,7 +140,8 @@ def assert_one_clear_error(res, rc: int, *needles: str) -> str:
 @pytest.fixture(scope="module")
 def synthetic_folder(tiny_checkpoint_2d, tmp_path_factory) -> Path:
     """Four samples of the tiny 2D model, for evaluate-synthesis."""
-    from medidiff.synthesis.synthesizer import Synthesizer, synthesize_to_folder
+    from medidiff.synthesis.folder import synthesize_to_folder
+    from medidiff.synthesis.synthesizer import Synthesizer
 
     out = tmp_path_factory.mktemp("synthetic") / "synth"
     synth = Synthesizer(tiny_checkpoint_2d, device="cpu", steps=2, batch_size=4)

@@ -1,4 +1,5 @@
-"""Tests for medidiff.models.checkpoint: safetensors weights and weights-only training state."""
+"""Tests for medidiff.models.checkpoint, loaded and training_state: safetensors weights, the
+LoadedModel, and weights-only training state."""
 
 from __future__ import annotations
 
@@ -18,27 +19,30 @@ import medidiff
 from medidiff.models.checkpoint import (
     INFERENCE_FORMAT,
     InferenceCheckpoint,
-    LoadedModel,
     build_model_from_checkpoint,
-    capture_rng_state,
     file_sha256,
     load_inference,
     load_state_dict_checked,
-    load_training_state,
-    restore_rng_state,
     save_inference,
-    save_training_state,
 )
 from medidiff.errors import CheckpointError, OutputError
+from medidiff.models.loaded import LoadedModel, load_model
+from medidiff.models.training_state import (
+    capture_rng_state,
+    load_training_state,
+    restore_rng_state,
+    save_training_state,
+)
 from medidiff.models.unet import build_model, model_kwargs
 
 CONFIG = {"train": {"max_steps": 4, "batch_size": 2, "lr": 1e-4}, "model": {"preset": "tiny"}}
 PREPROCESSING = {
     "modality": "mri",
     "spacing": [1.0, 1.0, 1.0],
-    "shape": [32, 32],
+    "shape": [32, 32, 8],
     "orientation": "RAS",
-    "intensity": {"scheme": "percentile", "low": 1, "high": 99},
+    "lower_percentile": 1.0,
+    "upper_percentile": 99.0,
 }
 
 
@@ -58,14 +62,8 @@ def tiny2d():
 
 
 def _save(path, model, **kw):
-    return save_inference(
-        path,
-        model,
-        model_kwargs=model_kwargs(2, "tiny", num_class_embeds=2),
-        config=CONFIG,
-        preprocessing=PREPROCESSING,
-        **kw,
-    )
+    kw = {"config": CONFIG, "preprocessing": PREPROCESSING, **kw}
+    return save_inference(path, model, model_kwargs=model_kwargs(2, "tiny", num_class_embeds=2), **kw)
 
 
 def _save_with(tmp_path, model, config=CONFIG, extra=None):
@@ -469,3 +467,42 @@ def test_sniff_safetensors_header_length_starting_with_0x80():
     assert head[:1] == b"\x80"
     assert _sniff(head, size=8 + 12160 + 16) == "safetensors"
     assert _sniff(b"\x80\x04\x95" + b"\x00" * 10) == "pickle"
+
+
+def test_load_model_parses_the_records_once_into_typed_fields(tmp_path, tiny2d):
+    from medidiff.config import Config
+    from medidiff.data.transforms import Preprocessing
+    from medidiff.diffusion.noise import NoiseSpec
+    from medidiff.diffusion.schedules import NoiseSchedule
+
+    config = {"model": {"preset": "tiny", "num_class_embeds": 1},
+              "diffusion": {"schedule": "sigmoid_beta", "num_train_timesteps": 50,
+                            "prediction_type": "v_prediction", "noise": "simplex",
+                            "simplex_octaves": 3},
+              "train": {"cond_drop_prob": 0.2}}
+    path = _save(tmp_path / "m.safetensors", tiny2d, config=config,
+                 extra={"step": 9, "class_names": ["a"],
+                        "intensity_reference": {"a_min": 1.0, "a_max": 2.0}})
+    loaded = load_model(path)
+    assert isinstance(loaded, LoadedModel) and not loaded.model.training
+    assert loaded.config == Config.from_dict(config)
+    assert loaded.preprocessing == Preprocessing.from_dict(PREPROCESSING)
+    assert loaded.spatial_dims == 2 and loaded.input_shape == (32, 32)
+    assert torch.equal(loaded.schedule.betas, NoiseSchedule.create("sigmoid_beta", 50).betas)
+    assert loaded.noise_spec == NoiseSpec("simplex", octaves=3)
+    assert loaded.prediction_type == "v_prediction"
+    # the "+1 null class" rule: 1 class, 2 embeddings (tiny2d), the last row is the null class
+    assert loaded.conditioning.num_classes == 1 and loaded.conditioning.null_label == 1
+    assert loaded.conditioning.class_names == ("a",)
+    assert loaded.conditioning.cond_drop_prob == pytest.approx(0.2)
+    assert loaded.provenance.step == 9 and loaded.provenance.path == path
+    assert loaded.provenance.sha256 == file_sha256(path)
+    assert loaded.intensity_reference == {"a_min": 1.0, "a_max": 2.0}
+    assert loaded.autoencoder is None
+    assert load_model(loaded.checkpoint).checkpoint is loaded.checkpoint
+
+
+def test_load_model_names_the_file_of_an_invalid_record(tmp_path, tiny2d):
+    path = _save(tmp_path / "m.safetensors", tiny2d, config={"train": {"max_stepz": 1}})
+    with pytest.raises(CheckpointError, match="m.safetensors.*train.max_stepz"):
+        load_model(path)

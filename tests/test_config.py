@@ -66,3 +66,9 @@ def test_shipped_configs_validate():
     assert {p.name for p in configs} >= {"tiny_test.yaml", "brain_mri_2d.yaml", "brain_mri_3d.yaml", "ct_3d.yaml"}
     for p in configs:
         Config.from_yaml(p)
+
+
+@pytest.mark.parametrize("schedule", ["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"])
+def test_every_documented_schedule_is_accepted(schedule):
+    """docs/how_it_works.md lists these four; config validation used to refuse sigmoid_beta."""
+    assert Config.from_dict({"diffusion": {"schedule": schedule}}).diffusion.schedule == schedule

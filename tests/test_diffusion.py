@@ -1,4 +1,4 @@
-"""Tests for medidiff.diffusion.core: schedules, forward process, prediction types, samplers.
+"""Tests for medidiff.diffusion (schedules, prediction, samplers, sampling, guidance): schedules, forward process, prediction types, samplers.
 
 References: closed forms (q(x_t | x_0), the Gaussian-data probability-flow ODE), MONAI's own
 schedulers (``monai.networks.schedulers``) step for step, and an independent VE-form
@@ -14,7 +14,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from medidiff.diffusion.core import (
+from medidiff.diffusion import (
     NoiseSchedule,
     alpha_bar_at,
     ddim_step,

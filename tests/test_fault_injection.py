@@ -218,7 +218,7 @@ def test_train_killed_at_random_steps_resumes_bit_identically(server, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from medidiff.models.checkpoint import load_training_state
+    from medidiff.models.training_state import load_training_state
 
     steps = 16
     cfg = train_config(tmp_path)
@@ -277,7 +277,8 @@ def test_ctrl_c_on_the_real_entry_point(tmp_path):
     assert err == MESSAGE + "\n", err
     assert not temporaries(run)
     # everything finished before the interrupt is usable
-    from medidiff.models.checkpoint import load_inference, load_training_state
+    from medidiff.models.checkpoint import load_inference
+    from medidiff.models.training_state import load_training_state
 
     assert load_training_state(run / "checkpoints" / "last.pt")["step"] >= 1
     load_inference(run / "model.safetensors")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from medidiff.diffusion.core import NoiseSchedule, inference_timesteps
+from medidiff.diffusion import NoiseSchedule, inference_timesteps
 from medidiff.diffusion.noise import NoiseSpec, sample_noise
 from medidiff.errors import ConfigError, DataError
 from medidiff.io.images import display_view, save_figure
@@ -140,7 +140,7 @@ def tumour():
 
 def test_anomaly_strip_panels_and_noise(tiny_checkpoint_2d, tumour, tmp_path):
     from medidiff.anomaly.detector import AnomalyDetector, MethodConfig
-    from medidiff.diffusion.core import predict_x0
+    from medidiff.diffusion import predict_x0
     from medidiff.data.transforms import to_model
 
     detector = AnomalyDetector(tiny_checkpoint_2d, MethodConfig("x0"), seed=4)

@@ -14,7 +14,8 @@ from medidiff.models.checkpoint import file_sha256, load_inference, save_inferen
 from medidiff.runtime.distributed import DistInfo
 from medidiff.errors import ConfigError, OutputError
 from medidiff.io.volume import load_volume
-from medidiff.synthesis.synthesizer import MANIFEST_COLUMNS, Synthesizer, synthesize_to_folder
+from medidiff.synthesis.folder import MANIFEST_COLUMNS, synthesize_to_folder
+from medidiff.synthesis.synthesizer import Synthesizer
 
 STEPS = 2
 
@@ -221,7 +222,7 @@ def test_labels_change_the_output(tiny_checkpoint_2d_conditional):
 
 
 def test_guidance_zero_is_exactly_the_unconditional_path(tiny_checkpoint_2d_conditional):
-    from medidiff.diffusion.core import sample
+    from medidiff.diffusion import sample
 
     ckpt = tiny_checkpoint_2d_conditional
     uncond = Synthesizer(ckpt, device="cpu", steps=3, batch_size=2)

@@ -52,7 +52,8 @@ def test_resume_is_bit_identical(tmp_path):
     Trainer(_tiny(), tmp_path / "cut", dataset=data, progress=False).fit(stop_after=3)
     resumed = Trainer(_tiny(), tmp_path / "cut", dataset=data, progress=False).fit(resume=True)
     assert resumed.resumed_from == 2 and resumed.steps == 6
-    from medidiff.models.checkpoint import load_inference, load_training_state
+    from medidiff.models.checkpoint import load_inference
+    from medidiff.models.training_state import load_training_state
 
     a = load_training_state(tmp_path / "full" / "checkpoints" / "last.pt")
     b = load_training_state(tmp_path / "cut" / "checkpoints" / "last.pt")
@@ -152,7 +153,7 @@ def test_conditional_training_with_preview(tmp_path):
 
 def test_preview_samples_with_the_training_noise(tmp_path, monkeypatch):
     """A simplex-trained model must be previewed from simplex noise, not Gaussian."""
-    import medidiff.diffusion.core as diffusion
+    import medidiff.diffusion.sampling as diffusion
 
     seen = {}
     real_sample = diffusion.sample

@@ -214,7 +214,7 @@ class IntensityBaseline(AnomalyDetector):
             The baseline (not yet calibrated: pass it to :func:`medidiff.anomaly.detector.calibrate`).
         """
         ckpt = _checkpoint_of(checkpoint)
-        level = healthy_level(healthy, Preprocessing.from_dict(ckpt.preprocessing))
+        level = healthy_level(healthy, checkpoint_records(ckpt)[1])
         return cls(ckpt, level, postprocess)
 
     def reconstruct_grid(self, image: np.ndarray, region: np.ndarray, name: str) -> np.ndarray:

@@ -428,17 +428,15 @@ class Thresholds:
 
 
 def checkpoint_records(checkpoint: Any) -> tuple[Any, Preprocessing]:
-    """The typed training config and preprocessing stored in an inference checkpoint.
+    """The typed training config and preprocessing stored in an inference checkpoint
+    (:func:`medidiff.models.loaded.checkpoint_records`).
 
     Raises:
         CheckpointError: either record is invalid (named with the file).
     """
-    from medidiff.config import Config
+    from medidiff.models.loaded import checkpoint_records as records
 
-    try:
-        return Config.from_dict(checkpoint.config), Preprocessing.from_dict(checkpoint.preprocessing)
-    except ConfigError as exc:
-        raise CheckpointError(f"{checkpoint.path}: stored config is invalid: {exc}") from None
+    return records(checkpoint)
 
 
 def _windows_per_axis(n: int, roi: int, overlap: float) -> int:
@@ -487,8 +485,7 @@ class AnomalyDetector:
         thresholds: Thresholds | None = None,
         progress: bool = False,
     ) -> None:
-        from medidiff.models.checkpoint import LoadedModel, build_model_from_checkpoint
-        from medidiff.diffusion.core import NoiseSchedule, resolve_null_label
+        from medidiff.models.loaded import LoadedModel, load_model
         from medidiff.models.unet import prepare_for_inference
         from medidiff.runtime.distributed import resolve_device
         from medidiff.diffusion.noise import NoiseSpec
@@ -498,44 +495,21 @@ class AnomalyDetector:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an integer; got {seed!r}")
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        loaded = (
-            checkpoint
-            if isinstance(checkpoint, LoadedModel)
-            else build_model_from_checkpoint(checkpoint, self.device)
-        )
+        loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, self.device)
         self.model = prepare_for_inference(loaded.model, self.device)
         self.checkpoint = loaded.checkpoint
-        config, self.preprocessing = checkpoint_records(self.checkpoint)
-        self.spatial_dims = int(config.model.spatial_dims)
-        shape = tuple(self.preprocessing.shape)
-        if self.spatial_dims == 2:
-            self.input_shape: tuple[int, ...] = shape[:2]
-        else:
-            patch = config.data.patch_size
-            self.input_shape = tuple(int(p) for p in patch) if patch else shape
-        d = config.diffusion
-        self.prediction_type = d.prediction_type
-        self.schedule = NoiseSchedule.create(
-            d.schedule,
-            num_train_timesteps=d.num_train_timesteps,
-            beta_start=d.beta_start,
-            beta_end=d.beta_end,
-        ).to(self.device)
+        self.preprocessing = loaded.preprocessing
+        self.spatial_dims = loaded.spatial_dims
+        self.input_shape: tuple[int, ...] = loaded.input_shape
+        d = loaded.config.diffusion
+        self.prediction_type = loaded.prediction_type
+        self.schedule = loaded.schedule.to(self.device)
         self.method = (method or MethodConfig()).resolve(
             num_train_timesteps=d.num_train_timesteps, noise=d.noise, input_shape=self.input_shape
         )
         self.postprocess = postprocess or PostprocessConfig()
-        self.noise_spec = NoiseSpec(
-            kind=self.method.noise,  # type: ignore[arg-type]
-            octaves=d.simplex_octaves,
-            persistence=d.simplex_persistence,
-            **({"frequency": d.simplex_frequency} if d.simplex_frequency else {}),
-        )
-        self.null_label = (
-            resolve_null_label(self.model)
-            if getattr(self.model, "num_class_embeds", None)
-            else None
-        )
+        self.noise_spec = NoiseSpec.from_config(d, kind=self.method.noise)
+        self.null_label = loaded.conditioning.null_label
         self.batch_size = batch_size
         self.seed = seed
         self.progress = progress

@@ -28,8 +28,8 @@ is half the network's input along each axis with a stride of half a patch (50 % 
 i.e. 3 x 3 patches on a 2D slice, so that every pixel is noised in 1 to 4 patches. It can be
 set in voxels (``patch_size``, ``patch_stride``).
 
-All methods rest on :func:`medidiff.diffusion.core.partial_reconstruction` (``patched`` noises
-its patch itself and uses the reverse half, :func:`medidiff.diffusion.core.denoise`).
+All methods rest on :func:`medidiff.diffusion.partial_reconstruction` (``patched`` noises
+its patch itself and uses the reverse half, :func:`medidiff.diffusion.denoise`).
 Randomness is per image: image ``b`` draws all its noise from seeds derived from
 ``seeds[b]`` (and the start / patch index), so a scan's map does not depend on the batch.
 
@@ -51,7 +51,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from medidiff.diffusion.core import ModelFn, NoiseSchedule, denoise, partial_reconstruction, q_sample
+from medidiff.constants import ANOMALY_DEFAULTS, ANOMALY_METHODS, ENSEMBLE_STARTS
+from medidiff.diffusion import ModelFn, NoiseSchedule, denoise, partial_reconstruction, q_sample
 from medidiff.errors import ConfigError
 from medidiff.diffusion.noise import NOISE_KINDS, NoiseSpec, sample_noise
 
@@ -63,22 +64,10 @@ __all__ = [
     "stable_seed",
 ]
 
-METHODS = ("anoddpm", "ddim", "x0", "patched", "ensemble")
-
-#: Per-method defaults: (t_start, sampler, steps). ``steps=None`` for anoddpm is the full
-#: chain (t_start + 1 evaluations).
-_DEFAULTS: dict[str, tuple[int | None, str, int | None]] = {
-    "anoddpm": (250, "ddpm", None),
-    # t = 50, K = 3: chosen with pipelines/tune_anomaly.py on the default 2D model (see
-    # benchmarks/RESULTS.md): t in {25, 50, 100, 200, 300} -> lower t better down to 50;
-    # K = 2 / 3 / 5 within noise of each other at t = 50 (voxel AUROC 0.905 / 0.907 / 0.907),
-    # so the cheapest K that keeps AUPRC within ~0.02 of K = 5 (0.371 vs 0.387)
-    "ddim": (50, "ddim", 3),
-    "x0": (250, "x0", 1),
-    "patched": (500, "x0", 1),
-    "ensemble": (None, "x0", 1),
-}
-_ENSEMBLE_STARTS = (250, 500, 750)
+METHODS = ANOMALY_METHODS
+#: Per-method defaults (t_start, sampler, steps): :data:`medidiff.constants.ANOMALY_DEFAULTS`.
+_DEFAULTS = ANOMALY_DEFAULTS
+_ENSEMBLE_STARTS = ENSEMBLE_STARTS
 #: Samplers a method may use (the first is its default).
 _ALLOWED_SAMPLERS = {
     "anoddpm": ("ddpm",),

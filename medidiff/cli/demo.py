@@ -635,7 +635,8 @@ def run_demo(
     from medidiff.runtime.parallel import default_workers
     from medidiff.models.pretrained import DEFAULT_2D, DEFAULT_3D, resolve_checkpoint
     from medidiff.viz.report import write_demo_report
-    from medidiff.synthesis.synthesizer import Synthesizer, synthesize_to_folder
+    from medidiff.synthesis.folder import synthesize_to_folder
+    from medidiff.synthesis.synthesizer import Synthesizer
 
     began = time.perf_counter()
     if isinstance(num_synth, bool) or not isinstance(num_synth, int) or num_synth < 1:

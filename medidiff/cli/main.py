@@ -1,6 +1,6 @@
 """The ``medidiff`` command.
 
-Each sub-command lives in ``medidiff/commands/<name>.py`` with two functions:
+Each sub-command lives in ``medidiff/cli/commands/<name>.py`` with two functions:
 ``add_arguments(parser)`` (argparse only, so ``--help`` stays instant) and
 ``run(args) -> int`` (heavy imports happen inside). Errors a user can fix are
 :class:`~medidiff.errors.MedidiffError` and are printed as one line with a non-zero exit.

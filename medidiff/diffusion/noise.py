@@ -30,15 +30,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from medidiff.constants import NOISE_KINDS
 from medidiff.errors import ConfigError
 
 __all__ = ["NOISE_KINDS", "NoiseSpec", "per_sample_generators", "sample_noise"]
-
-NOISE_KINDS = ("gaussian", "simplex")
 
 # Period of the lattice hash: lattice coordinates are taken modulo 256.
 _PERM_SIZE = 256
@@ -83,6 +83,26 @@ class NoiseSpec:
                 f"noise frequency must be a positive number of pixels or None (auto), "
                 f"got {self.frequency!r}"
             )
+
+    @classmethod
+    def from_config(cls, diffusion: Any, kind: str | None = None) -> NoiseSpec:
+        """The noise of a ``diffusion`` config section (:class:`medidiff.config.DiffusionConfig`).
+
+        Args:
+            diffusion: has ``noise``, ``simplex_octaves``, ``simplex_persistence`` and
+                ``simplex_frequency``.
+            kind: another noise kind with the same simplex settings (e.g. an anomaly
+                method's ``--noise``); default: the config's.
+
+        Returns:
+            The spec (``frequency`` None, i.e. adaptive, when the config leaves it unset).
+        """
+        return cls(
+            kind=diffusion.noise if kind is None else kind,
+            octaves=diffusion.simplex_octaves,
+            persistence=diffusion.simplex_persistence,
+            frequency=diffusion.simplex_frequency or None,
+        )
 
     def resolved_frequency(self, spatial_shape: Sequence[int]) -> float:
         """The coarsest wavelength in pixels for an image of ``spatial_shape``.

@@ -1,1 +1,1 @@
-"""medidiff.training.trainer."""
+"""Training: the Trainer (trainer.py) and the EMA of weights (ema.py)."""

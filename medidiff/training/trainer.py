@@ -3,7 +3,7 @@
 One optimisation step (Ho et al. 2020, Algorithm 1):
 
     x_0 ~ data,  t ~ U{0, ..., T-1},  eps ~ N(0, I) (or simplex noise, AnoDDPM)
-    x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps        # medidiff.diffusion.core.q_sample
+    x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps        # medidiff.diffusion.schedules.q_sample
     loss = || target - f_theta(x_t, t) ||^2                         # target: eps, v or x_0
 
 with AdamW, linear warm-up then cosine decay of the learning rate, gradient clipping, an
@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from medidiff.config import Config
+from medidiff.training.ema import EMA
 from medidiff.runtime.distributed import DistInfo, any_rank, all_reduce_mean, barrier, init_distributed
 from medidiff.errors import (
     CheckpointError,
@@ -85,42 +85,6 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) ->
     span = max(1, max_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class EMA:
-    """Exponential moving average of parameters and buffers, with the usual warm-up
-    ``decay_t = min(decay, (1 + t) / (10 + t))`` so early averages are not dominated by
-    the random initialisation. The update is one fused ``_foreach_lerp_`` over all
-    floating-point tensors: shadow <- shadow + (1 - decay_t) (theta - shadow)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
-        state = model.state_dict()
-        self.shadow = {k: v.detach().clone().float() for k, v in state.items()}
-        self.updates = 0
-        self._float_keys = [k for k, v in state.items() if v.dtype.is_floating_point]
-        self._other_keys = [k for k, v in state.items() if not v.dtype.is_floating_point]
-        self._shadow_float = [self.shadow[k] for k in self._float_keys]
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        state = model.state_dict(keep_vars=False)
-        live = [state[k].detach().float() for k in self._float_keys]
-        torch._foreach_lerp_(self._shadow_float, live, 1.0 - d)
-        for k in self._other_keys:
-            self.shadow[k].copy_(state[k])
-
-    def state_dict(self) -> dict:
-        return {"shadow": self.shadow, "updates": self.updates, "decay": self.decay}
-
-    def load_state_dict(self, state: dict) -> None:
-        for k, v in state["shadow"].items():
-            if k not in self.shadow or self.shadow[k].shape != v.shape:
-                raise CheckpointError(f"EMA state does not match the model at key '{k}'")
-            self.shadow[k].copy_(v)
-        self.updates = int(state["updates"])
 
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -182,9 +146,10 @@ class Trainer:
         progress: bool = True,
         config_dir: str | os.PathLike | None = None,
     ) -> None:
-        from medidiff.diffusion.core import NoiseSchedule
-        from medidiff.models.unet import build_model, model_kwargs
+        from medidiff.diffusion.guidance import class_embeddings
         from medidiff.diffusion.noise import NoiseSpec
+        from medidiff.diffusion.schedules import NoiseSchedule
+        from medidiff.models.unet import build_model, model_kwargs
 
         self.config = config
         self.run_dir = Path(run_dir)
@@ -200,7 +165,7 @@ class Trainer:
             if getattr(c.model, k) is not None
         }
         # One extra class embedding, the last row, is the null class of classifier-free guidance.
-        n_embeds = c.model.num_class_embeds + 1 if c.model.num_class_embeds else None
+        n_embeds = class_embeddings(c.model.num_class_embeds)
         self.model_kwargs = model_kwargs(
             c.model.spatial_dims, c.model.preset, num_class_embeds=n_embeds, **overrides
         )
@@ -211,18 +176,8 @@ class Trainer:
         if self.use_cuda and c.train.channels_last:
             fmt = torch.channels_last if c.model.spatial_dims == 2 else torch.channels_last_3d
             self.model = self.model.to(memory_format=fmt)
-        self.schedule = NoiseSchedule.create(
-            c.diffusion.schedule,
-            num_train_timesteps=c.diffusion.num_train_timesteps,
-            beta_start=c.diffusion.beta_start,
-            beta_end=c.diffusion.beta_end,
-        ).to(self.device)
-        self.noise_spec = NoiseSpec(
-            kind=c.diffusion.noise,
-            octaves=c.diffusion.simplex_octaves,
-            persistence=c.diffusion.simplex_persistence,
-            **({"frequency": c.diffusion.simplex_frequency} if c.diffusion.simplex_frequency else {}),
-        )
+        self.schedule = NoiseSchedule.from_config(c.diffusion).to(self.device)
+        self.noise_spec = NoiseSpec.from_config(c.diffusion)
         self.optimizer = _adamw(self.model.parameters(), lr=c.train.lr, weight_decay=c.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -270,8 +225,10 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------
     def _loss(self, batch: dict, step: int) -> torch.Tensor:
-        from medidiff.diffusion.core import q_sample, training_target
+        from medidiff.diffusion.guidance import drop_labels
         from medidiff.diffusion.noise import sample_noise
+        from medidiff.diffusion.prediction import training_target
+        from medidiff.diffusion.schedules import q_sample
 
         c = self.config
         x0 = batch["image"].to(self.device, non_blocking=True)
@@ -287,9 +244,7 @@ class Trainer:
         if labels is not None and c.model.num_class_embeds:
             labels = labels.to(self.device).long()
             drop = torch.rand(b, device=self.device, generator=g) < c.train.cond_drop_prob
-            # the null class of classifier-free guidance is the extra, last embedding row
-            # (medidiff.diffusion.core.resolve_null_label)
-            labels = torch.where(drop, torch.full_like(labels, c.model.num_class_embeds), labels)
+            labels = drop_labels(labels, drop, c.model.num_class_embeds)  # to the null class
         else:
             labels = None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -341,7 +296,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Resumable state (atomic) and the inference weights; rank 0 only."""
-        from medidiff.models.checkpoint import capture_rng_state, save_training_state
+        from medidiff.models.training_state import capture_rng_state, save_training_state
 
         if not self.info.is_main:
             return
@@ -377,7 +332,8 @@ class Trainer:
         return path
 
     def load_checkpoint(self) -> int:
-        from medidiff.models.checkpoint import load_state_dict_checked, load_training_state, restore_rng_state
+        from medidiff.models.checkpoint import load_state_dict_checked
+        from medidiff.models.training_state import load_training_state, restore_rng_state
 
         path = self.checkpoint_path
         if not path.exists():
@@ -406,9 +362,9 @@ class Trainer:
         c = self.config.train
         if not self.info.is_main or c.preview_samples == 0:
             return None
-        from medidiff.diffusion.core import sample
+        from medidiff.diffusion.sampling import sample
         from medidiff.models.unet import build_model_from_kwargs
-        from medidiff.viz.display import save_image_grid
+        from medidiff.io.images import save_image_grid
 
         model = build_model_from_kwargs(self.model_kwargs).to(self.device).eval()
         model.load_state_dict(self.inference_state_dict())
@@ -416,7 +372,7 @@ class Trainer:
         model_fn = lambda x, t: model(x, timesteps=t)  # noqa: E731
         n_classes = self.config.model.num_class_embeds
         if n_classes:  # one sample per class in turn, plain conditional (guidance 1)
-            from medidiff.diffusion.core import guided_model_fn
+            from medidiff.diffusion.guidance import guided_model_fn
 
             labels = torch.arange(c.preview_samples, device=self.device) % n_classes
             model_fn = guided_model_fn(model, labels, 1.0)
@@ -555,12 +511,3 @@ class _Logger:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
-
-
-def numpy_seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (for scripts)."""
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)

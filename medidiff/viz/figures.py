@@ -4,7 +4,7 @@ Four strips and a loss curve, used by ``docs/how_it_works.md`` (made by
 ``pipelines/make_figures.py``), the demo report and the model cards:
 
 - :func:`noising_strip`: the forward process q(x_t | x_0) on one slice, x_t =
-  sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (:func:`medidiff.diffusion.core.q_sample`),
+  sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (:func:`medidiff.diffusion.q_sample`),
   with the checkpoint's noise (simplex for the default model; Wyatt et al. 2022).
 - :func:`reverse_trajectory_strip`: the learned reverse process from pure noise to a sample:
   x_t and the network's x_0 estimate at evenly chosen steps (Ho et al. 2020; Song et al. 2021).
@@ -23,7 +23,7 @@ orientation (see :func:`display_view`).
 
 Example:
     >>> import numpy as np
-    >>> from medidiff.diffusion.core import NoiseSchedule
+    >>> from medidiff.diffusion import NoiseSchedule
     >>> from medidiff.diffusion.noise import NoiseSpec
     >>> image = np.zeros((32, 40), np.float32); image[8:24, 10:30] = 0.7
     >>> fig = noising_strip(image, NoiseSchedule.create(), NoiseSpec("simplex"),
@@ -96,7 +96,7 @@ def noising_strip(
     """One slice noised by the forward process at several timesteps.
 
     x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4),
-    computed with :func:`medidiff.diffusion.core.q_sample`, with one noise draw eps (of
+    computed with :func:`medidiff.diffusion.q_sample`, with one noise draw eps (of
     ``noise_spec``'s kind, seeded with ``seed``) shared by all panels, so the panels differ
     only by t. Timesteps follow medidiff's indexing ``0 .. T-1`` (index t is the paper's
     step t + 1); ``-1`` is the clean slice itself (alpha_bar = 1). At ``t = 0`` the slice
@@ -106,7 +106,7 @@ def noising_strip(
     Args:
         image: x_0, an axial slice ``(X, Y)`` of the RAS model grid on the model's
             intensity scale ([0, 1]); numpy array or tensor.
-        schedule: the :class:`~medidiff.diffusion.core.NoiseSchedule` of the model.
+        schedule: the :class:`~medidiff.diffusion.NoiseSchedule` of the model.
         noise_spec: the :class:`~medidiff.diffusion.noise.NoiseSpec` the model was trained with.
         timesteps: the timesteps to show, each in ``-1 .. T-1``.
         seed: the noise seed.
@@ -117,7 +117,7 @@ def noising_strip(
     Raises:
         ConfigError: the image is not 2D, or a timestep is out of range.
     """
-    from medidiff.diffusion.core import alpha_bar_at, q_sample
+    from medidiff.diffusion import alpha_bar_at, q_sample
     from medidiff.diffusion.noise import sample_noise
 
     x0_np = _to_numpy(image)
@@ -174,7 +174,7 @@ def reverse_trajectory(
 ) -> list[TrajectoryFrame]:
     """Every state of one reverse run from pure noise x_{T-1} to a sample.
 
-    Runs :func:`medidiff.diffusion.core.sample` exactly as :class:`medidiff.synthesis.synthesizer.Synthesizer`
+    Runs :func:`medidiff.diffusion.sample` exactly as :class:`medidiff.synthesis.synthesizer.Synthesizer`
     does for sample seed ``seed`` (same timesteps, noise kind, clip range and unconditional
     model call) and records each visited state through its ``callback``; the final frame
     equals the Synthesizer's sample.
@@ -191,7 +191,7 @@ def reverse_trajectory(
         ``steps + 1`` frames: one per visited timestep (noisiest first), then the sample
         (``t = -1``).
     """
-    from medidiff.diffusion.core import sample
+    from medidiff.diffusion import sample
     from medidiff.synthesis.synthesizer import Synthesizer
 
     synth = Synthesizer(checkpoint, device=device, sampler=sampler, steps=steps, batch_size=1)
@@ -225,7 +225,7 @@ def reverse_trajectory_strip(
     Top row: x_t at ``shown`` states chosen evenly from x_{T-1} (pure noise) to the final
     sample; bottom row: the network's x_0 estimate at the same states,
     x_0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_bar_t) for an epsilon
-    model (:func:`medidiff.diffusion.core.predict_x0`). 3D models show the axial middle slice.
+    model (:func:`medidiff.diffusion.predict_x0`). 3D models show the axial middle slice.
 
     Args:
         checkpoint: ``model.safetensors`` path.
@@ -270,7 +270,7 @@ def _noised_input(detector: Any, image: np.ndarray, z: int | None, name: str) ->
     ``stable_seed(stable_seed(seed, name, slice, window origin), start index 0)``.
     """
     from medidiff.anomaly.methods import stable_seed
-    from medidiff.diffusion.core import q_sample
+    from medidiff.diffusion import q_sample
     from medidiff.diffusion.noise import per_sample_generators, sample_noise
 
     method = detector.method
@@ -480,24 +480,15 @@ def save_how_it_works_figures(
         DataError: the sample data or one of its files is missing.
     """
     from medidiff.anomaly.detector import AnomalyDetector
-    from medidiff.models.checkpoint import load_inference
-    from medidiff.config import Config
-    from medidiff.diffusion.core import NoiseSchedule
-    from medidiff.diffusion.noise import NoiseSpec
     from medidiff.io.images import save_figure
-    from medidiff.data.transforms import Preprocessing
+    from medidiff.models.loaded import load_model
+    from medidiff.runtime.distributed import resolve_device
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = _dataset_json(sample_data)
-    ckpt = load_inference(checkpoint)
-    config = Config.from_dict(ckpt.config)
-    d = config.diffusion
-    schedule = NoiseSchedule.create(d.schedule, num_train_timesteps=d.num_train_timesteps,
-                                    beta_start=d.beta_start, beta_end=d.beta_end)
-    spec = NoiseSpec(kind=d.noise, octaves=d.simplex_octaves, persistence=d.simplex_persistence,
-                     **({"frequency": d.simplex_frequency} if d.simplex_frequency else {}))
-    prep = Preprocessing.from_dict(ckpt.preprocessing)
+    loaded = load_model(checkpoint, resolve_device(device))
+    schedule, spec, prep = loaded.schedule, loaded.noise_spec, loaded.preprocessing
 
     paths: dict[str, Path] = {}
     paths["noising"] = save_figure(
@@ -505,11 +496,11 @@ def save_how_it_works_figures(
         out / FIGURE_NAMES["noising"],
     )
     paths["reverse"] = save_figure(
-        reverse_trajectory_strip(checkpoint, seed=seed, device=device),
+        reverse_trajectory_strip(loaded, seed=seed, device=device),
         out / FIGURE_NAMES["reverse"],
     )
     if detector is None:
-        detector = AnomalyDetector(checkpoint, device=device, seed=seed)
+        detector = AnomalyDetector(loaded, device=device, seed=seed)
     fig = _tumour_strip(detector, dataset, thresholds, anomaly_result)
     paths["anomaly"] = save_figure(fig, out / FIGURE_NAMES["anomaly"])
     return paths

@@ -45,9 +45,16 @@ from pathlib import Path
 from typing import Any
 
 from medidiff.cli.commands._common import add_device_args
+from medidiff.constants import (
+    ANOMALY_DEFAULTS,
+    ANOMALY_METHODS,
+    ENSEMBLE_STARTS,
+    NOISE_KINDS,
+    SAMPLERS,
+)
 
-#: Methods, kept here so that ``--help`` needs no heavy import (see medidiff.anomaly.methods).
-METHOD_NAMES = ("ddim", "anoddpm", "x0", "patched", "ensemble")
+#: Methods, from medidiff.constants so that ``--help`` needs no heavy import.
+METHOD_NAMES = ANOMALY_METHODS
 EXIT_SOME_FAILED = 4
 SCORE_COLUMNS = (
     "file",
@@ -95,31 +102,34 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--t-start",
         type=int,
         default=None,
-        help="noise level, a timestep of 0..T-1 (default 250; ddim 50; patched 500)",
+        help="noise level, a timestep of 0..T-1 (default "
+        + "; ".join(f"{m} {t}" for m, (t, _, _) in ANOMALY_DEFAULTS.items() if t is not None)
+        + ")",
     )
     m.add_argument(
         "--t-starts",
         type=int,
         nargs="+",
         default=None,
-        help="ensemble: the noise levels averaged (default 250 500 750)",
+        help=f"ensemble: the noise levels averaged (default {' '.join(map(str, ENSEMBLE_STARTS))})",
     )
     m.add_argument(
         "--steps",
         type=int,
         default=None,
-        help="denoising steps per start (default: ddim 5, anoddpm t+1 (full chain), one-shot 1)",
+        help="denoising steps per start (default: ddim "
+        f"{ANOMALY_DEFAULTS['ddim'][2]}, anoddpm t+1 (full chain), one-shot 1)",
     )
     m.add_argument(
         "--sampler",
         default=None,
-        choices=["ddpm", "ddim", "dpm++2m", "x0"],
+        choices=SAMPLERS,
         help="reverse sampler (default: the method's; ensemble may use any)",
     )
     m.add_argument(
         "--noise",
         default=None,
-        choices=["gaussian", "simplex"],
+        choices=NOISE_KINDS,
         help="noise kind (default: the one the checkpoint was trained with)",
     )
     m.add_argument(

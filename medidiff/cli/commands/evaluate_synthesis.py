@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_pairs < 1:
         raise ConfigError(f"--max-pairs must be >= 1; got {args.max_pairs}")
-    from medidiff.synthesis.synthesizer import METRICS_NAME
+    from medidiff.synthesis.folder import METRICS_NAME
 
     out = Path(args.out) if args.out else Path(args.synthetic) / METRICS_NAME
     if out.is_dir():

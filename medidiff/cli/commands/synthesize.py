@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 
 from medidiff.cli.commands._common import add_device_args
+from medidiff.constants import GENERATIVE_SAMPLERS, SYNTHESIS_DEFAULT_STEPS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,10 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "brain_mri_3d (default: 3D volumes at 5 mm) or brain_mri_2d (2D slices)")
     p.add_argument("--num", type=int, required=True, help="number of samples the folder should hold")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++2m"],
+    p.add_argument("--sampler", default="ddim", choices=GENERATIVE_SAMPLERS,
                    help="ddim (default, deterministic), dpm++2m (DPM-Solver++ 2M) or ddpm (ancestral)")
     p.add_argument("--steps", type=int, default=None,
-                   help="network evaluations per sample (default: ddpm all T, ddim 50, dpm++2m 20)")
+                   help="network evaluations per sample (default: "
+                        + ", ".join(f"{name} {'all T' if k is None else k}"
+                                    for name, k in SYNTHESIS_DEFAULT_STEPS.items()) + ")")
     p.add_argument("--batch-size", type=int, default=4, help="samples per batch (does not change samples)")
     p.add_argument("--label", default=None, help="class name or index (class-conditional models only)")
     p.add_argument("--guidance", type=float, default=None,
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps must be >= 1; got {args.steps}")
 
     from medidiff.runtime.distributed import cleanup, init_distributed
-    from medidiff.synthesis.synthesizer import Synthesizer, synthesize_to_folder
+    from medidiff.synthesis.folder import synthesize_to_folder
+    from medidiff.synthesis.synthesizer import Synthesizer
 
     info = init_distributed(args.device)
     try:

@@ -1,0 +1,73 @@
+"""The names medidiff accepts, in one place: anomaly methods, samplers, schedules, noise
+kinds, prediction types, timestep spacings, and the defaults the CLI help quotes.
+
+Config validation (:mod:`medidiff.config`), the CLI's ``choices=`` and help texts, the
+diffusion registries (:data:`medidiff.diffusion.samplers.SAMPLER_CLASSES`, the schedule
+table of :mod:`medidiff.diffusion.schedules`, the prediction table of
+:mod:`medidiff.diffusion.prediction`) and the anomaly methods all read them from here, and
+``tests/test_constants.py`` checks that every name has an implementation and every
+implementation a name. This module imports nothing, so ``medidiff --help`` stays instant.
+
+Example:
+    >>> from medidiff.constants import SAMPLERS, SCHEDULES
+    >>> "dpm++2m" in SAMPLERS, "sigmoid_beta" in SCHEDULES
+    (True, True)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ANOMALY_DEFAULTS",
+    "ANOMALY_METHODS",
+    "ENSEMBLE_STARTS",
+    "GENERATIVE_SAMPLERS",
+    "NOISE_KINDS",
+    "PREDICTION_TYPES",
+    "SAMPLERS",
+    "SCHEDULES",
+    "SPACINGS",
+    "SYNTHESIS_DEFAULT_STEPS",
+]
+
+#: Noise schedules (MONAI's names, ``monai.networks.schedulers.NoiseSchedules``).
+SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
+
+#: What the network outputs: eps, v (Salimans & Ho 2022) or x_0 itself.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+#: The kinds of noise eps: white Gaussian, or multi-octave simplex (AnoDDPM).
+NOISE_KINDS = ("gaussian", "simplex")
+
+#: Reverse samplers: ancestral DDPM, DDIM, DPM-Solver++(2M), one-shot x_0 prediction.
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "x0")
+
+#: The samplers that generate from pure noise (the one-shot ``"x0"`` predictor does not).
+GENERATIVE_SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+
+#: Timestep spacings of the samplers (see :func:`medidiff.diffusion.sampling.inference_timesteps`).
+SPACINGS = ("trailing", "linspace")
+
+#: Network evaluations per synthesised sample when ``--steps`` is not given: DDPM runs the
+#: whole ancestral chain (``None`` = all T timesteps); DDIM 50 (Pinaya et al. 2022's brain
+#: LDM); DPM-Solver++(2M) 20 (Lu et al. 2022 report good samples at 10-20).
+SYNTHESIS_DEFAULT_STEPS: dict[str, int | None] = {"ddpm": None, "ddim": 50, "dpm++2m": 20}
+
+#: Anomaly-detection methods (see :mod:`medidiff.anomaly.methods`).
+ANOMALY_METHODS = ("anoddpm", "ddim", "x0", "patched", "ensemble")
+
+#: Per-method defaults: (t_start, sampler, steps). ``steps=None`` for anoddpm is the full
+#: chain (t_start + 1 evaluations); ``ensemble`` has several starts (:data:`ENSEMBLE_STARTS`).
+ANOMALY_DEFAULTS: dict[str, tuple[int | None, str, int | None]] = {
+    "anoddpm": (250, "ddpm", None),
+    # t = 50, K = 3: chosen with pipelines/tune_anomaly.py on the default 2D model (see
+    # benchmarks/RESULTS.md): t in {25, 50, 100, 200, 300} -> lower t better down to 50;
+    # K = 2 / 3 / 5 within noise of each other at t = 50 (voxel AUROC 0.905 / 0.907 / 0.907),
+    # so the cheapest K that keeps AUPRC within ~0.02 of K = 5 (0.371 vs 0.387)
+    "ddim": (50, "ddim", 3),
+    "x0": (250, "x0", 1),
+    "patched": (500, "x0", 1),
+    "ensemble": (None, "x0", 1),
+}
+
+#: The noise levels the ``ensemble`` method averages by default.
+ENSEMBLE_STARTS = (250, 500, 750)

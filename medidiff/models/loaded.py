@@ -1,0 +1,234 @@
+"""One loaded model: a checkpoint turned, once, into everything inference needs.
+
+:func:`load_model` reads an inference checkpoint (``model.safetensors``), rebuilds its
+network and parses its records once into typed objects: the training
+:class:`~medidiff.config.Config`, the :class:`~medidiff.data.transforms.Preprocessing` of
+the model grid, the :class:`~medidiff.diffusion.schedules.NoiseSchedule` and
+:class:`~medidiff.diffusion.noise.NoiseSpec` it was trained with, its class conditioning
+and its provenance. Synthesis, anomaly detection, training previews and figures take this
+one object instead of re-reading the checkpoint's JSON.
+
+A latent model (an autoencoder stage in front of the diffusion U-Net) fills the
+``autoencoder`` field; a pixel-space model leaves it ``None``.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> from medidiff.models.checkpoint import save_inference
+    >>> from medidiff.models.unet import build_model, model_kwargs
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.safetensors"
+    >>> _ = save_inference(path, build_model(2, "tiny"), model_kwargs=model_kwargs(2, "tiny"),
+    ...                    config={"diffusion": {"schedule": "cosine"}},
+    ...                    preprocessing={"shape": [16, 16, 8]}, extra={"step": 7})
+    >>> loaded = load_model(path)
+    >>> loaded.schedule.name, loaded.input_shape, loaded.provenance.step
+    ('cosine', (16, 16), 7)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medidiff.config import Config
+from medidiff.data.transforms import Preprocessing
+from medidiff.diffusion.guidance import conditional_model_fn, resolve_null_label
+from medidiff.diffusion.noise import NoiseSpec
+from medidiff.diffusion.sampling import ModelFn
+from medidiff.diffusion.schedules import NoiseSchedule
+from medidiff.errors import CheckpointError, ConfigError
+from medidiff.models.checkpoint import InferenceCheckpoint, build_network, load_inference
+
+__all__ = ["Conditioning", "LoadedModel", "Provenance", "load_model"]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """The class conditioning of a model.
+
+    Attributes:
+        num_classes: the classes it was trained on (``model.num_class_embeds`` of the
+            config, without the null class), or ``None`` for an unconditional model.
+        class_names: the names of those classes, where training recorded them.
+        null_label: the network's "no class" label (the last embedding row, see
+            :mod:`medidiff.diffusion.guidance`), or ``None`` when the network has no class
+            embedding.
+        cond_drop_prob: the training's label dropout; 0 means the model has no
+            unconditional mode, so guidance other than 1 is meaningless.
+    """
+
+    num_classes: int | None = None
+    class_names: tuple[str, ...] = ()
+    null_label: int | None = None
+    cond_drop_prob: float = 0.0
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the model takes class labels."""
+        return self.num_classes is not None
+
+    def default_guidance(self, label: int | None) -> float:
+        """Guidance when none is asked for: 1 (plain conditional) with a label, else 0."""
+        return 1.0 if label is not None else 0.0
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the weights came from.
+
+    Attributes:
+        path: the checkpoint file.
+        sha256: hex SHA-256 of its bytes (ties thresholds and synthesis folders to it).
+        version: the medidiff version that wrote it.
+        step: the training step it was saved at, when recorded.
+        stored_dtype: ``"float16"`` or ``"float32"``.
+    """
+
+    path: Path
+    sha256: str
+    version: str
+    step: int | None
+    stored_dtype: str
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A checkpoint's network with everything needed to run it, parsed once.
+
+    Attributes:
+        model: the ``DiffusionModelUNet`` with the checkpoint's weights, in eval mode.
+        checkpoint: the raw :class:`~medidiff.models.checkpoint.InferenceCheckpoint`.
+        config: the training config, typed.
+        preprocessing: the model grid and intensity scheme, typed.
+        schedule: the noise schedule (float64 on the CPU; cast it once where it is used).
+        noise_spec: the noise the model was trained to remove.
+        prediction_type: what the network outputs.
+        conditioning: classes, null label and label dropout.
+        provenance: path, sha256, version and training step.
+        intensity_reference: the typical intensity map of the training scans
+            (``a_min``/``a_max``, ...) when training recorded one, else ``None``.
+        autoencoder: the autoencoder of a latent model; ``None`` for pixel-space models.
+    """
+
+    model: nn.Module
+    checkpoint: InferenceCheckpoint
+    config: Config
+    preprocessing: Preprocessing
+    schedule: NoiseSchedule
+    noise_spec: NoiseSpec
+    prediction_type: str
+    conditioning: Conditioning
+    provenance: Provenance
+    intensity_reference: dict[str, Any] | None = None
+    autoencoder: nn.Module | None = None
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 (the network sees axial slices) or 3 (volumes)."""
+        return int(self.checkpoint.model_kwargs.get("spatial_dims", self.config.model.spatial_dims))
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The spatial size the network was trained on: a slice ``(X, Y)`` of the model grid
+        for 2D models, the training patch or the whole grid ``(X, Y, Z)`` for 3D ones."""
+        shape = tuple(int(s) for s in self.preprocessing.shape)
+        if self.spatial_dims == 2:
+            return shape[:2]
+        patch = self.config.data.patch_size
+        return tuple(int(p) for p in patch) if patch else shape
+
+    def model_fn(
+        self, batch: int, *, label: int | None = None, guidance: float = 0.0,
+        device: torch.device | str | None = None,
+    ) -> ModelFn:
+        """The ``model_fn(x_t, t)`` the samplers call for ``batch`` samples: the network
+        as is, or with the class ``label`` (``None``: the null class) and classifier-free
+        ``guidance`` for a conditional model (:func:`~medidiff.diffusion.guidance.conditional_model_fn`)."""
+        return conditional_model_fn(
+            self.model, self.conditioning.num_classes, batch, label=label, guidance=guidance,
+            device=device,
+        )
+
+
+def load_model(
+    path_or_checkpoint: str | os.PathLike | InferenceCheckpoint,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load an inference checkpoint into one :class:`LoadedModel`.
+
+    Args:
+        path_or_checkpoint: a weights file or an already read checkpoint.
+        device: where to put the network; on CUDA flash attention is switched on.
+
+    Returns:
+        The loaded model; its network is in eval mode on ``device``.
+
+    Raises:
+        CheckpointError: the file cannot be read (see
+            :func:`~medidiff.models.checkpoint.load_inference`), the weights do not fit the
+            stored architecture, or the stored config or preprocessing is invalid (named
+            with the file).
+    """
+    checkpoint = (
+        path_or_checkpoint
+        if isinstance(path_or_checkpoint, InferenceCheckpoint)
+        else load_inference(path_or_checkpoint)
+    )
+    model = build_network(checkpoint, device)
+    config, preprocessing = checkpoint_records(checkpoint)
+    d = config.diffusion
+    return LoadedModel(
+        model=model,
+        checkpoint=checkpoint,
+        config=config,
+        preprocessing=preprocessing,
+        schedule=NoiseSchedule.from_config(d),
+        noise_spec=NoiseSpec.from_config(d),
+        prediction_type=d.prediction_type,
+        conditioning=_conditioning(checkpoint, config, model),
+        provenance=_provenance(checkpoint),
+        intensity_reference=_intensity_reference(checkpoint),
+    )
+
+
+def checkpoint_records(checkpoint: InferenceCheckpoint) -> tuple[Config, Preprocessing]:
+    """The typed training config and preprocessing stored in an inference checkpoint.
+
+    Raises:
+        CheckpointError: either record is invalid (named with the file).
+    """
+    try:
+        return Config.from_dict(checkpoint.config), Preprocessing.from_dict(checkpoint.preprocessing)
+    except ConfigError as exc:
+        raise CheckpointError(f"{checkpoint.path}: stored config is invalid: {exc}") from None
+
+
+def _conditioning(checkpoint: InferenceCheckpoint, config: Config, model: nn.Module) -> Conditioning:
+    names = checkpoint.extra.get("class_names") or []
+    return Conditioning(
+        num_classes=config.model.num_class_embeds or None,
+        class_names=tuple(str(n) for n in names),
+        null_label=resolve_null_label(model) if getattr(model, "num_class_embeds", None) else None,
+        cond_drop_prob=float(config.train.cond_drop_prob),
+    )
+
+
+def _provenance(checkpoint: InferenceCheckpoint) -> Provenance:
+    step = checkpoint.extra.get("step")
+    return Provenance(
+        path=Path(checkpoint.path),
+        sha256=checkpoint.sha256,
+        version=checkpoint.version,
+        step=int(step) if isinstance(step, int) and not isinstance(step, bool) else None,
+        stored_dtype=checkpoint.stored_dtype,
+    )
+
+
+def _intensity_reference(checkpoint: InferenceCheckpoint) -> dict[str, Any] | None:
+    ref = checkpoint.extra.get("intensity_reference")
+    return dict(ref) if isinstance(ref, Mapping) and "a_min" in ref and "a_max" in ref else None

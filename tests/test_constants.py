@@ -1,0 +1,92 @@
+"""medidiff.constants is the one list of names: every name has an implementation, every
+implementation a name, and config validation and the CLI accept exactly these names."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from medidiff import constants
+from medidiff.config import Config
+
+
+def test_every_sampler_has_one_class_and_every_class_a_name():
+    from medidiff.diffusion.samplers import SAMPLER_CLASSES
+
+    assert tuple(SAMPLER_CLASSES) == constants.SAMPLERS
+    assert all(cls.name == name for name, cls in SAMPLER_CLASSES.items())
+    assert set(constants.GENERATIVE_SAMPLERS) <= set(constants.SAMPLERS)
+    assert tuple(constants.SYNTHESIS_DEFAULT_STEPS) == constants.GENERATIVE_SAMPLERS
+
+
+def test_every_schedule_is_implemented_and_accepted_by_the_config():
+    from medidiff.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule
+
+    assert set(BETA_SCHEDULES) == set(constants.SCHEDULES)
+    for name in constants.SCHEDULES:
+        cfg = Config.from_dict({"diffusion": {"schedule": name}})
+        schedule = NoiseSchedule.create(cfg.diffusion.schedule, num_train_timesteps=10)
+        assert schedule.betas.dtype == torch.float64 and bool((schedule.betas > 0).all())
+
+
+def test_every_prediction_type_and_noise_kind_is_implemented_and_accepted():
+    from medidiff.diffusion.noise import NoiseSpec, sample_noise
+    from medidiff.diffusion.prediction import PARAMETERISATIONS
+
+    assert tuple(PARAMETERISATIONS) == constants.PREDICTION_TYPES
+    for name in constants.PREDICTION_TYPES:
+        assert Config.from_dict({"diffusion": {"prediction_type": name}}).diffusion.prediction_type == name
+    for kind in constants.NOISE_KINDS:
+        assert Config.from_dict({"diffusion": {"noise": kind}}).diffusion.noise == kind
+        assert sample_noise(NoiseSpec(kind), (1, 1, 8, 8), seeds=[0]).shape == (1, 1, 8, 8)
+
+
+def test_every_anomaly_method_resolves():
+    from medidiff.anomaly.methods import METHODS, MethodConfig
+
+    assert METHODS == constants.ANOMALY_METHODS == tuple(constants.ANOMALY_DEFAULTS)
+    for name in constants.ANOMALY_METHODS:
+        resolved = MethodConfig(name).resolve(
+            num_train_timesteps=1000, noise="gaussian", input_shape=(16, 16)
+        )
+        t, sampler, steps = constants.ANOMALY_DEFAULTS[name]
+        assert resolved.sampler == sampler and resolved.sampler in constants.SAMPLERS
+        if t is not None:
+            assert resolved.t_start == t
+        if steps is not None:
+            assert resolved.steps == steps
+    ensemble = MethodConfig("ensemble").resolve(
+        num_train_timesteps=1000, noise="gaussian", input_shape=(16, 16)
+    )
+    assert ensemble.t_starts == constants.ENSEMBLE_STARTS
+
+
+def _options(command: str) -> dict[str, argparse.Action]:
+    from medidiff.cli.main import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {o: a for a in sub.choices[command]._actions for o in a.option_strings}
+
+
+def test_cli_choices_and_help_defaults_come_from_constants():
+    anomaly = _options("anomaly")
+    assert tuple(anomaly["--method"].choices) == constants.ANOMALY_METHODS
+    assert tuple(anomaly["--sampler"].choices) == constants.SAMPLERS
+    assert tuple(anomaly["--noise"].choices) == constants.NOISE_KINDS
+    ddim_steps = constants.ANOMALY_DEFAULTS["ddim"][2]
+    assert f"ddim {ddim_steps}," in anomaly["--steps"].help
+    assert f"ddim {constants.ANOMALY_DEFAULTS['ddim'][0]}" in anomaly["--t-start"].help
+    synthesize = _options("synthesize")
+    assert tuple(synthesize["--sampler"].choices) == constants.GENERATIVE_SAMPLERS
+    assert f"ddim {constants.SYNTHESIS_DEFAULT_STEPS['ddim']}" in synthesize["--steps"].help
+
+
+@pytest.mark.parametrize("value", ["sigmoid", "quadratic"])
+def test_config_refuses_unknown_schedules_naming_the_known_ones(value):
+    from medidiff.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="diffusion.schedule.*sigmoid_beta"):
+        Config.from_dict({"diffusion": {"schedule": value}})
