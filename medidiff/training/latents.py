@@ -45,7 +45,7 @@ class LatentCache:
         return {"image": self.latents[index]}
 
     def save(self, path: str | os.PathLike) -> Path:
-        from medidiff.models.checkpoint import save_training_state
+        from medidiff.models.training_state import save_training_state
 
         return save_training_state(
             path, {"latents": self.latents, "scale_factor": self.scale_factor, "names": list(self.names)}
@@ -53,7 +53,7 @@ class LatentCache:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LatentCache:
-        from medidiff.models.checkpoint import load_training_state
+        from medidiff.models.training_state import load_training_state
 
         state = load_training_state(path)
         return cls(latents=state["latents"], scale_factor=float(state["scale_factor"]),
