@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
-from medidiff.constants import NOISE_KINDS, PREDICTION_TYPES, SCHEDULES
+from medidiff.constants import NOISE_KINDS, PREDICTION_TYPES, SCHEDULES, STAGES
 from medidiff.errors import ConfigError
 
 #: The ``data.cache`` choices.
@@ -140,14 +140,49 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class AutoencoderConfig:
+    """The autoencoder stage of a latent model (used when ``stage: autoencoder``).
+
+    Attributes:
+        preset: a preset of :mod:`medidiff.models.autoencoder` (``tiny``, ``small``, ``base``).
+        channels, latent_channels, num_res_blocks, norm_num_groups: overrides of the preset.
+        kl_weight: weight of the KL term (1e-6 as in MONAI's latent-diffusion tutorials).
+        adversarial_weight: weight of the patch-adversarial term (0: no discriminator).
+        adversarial_start: step from which the adversarial term is used.
+        discriminator_channels: channels of the first PatchDiscriminator layer.
+        discriminator_layers: its strided layers (each halves the patch; 3 needs patches
+            of at least 32 voxels per axis).
+        discriminator_lr: the discriminator's learning rate.
+        scale_batches: training volumes encoded at the end to measure the latent scale
+            factor (1 / std of the latents).
+    """
+
+    preset: str = "small"
+    channels: Union[list[int], None] = None
+    latent_channels: Union[int, None] = None
+    num_res_blocks: Union[int, None] = None
+    norm_num_groups: Union[int, None] = None
+    kl_weight: float = 1e-6
+    adversarial_weight: float = 0.0
+    adversarial_start: int = 0
+    discriminator_channels: int = 16
+    discriminator_layers: int = 3
+    discriminator_lr: float = 1e-4
+    scale_batches: int = 8
+
+
+@dataclass(frozen=True)
 class Config:
-    """A whole run: ``data``, ``model``, ``diffusion``, ``train`` sections."""
+    """A whole run: ``stage`` (what is trained) and the ``data``, ``model``, ``diffusion``,
+    ``train`` and ``autoencoder`` sections."""
 
     name: str = "run"
+    stage: str = "diffusion"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
     # ---- construction -------------------------------------------------------------
     @classmethod
@@ -293,6 +328,7 @@ def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
 
 def _check_values(cfg: Config) -> None:
     """Value checks beyond types (ranges and choices)."""
+    _choice("stage", cfg.stage, STAGES)
     _choice("model.spatial_dims", str(cfg.model.spatial_dims), ("2", "3"))
     _choice("diffusion.schedule", cfg.diffusion.schedule, SCHEDULES)
     _choice("diffusion.prediction_type", cfg.diffusion.prediction_type, PREDICTION_TYPES)
@@ -308,6 +344,11 @@ def _check_values(cfg: Config) -> None:
     for key in ("warmup_steps", "grad_clip", "weight_decay", "checkpoint_every", "log_every",
                 "preview_every", "preview_samples", "preview_steps"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    a = cfg.autoencoder
+    for key in ("kl_weight", "adversarial_weight", "adversarial_start"):
+        _positive(f"autoencoder.{key}", getattr(a, key), allow_zero=True)
+    for key in ("discriminator_channels", "discriminator_layers", "discriminator_lr", "scale_batches"):
+        _positive(f"autoencoder.{key}", getattr(a, key))
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"config key 'train.ema_decay' must lie in [0, 1); got {t.ema_decay}")
     if not 0 <= t.cond_drop_prob < 1:

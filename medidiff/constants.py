@@ -26,8 +26,13 @@ __all__ = [
     "SAMPLERS",
     "SCHEDULES",
     "SPACINGS",
+    "STAGES",
     "SYNTHESIS_DEFAULT_STEPS",
 ]
+
+#: What ``medidiff train`` trains: a diffusion U-Net on images, or the autoencoder that is
+#: the first stage of a latent model.
+STAGES = ("diffusion", "autoencoder")
 
 #: Noise schedules (MONAI's names, ``monai.networks.schedulers.NoiseSchedules``).
 SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")

@@ -16,7 +16,7 @@ import sys
 # (name, module, one-line help) in the order of DESIGN.md's CLI.
 COMMANDS: list[tuple[str, str, str]] = [
     ("info", "medidiff.cli.commands.info", "print a volume's shape, spacing, orientation, affine and range"),
-    ("train", "medidiff.cli.commands.train", "train a diffusion U-Net from a YAML config"),
+    ("train", "medidiff.cli.commands.train", "train a diffusion U-Net (or a latent model's autoencoder) from a YAML config"),
     ("synthesize", "medidiff.cli.commands.synthesize", "generate new scans from a checkpoint"),
     ("calibrate", "medidiff.cli.commands.calibrate", "anomaly thresholds from healthy scans at a target FPR"),
     ("anomaly", "medidiff.cli.commands.anomaly", "score scans for anomalies (maps, segmentations, scores)"),

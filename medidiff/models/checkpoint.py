@@ -88,6 +88,9 @@ class InferenceCheckpoint:
         sha256: hex SHA-256 of the file's bytes; ties e.g. anomaly thresholds to these
             exact weights.
         stored_dtype: ``"float16"`` when saved with ``half=True``, else ``"float32"``.
+        network: which MONAI network ``model_kwargs`` build (a key of
+            :data:`NETWORK_BUILDERS`: ``diffusion_unet`` or ``autoencoder_kl``); files
+            written before networks were named hold diffusion U-Nets.
     """
 
     path: Path
@@ -99,6 +102,34 @@ class InferenceCheckpoint:
     version: str
     sha256: str
     stored_dtype: str
+    network: str = "diffusion_unet"
+
+
+def _build_diffusion_unet(kwargs: Mapping[str, Any]) -> nn.Module:
+    from medidiff.models.unet import build_model_from_kwargs
+
+    return build_model_from_kwargs(kwargs)
+
+
+def _build_autoencoder_kl(kwargs: Mapping[str, Any]) -> nn.Module:
+    from medidiff.models.autoencoder import build_autoencoder
+
+    return build_autoencoder(kwargs)
+
+
+NETWORK_BUILDERS = {"diffusion_unet": _build_diffusion_unet, "autoencoder_kl": _build_autoencoder_kl}
+"""The networks an inference file may hold, by the name stored in its metadata."""
+
+
+def build_network_from_kwargs(network: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """Build the named network (a key of :data:`NETWORK_BUILDERS`) from its stored kwargs.
+
+    Raises:
+        ConfigError: an unknown network name, or kwargs the builder refuses.
+    """
+    if network not in NETWORK_BUILDERS:
+        raise ConfigError(f"unknown network {network!r}; known: {', '.join(sorted(NETWORK_BUILDERS))}")
+    return NETWORK_BUILDERS[network](kwargs)
 
 
 # ------------------------------------------------------------------ inference weights
@@ -113,6 +144,7 @@ def save_inference(
     preprocessing: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
     half: bool = False,
+    network: str = "diffusion_unet",
 ) -> Path:
     """Write inference weights and their metadata as a safetensors file, atomically.
 
@@ -130,6 +162,7 @@ def save_inference(
         half: store floating tensors as float16 (half the size; for shipping small
             default models); otherwise they are stored as float32.
             :func:`load_inference` returns float32 either way.
+        network: the network ``model_kwargs`` build (a key of :data:`NETWORK_BUILDERS`).
 
     Returns:
         The path written.
@@ -155,7 +188,7 @@ def save_inference(
             tensor = tensor.to(torch.float16 if half else torch.float32)
         # clone(): safetensors refuses tensors that share storage.
         tensors[key] = tensor.contiguous().clone()
-    _check_kwargs_describe_weights(path, model_kwargs, tensors)
+    _check_kwargs_describe_weights(path, model_kwargs, tensors, network)
 
     metadata = {
         "format": INFERENCE_FORMAT,
@@ -163,6 +196,7 @@ def save_inference(
         "torch_version": torch.__version__,
         "monai_version": _monai_version(),
         "stored_dtype": "float16" if half else "float32",
+        "network": network,
         "model_kwargs": _to_json(model_kwargs, "model_kwargs", path),
         "config": _to_json(config, "config", path),
         "preprocessing": _to_json(preprocessing, "preprocessing", path),
@@ -203,7 +237,18 @@ def load_inference(path: str | os.PathLike) -> InferenceCheckpoint:
         version=str(metadata.get("medidiff_version", "unknown")),
         sha256=hashlib.sha256(data).hexdigest(),
         stored_dtype=str(metadata.get("stored_dtype", "float32")),
+        network=_network_name(path, metadata),
     )
+
+
+def _network_name(path: Path, metadata: Mapping[str, Any]) -> str:
+    network = str(metadata.get("network", "diffusion_unet"))
+    if network not in NETWORK_BUILDERS:
+        raise CheckpointError(
+            f"{path}: holds a {network!r} network, which this medidiff version cannot build "
+            f"(known: {', '.join(sorted(NETWORK_BUILDERS))}); upgrade medidiff"
+        )
+    return network
 
 
 def _medidiff_metadata(path: Path, data: bytes) -> dict[str, Any]:
@@ -291,16 +336,17 @@ def build_network(checkpoint: InferenceCheckpoint, device: str | torch.device = 
         device: where to put the model; on CUDA flash attention is switched on.
 
     Returns:
-        The ``DiffusionModelUNet`` in eval mode on ``device``.
+        The network (``DiffusionModelUNet`` or ``AutoencoderKL``, as the file names) in
+        eval mode on ``device``.
 
     Raises:
         CheckpointError: the stored model kwargs are invalid, or the weights do not fit
             the architecture.
     """
-    from medidiff.models.unet import build_model_from_kwargs, enable_flash_attention
+    from medidiff.models.unet import enable_flash_attention
 
     try:
-        model = build_model_from_kwargs(checkpoint.model_kwargs)
+        model = build_network_from_kwargs(checkpoint.network, checkpoint.model_kwargs)
     except ConfigError as exc:
         raise CheckpointError(
             f"{checkpoint.path}: stored model_kwargs are invalid: {exc}"
@@ -311,7 +357,8 @@ def build_network(checkpoint: InferenceCheckpoint, device: str | torch.device = 
         ) from None
     load_state_dict_checked(model, checkpoint.state_dict, source=str(checkpoint.path))
     model = model.to(device)
-    enable_flash_attention(model, device)
+    if checkpoint.network == "diffusion_unet":
+        enable_flash_attention(model, device)
     model.eval()
     return model
 
@@ -413,14 +460,12 @@ def _state_dict_of(obj: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, 
 
 
 def _check_kwargs_describe_weights(
-    path: Path, kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
+    path: Path, kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], network: str
 ) -> None:
     """Refuse to write weights that the stored kwargs could not rebuild into a model."""
-    from medidiff.models.unet import build_model_from_kwargs
-
     try:
         with torch.device("meta"):  # shapes only, no memory, no initialisation cost
-            skeleton = build_model_from_kwargs(kwargs)
+            skeleton = build_network_from_kwargs(network, kwargs)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: model_kwargs are invalid: {exc}") from None
     except (TypeError, ValueError) as exc:

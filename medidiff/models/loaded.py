@@ -44,7 +44,7 @@ from medidiff.diffusion.schedules import NoiseSchedule
 from medidiff.errors import CheckpointError, ConfigError
 from medidiff.models.checkpoint import InferenceCheckpoint, build_network, load_inference
 
-__all__ = ["Conditioning", "LoadedModel", "Provenance", "load_model"]
+__all__ = ["Conditioning", "LoadedAutoencoder", "LoadedModel", "Provenance", "load_autoencoder", "load_model"]
 
 
 @dataclass(frozen=True)
@@ -174,11 +174,12 @@ def load_model(
             stored architecture, or the stored config or preprocessing is invalid (named
             with the file).
     """
-    checkpoint = (
-        path_or_checkpoint
-        if isinstance(path_or_checkpoint, InferenceCheckpoint)
-        else load_inference(path_or_checkpoint)
-    )
+    checkpoint = _read(path_or_checkpoint)
+    if checkpoint.network != "diffusion_unet":
+        raise CheckpointError(
+            f"{checkpoint.path}: holds an autoencoder (the first stage of a latent model), not a "
+            "diffusion model; give it as autoencoder.checkpoint of a latent-stage config"
+        )
     model = build_network(checkpoint, device)
     config, preprocessing = checkpoint_records(checkpoint)
     d = config.diffusion
@@ -232,3 +233,58 @@ def _provenance(checkpoint: InferenceCheckpoint) -> Provenance:
 def _intensity_reference(checkpoint: InferenceCheckpoint) -> dict[str, Any] | None:
     ref = checkpoint.extra.get("intensity_reference")
     return dict(ref) if isinstance(ref, Mapping) and "a_min" in ref and "a_max" in ref else None
+
+
+def _read(path_or_checkpoint: str | os.PathLike | InferenceCheckpoint) -> InferenceCheckpoint:
+    if isinstance(path_or_checkpoint, InferenceCheckpoint):
+        return path_or_checkpoint
+    return load_inference(path_or_checkpoint)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedAutoencoder:
+    """A trained autoencoder (the first stage of a latent model), loaded once.
+
+    Attributes:
+        network: the MONAI ``AutoencoderKL`` in eval mode.
+        checkpoint: the file it came from.
+        preprocessing: the model grid its images live on.
+        scale_factor: multiplies the latent mean so training latents have unit variance.
+        provenance: path, sha256, version and training step.
+    """
+
+    network: nn.Module
+    checkpoint: InferenceCheckpoint
+    preprocessing: Preprocessing
+    scale_factor: float
+    provenance: Provenance
+
+    @property
+    def downsample_factor(self) -> int:
+        from medidiff.models.autoencoder import downsample_factor
+
+        return downsample_factor(self.checkpoint.model_kwargs)
+
+
+def load_autoencoder(
+    path_or_checkpoint: str | os.PathLike | InferenceCheckpoint, device: str | torch.device = "cpu"
+) -> LoadedAutoencoder:
+    """Load an autoencoder checkpoint written by the autoencoder stage of ``medidiff train``.
+
+    Raises:
+        CheckpointError: the file cannot be read, or holds another kind of network.
+    """
+    checkpoint = _read(path_or_checkpoint)
+    if checkpoint.network != "autoencoder_kl":
+        raise CheckpointError(
+            f"{checkpoint.path}: holds a {checkpoint.network} network, not an autoencoder; "
+            "train one with a config whose stage is 'autoencoder'"
+        )
+    _, preprocessing = checkpoint_records(checkpoint)
+    return LoadedAutoencoder(
+        network=build_network(checkpoint, device),
+        checkpoint=checkpoint,
+        preprocessing=preprocessing,
+        scale_factor=float(checkpoint.extra.get("scale_factor", 1.0)),
+        provenance=_provenance(checkpoint),
+    )

@@ -1,1 +1,20 @@
-"""Training: the Trainer (trainer.py) and the EMA of weights (ema.py)."""
+"""Training: the diffusion Trainer, the autoencoder stage of latent models, EMA, latents."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["build_trainer"]
+
+
+def build_trainer(config: Any, run_dir: Any, **kwargs: Any) -> Any:
+    """The trainer for ``config.stage``: :class:`~medidiff.training.trainer.Trainer` for a
+    diffusion model, :class:`~medidiff.training.autoencoder.AutoencoderTrainer` for the
+    autoencoder stage of a latent model; ``kwargs`` go to its constructor."""
+    if config.stage == "autoencoder":
+        from medidiff.training.autoencoder import AutoencoderTrainer
+
+        return AutoencoderTrainer(config, run_dir, **kwargs)
+    from medidiff.training.trainer import Trainer
+
+    return Trainer(config, run_dir, **kwargs)

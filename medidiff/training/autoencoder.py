@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AutoencoderLossWeights", "kl_divergence", "generator_loss", "discriminator_loss", "build_discriminator"]
+from medidiff.training.trainer import Trainer
+
+__all__ = ["AutoencoderTrainer", "AutoencoderLossWeights", "kl_divergence", "generator_loss", "discriminator_loss", "build_discriminator"]
 
 
 @dataclass(frozen=True)
@@ -128,3 +130,131 @@ def discriminator_loss(
         loss(fake.float(), target_is_real=False, for_discriminator=True)
         + loss(real.float(), target_is_real=True, for_discriminator=True)
     )
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class AutoencoderTrainer(Trainer):
+    """Trains the autoencoder stage of a latent model (``stage: autoencoder`` in the config).
+
+    The loop, resume, EMA, AMP, DDP, logging and checkpoints are the diffusion
+    :class:`~medidiff.training.trainer.Trainer`'s; what differs is the network (MONAI
+    ``AutoencoderKL`` from the ``autoencoder`` section), the loss (:func:`generator_loss`,
+    plus a discriminator step when the adversarial term is on), the previews (inputs above
+    their reconstructions) and the inference file, which is stored as an ``autoencoder_kl``
+    network with its latent ``scale_factor`` (1 / std of the EMA encoder's latent means over
+    ``autoencoder.scale_batches`` training items). 3D volumes train on random patches
+    (``data.patch_size``), so memory does not grow with the volume; the decoder and encoder
+    are fully convolutional and apply to whole volumes (or tiles) afterwards.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from medidiff.config import Config
+        >>> cfg = Config.from_dict({"stage": "autoencoder", "model": {"spatial_dims": 2},
+        ...     "autoencoder": {"preset": "tiny", "scale_batches": 2},
+        ...     "train": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 0,
+        ...               "preview_every": 0, "log_every": 1}})
+        >>> data = [torch.rand(1, 16, 16) for _ in range(4)]
+        >>> AutoencoderTrainer(cfg, tempfile.mkdtemp(), dataset=data, progress=False).fit().steps
+        2
+    """
+
+    network_name = "autoencoder_kl"
+
+    def _build_network(self) -> tuple[dict, nn.Module]:
+        from medidiff.models.autoencoder import autoencoder_kwargs, build_autoencoder
+
+        a = self.config.autoencoder
+        overrides = {
+            k: getattr(a, k) for k in ("channels", "latent_channels", "num_res_blocks", "norm_num_groups")
+            if getattr(a, k) is not None
+        }
+        kwargs = autoencoder_kwargs(self.config.model.spatial_dims, a.preset, **overrides)
+        return kwargs, build_autoencoder(kwargs)
+
+    def _build_process(self) -> None:
+        a = self.config.autoencoder
+        self.loss_weights = AutoencoderLossWeights(
+            kl=a.kl_weight, adversarial=a.adversarial_weight, adv_start=a.adversarial_start
+        )
+        self.discriminator = None
+        self.disc_optimizer = None
+        if a.adversarial_weight > 0:
+            self.discriminator = build_discriminator(
+                self.config.model.spatial_dims, channels=a.discriminator_channels,
+                num_layers=a.discriminator_layers,
+            ).to(self.device)
+            self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=a.discriminator_lr)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _loss(self, batch: dict, step: int) -> torch.Tensor:
+        x = batch["image"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            reconstruction, z_mu, z_sigma = self.ddp_model(x)
+        loss, _terms = generator_loss(
+            x, reconstruction, z_mu, z_sigma, self.loss_weights, step, self.discriminator
+        )
+        self._pending = (x, reconstruction.detach()) if self.discriminator is not None else None
+        return loss
+
+    def _optim_step(self, loss: torch.Tensor) -> float:
+        grad_norm = super()._optim_step(loss)
+        if self._pending is not None and self.loss_weights.adversarial_on(self.step):
+            x, reconstruction = self._pending
+            self.disc_optimizer.zero_grad(set_to_none=True)
+            discriminator_loss(self.discriminator, x, reconstruction).backward()
+            self.disc_optimizer.step()
+        self._pending = None
+        return grad_norm
+
+    def _training_state(self) -> dict:
+        state = super()._training_state()
+        if self.discriminator is not None:
+            state["discriminator"] = self.discriminator.state_dict()
+            state["disc_optimizer"] = self.disc_optimizer.state_dict()
+        return state
+
+    def _restore_extra(self, state: dict) -> None:
+        if self.discriminator is not None and "discriminator" in state:
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+
+    def _inference_network(self) -> nn.Module:
+        from medidiff.models.autoencoder import build_autoencoder
+
+        network = build_autoencoder(self.model_kwargs).to(self.device).eval()
+        network.load_state_dict(self.inference_state_dict())
+        return network
+
+    def _inference_extra(self) -> dict:
+        from medidiff.models.autoencoder import encode_tiled, latent_scale_factor
+
+        extra = super()._inference_extra()
+        network = self._inference_network()
+        n = min(len(self.dataset), self.config.autoencoder.scale_batches)
+        latents = [encode_tiled(network, self._item(i)[None].to(self.device)) for i in range(n)]
+        extra["scale_factor"] = latent_scale_factor(latents)
+        extra["downsample_factor"] = 2 ** (len(self.model_kwargs["channels"]) - 1)
+        return extra
+
+    def _item(self, index: int) -> torch.Tensor:
+        item = self.dataset[index]
+        return torch.as_tensor(item["image"] if isinstance(item, dict) else item, dtype=torch.float32)
+
+    def preview(self):
+        """A PNG of a few training items (top row) above their reconstructions (bottom)."""
+        c = self.config.train
+        if not self.info.is_main or c.preview_samples == 0:
+            return None
+        from medidiff.io.images import save_image_grid
+
+        network = self._inference_network()
+        n = min(len(self.dataset), c.preview_samples)
+        inputs = torch.stack([self._item(i) for i in range(n)]).to(self.device)
+        with torch.no_grad():
+            outputs = network.reconstruct(inputs)
+        grid = torch.cat([inputs, outputs.clamp(0, 1)]).float().cpu().numpy()
+        path = self.run_dir / "previews" / f"step_{self.step:07d}.png"
+        save_image_grid(grid, path, columns=n, title=f"step {self.step}: inputs / reconstructions")
+        return path

@@ -136,6 +136,9 @@ class Trainer:
         2
     """
 
+    #: the network name stored with the inference weights
+    network_name = "diffusion_unet"
+
     def __init__(
         self,
         config: Config,
@@ -146,11 +149,6 @@ class Trainer:
         progress: bool = True,
         config_dir: str | os.PathLike | None = None,
     ) -> None:
-        from medidiff.diffusion.guidance import class_embeddings
-        from medidiff.diffusion.noise import NoiseSpec
-        from medidiff.diffusion.schedules import NoiseSchedule
-        from medidiff.models.unet import build_model, model_kwargs
-
         self.config = config
         self.run_dir = Path(run_dir)
         self.config_dir = Path(config_dir) if config_dir else None
@@ -159,25 +157,13 @@ class Trainer:
         self.progress = progress and self.info.is_main
         c = config
         torch.manual_seed(c.train.seed)
-        overrides = {
-            k: getattr(c.model, k)
-            for k in ("channels", "attention_levels", "num_res_blocks", "num_head_channels", "norm_num_groups")
-            if getattr(c.model, k) is not None
-        }
-        # One extra class embedding, the last row, is the null class of classifier-free guidance.
-        n_embeds = class_embeddings(c.model.num_class_embeds)
-        self.model_kwargs = model_kwargs(
-            c.model.spatial_dims, c.model.preset, num_class_embeds=n_embeds, **overrides
-        )
-        self.model = build_model(
-            c.model.spatial_dims, c.model.preset, num_class_embeds=n_embeds, **overrides
-        ).to(self.device)
+        self.model_kwargs, model = self._build_network()
+        self.model = model.to(self.device)
         self.use_cuda = self.device.type == "cuda"
         if self.use_cuda and c.train.channels_last:
             fmt = torch.channels_last if c.model.spatial_dims == 2 else torch.channels_last_3d
             self.model = self.model.to(memory_format=fmt)
-        self.schedule = NoiseSchedule.from_config(c.diffusion).to(self.device)
-        self.noise_spec = NoiseSpec.from_config(c.diffusion)
+        self._build_process()
         self.optimizer = _adamw(self.model.parameters(), lr=c.train.lr, weight_decay=c.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -199,6 +185,32 @@ class Trainer:
         self.step = 0
         self.preprocessing: dict = getattr(self.dataset, "preprocessing_dict", lambda: {})() if hasattr(
             self.dataset, "preprocessing_dict") else {}
+
+    # ---- what is trained ------------------------------------------------------------
+    def _build_network(self) -> tuple[dict, torch.nn.Module]:
+        """The network's JSON kwargs and the network: a ``DiffusionModelUNet`` here."""
+        from medidiff.diffusion.guidance import class_embeddings
+        from medidiff.models.unet import build_model_from_kwargs, model_kwargs
+
+        m = self.config.model
+        overrides = {
+            k: getattr(m, k)
+            for k in ("channels", "attention_levels", "num_res_blocks", "num_head_channels", "norm_num_groups")
+            if getattr(m, k) is not None
+        }
+        # One extra class embedding, the last row, is the null class of classifier-free guidance.
+        kwargs = model_kwargs(
+            m.spatial_dims, m.preset, num_class_embeds=class_embeddings(m.num_class_embeds), **overrides
+        )
+        return kwargs, build_model_from_kwargs(kwargs)
+
+    def _build_process(self) -> None:
+        """The forward process the network learns to undo: schedule and noise."""
+        from medidiff.diffusion.noise import NoiseSpec
+        from medidiff.diffusion.schedules import NoiseSchedule
+
+        self.schedule = NoiseSchedule.from_config(self.config.diffusion).to(self.device)
+        self.noise_spec = NoiseSpec.from_config(self.config.diffusion)
 
     # ---- data ---------------------------------------------------------------------
     def _build_dataset(self) -> Any:
@@ -300,7 +312,14 @@ class Trainer:
 
         if not self.info.is_main:
             return
-        state = {
+        state = self._training_state()
+        state["rng"] = capture_rng_state()
+        save_training_state(self.checkpoint_path, state)
+        self.save_inference()
+
+    def _training_state(self) -> dict:
+        """What a resumable checkpoint holds (RNG states are added by the caller)."""
+        return {
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -308,13 +327,20 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else {},
             "config": self.config.to_dict(),
-            "rng": capture_rng_state(),
         }
-        save_training_state(self.checkpoint_path, state)
-        self.save_inference()
+
+    def _restore_extra(self, state: dict) -> None:
+        """Restore what a subclass added to :meth:`_training_state` (nothing here)."""
+
+    def _inference_extra(self) -> dict:
+        """The ``extra`` JSON stored with the inference weights."""
+        from medidiff import __version__
+
+        return {"step": self.step, "medidiff_version": __version__,
+                "class_names": list(getattr(self.dataset, "class_names", None) or []),
+                "intensity_reference": getattr(self.dataset, "intensity_reference", None)}
 
     def save_inference(self) -> Path:
-        from medidiff import __version__
         from medidiff.models.checkpoint import save_inference
 
         path = self.run_dir / "model.safetensors"
@@ -325,9 +351,8 @@ class Trainer:
                 model_kwargs=self.model_kwargs,
                 config=self.config.to_dict(),
                 preprocessing=self.preprocessing,
-                extra={"step": self.step, "medidiff_version": __version__,
-                       "class_names": list(getattr(self.dataset, "class_names", None) or []),
-                       "intensity_reference": getattr(self.dataset, "intensity_reference", None)},
+                extra=self._inference_extra(),
+                network=self.network_name,
             )
         return path
 
@@ -340,7 +365,7 @@ class Trainer:
             raise CheckpointError(f"{path}: no checkpoint to resume from; run without --resume first")
         state = load_training_state(path)
         saved = Config.from_dict(state["config"])
-        for section in ("model", "diffusion", "data"):
+        for section in ("stage", "model", "diffusion", "data", "autoencoder"):
             if getattr(saved, section) != getattr(self.config, section):
                 raise ConfigError(
                     f"--resume: the '{section}' section differs from the checkpoint's ({path}); "
@@ -352,6 +377,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
+        self._restore_extra(state)
         restore_rng_state(state["rng"])
         self.step = int(state["step"])
         return self.step

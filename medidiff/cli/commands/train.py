@@ -1,4 +1,8 @@
-"""Train a diffusion U-Net from a YAML config.
+"""Train a diffusion U-Net, or the autoencoder of a latent model, from a YAML config.
+
+The config's ``stage`` says which: ``diffusion`` (default) or ``autoencoder`` (the first
+stage of latent diffusion: MONAI AutoencoderKL, L1 + KL + optional patch-adversarial loss,
+3D volumes on random patches; see configs/brain_mri_3d_autoencoder.yaml).
 
 Writes RUN_DIR/model.safetensors (EMA inference weights with the config and the
 preprocessing the model expects), RUN_DIR/config.yaml (resolved), RUN_DIR/checkpoints/last.pt
@@ -8,6 +12,7 @@ Examples:
   medidiff train --config configs/tiny_test.yaml --out runs/tiny
   medidiff train --config configs/brain_mri_2d.yaml --out runs/brain2d --set train.max_steps=2000
   medidiff train --config configs/brain_mri_2d.yaml --out runs/brain2d --resume
+  medidiff train --config configs/brain_mri_3d_autoencoder.yaml --out runs/brain_ae
   torchrun --nproc_per_node 2 -m medidiff train --config configs/brain_mri_2d.yaml --out runs/ddp
 """
 
@@ -36,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from medidiff.config import Config
     from medidiff.errors import OutputError
     from medidiff.io import check_writable_folder
-    from medidiff.training.trainer import Trainer
+    from medidiff.training import build_trainer
 
     config = Config.from_yaml(args.config, args.overrides)
     run_dir = Path(args.out)
@@ -46,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
             f"{run_dir}: already holds a trained run; pass --resume to continue it or --overwrite to start afresh"
         )
     check_writable_folder(run_dir)  # before the (possibly long) data loading
-    trainer = Trainer(config, run_dir, device=args.device, progress=not args.no_progress,
-                      config_dir=Path(args.config).resolve().parent)
+    trainer = build_trainer(config, run_dir, device=args.device, progress=not args.no_progress,
+                            config_dir=Path(args.config).resolve().parent)
     result = trainer.fit(resume=args.resume)
     if trainer.info.is_main:
         print(
