@@ -152,15 +152,12 @@ class MethodRun:
 def run_method(
     method: str, args: argparse.Namespace, val: list[Any], test: list[Any], loaded: Any
 ) -> MethodRun:
-    from medidiff.anomaly.detector import calibrate
-    from medidiff.io.volume import load_volume
-    from medidiff.anomaly.metrics import Case
+    from medidiff.anomaly.runner import calibrate, entry_case, score_scans
 
     calib = val[: args.anoddpm_calib_limit] if method == "anoddpm" else val[: args.calib_limit]
     det = make_detector(method, args, calib, loaded)
     start = time.perf_counter()
     thresholds = calibrate(det, calib, fpr=args.fpr)
-    det.use_thresholds(thresholds)
     run = MethodRun(
         name=method,
         config=det.method.to_dict()
@@ -181,28 +178,20 @@ def run_method(
         f"voxel threshold {thresholds.voxel_threshold:.4g}",
         flush=True,
     )
-    for e in test:
-        result = det.score_file(e.image, mask=e.mask, name=e.name)
-        truth = np.asarray(load_volume(e.segmentation).array) > 0
-        brain = np.asarray(load_volume(e.mask).array) > 0
-        case = Case(
-            e.name,
-            result.anomaly_map,
-            truth,
-            mask=brain,
-            segmentation=result.segmentation,
-            score=result.score,
-            group=str(e.extra.get("kind")),
-        )
-        run.cases.append(case.compact())
-        run.seconds.append(result.seconds)
-        run.evaluations.append(result.network_evaluations)
+
+    def record(outcome: Any) -> None:
+        row = outcome.row
+        run.cases.append(outcome.extra)
+        run.seconds.append(row["seconds"])
+        run.evaluations.append(row["network_evaluations"])
         print(
-            f"[{method}] {e.name}: score {result.score:.4g}, "
-            f"{result.network_evaluations} network evaluations, "
-            f"{result.seconds:.1f} s",
+            f"[{method}] {row['name']}: score {row['score']:.4g}, "
+            f"{row['network_evaluations']} network evaluations, {row['seconds']:.1f} s",
             flush=True,
         )
+
+    score_scans(det, test, thresholds=thresholds, on_result=entry_case, errors="raise",
+                on_each=record)
     return run
 
 

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    from medidiff.anomaly.detector import AnomalyDetector, calibrate
+    from medidiff.anomaly.detector import AnomalyDetector
+    from medidiff.anomaly.runner import calibrate
     from medidiff.data.datasets import load_datalist
     from medidiff.errors import MedidiffError
     from medidiff.viz.figures import loss_curve, save_how_it_works_figures

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 outs.append(np.load(f)["r"])
                 continue
             start = time.perf_counter()
-            r = det.reconstruct_grid(image, region, name)
+            r = det.reconstructor.reconstruct(image, region, name).images
             np.savez_compressed(f, r=r)
             print(f"  reconstructed {name} t={t} K={k} eta={eta:g} in {time.perf_counter() - start:.1f} s", flush=True)
             outs.append(r)

@@ -51,7 +51,8 @@ def test_baseline_map_is_the_absolute_residual_to_its_level(tiny_checkpoint_2d):
 def test_baseline_level_is_the_median_normalised_brain_intensity(tiny_checkpoint_2d, tmp_path):
     """The level is the median of the brain voxels (the mask, not the whole foreground) after
     the checkpoint's percentile scaling, computed here by hand."""
-    from medidiff.anomaly.detector import AnomalyDetector, calibrate
+    from medidiff.anomaly.detector import AnomalyDetector
+    from medidiff.anomaly.runner import calibrate
     from medidiff.anomaly.baseline import BASELINE_NAME, IntensityBaseline
     from medidiff.data.datasets import DatalistEntry
     from medidiff.errors import ConfigError
@@ -82,10 +83,10 @@ def test_baseline_level_is_the_median_normalised_brain_intensity(tiny_checkpoint
     thresholds = calibrate(base, [entry], fpr=0.05)
     assert thresholds.method["method"] == BASELINE_NAME
     assert thresholds.method["level"] == pytest.approx(base.level)
-    base.use_thresholds(thresholds)  # its own thresholds are accepted
+    thresholds.check(base)  # its own thresholds are accepted
     detector = AnomalyDetector(tiny_checkpoint_2d)
     with pytest.raises(ConfigError, match="method"):
-        detector.use_thresholds(thresholds)  # a diffusion method refuses the baseline's
+        thresholds.check(detector)  # a diffusion method refuses the baseline's
 
 
 # ---- the HTML writer --------------------------------------------------------------------
@@ -178,7 +179,7 @@ def _numbers(obj):
 def test_demo_end_to_end(run_cli, tiny_checkpoint_2d, tiny_checkpoint_3d, tmp_path):
     import csv
 
-    from medidiff.anomaly.detector import Thresholds
+    from medidiff.anomaly.thresholds import Thresholds
     from medidiff.io.volume import load_volume
 
     out = tmp_path / "demo"
