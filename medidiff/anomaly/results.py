@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medidiff.data.transforms import Preprocessed
-from medidiff.io.volume import Volume
+if TYPE_CHECKING:  # pragma: no cover
+    from medidiff.data.transforms import Preprocessed
+    from medidiff.io.volume import Volume
 
 __all__ = ["AnomalyResult", "GridScore", "Reconstruction", "scan_output_paths"]
 

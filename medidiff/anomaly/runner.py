@@ -11,12 +11,9 @@ the demo, and the benchmarks. The runner
   (``errors="skip"``), leaving no outputs of its own; or stops at the first one
   (``errors="raise"``);
 - owns the progress bars (one over scans, one over the network evaluations of a scan);
-- writes and reads ``scores.csv`` (:class:`ScoresTable`), resumes a folder whose scans
-  already have outputs, and deletes the temporaries a killed run left.
-
-Example:
-    >>> ScoresTable.COLUMNS[:3]
-    ('file', 'name', 'score')
+- writes ``scores.csv`` (:class:`~medidiff.anomaly.outputs.ScoresTable`), resumes a folder
+  whose scans already have outputs, and deletes the temporaries a killed run left
+  (:mod:`medidiff.anomaly.outputs`).
 """
 
 from __future__ import annotations
@@ -31,9 +28,16 @@ from typing import Any
 
 import numpy as np
 
+from medidiff.anomaly.outputs import (
+    ScoresTable,
+    check_resumable,
+    remove_stale_temporaries,
+    resumable_rows,
+    run_record,
+)
 from medidiff.anomaly.results import AnomalyResult, scan_output_paths
 from medidiff.anomaly.thresholds import Thresholds
-from medidiff.errors import ConfigError, DataError, MedidiffError
+from medidiff.errors import ConfigError, MedidiffError
 
 __all__ = [
     "CalibrationRun",
@@ -54,102 +58,6 @@ __all__ = [
 #: runs where the scan was scored (a worker process: a module-level function) and what it
 #: returns is the outcome's ``extra``
 ResultHook = Callable[[AnomalyResult, Any, "Path | None"], Any]
-
-
-# --------------------------------------------------------------------------------------------
-# scores.csv
-# --------------------------------------------------------------------------------------------
-
-
-class ScoresTable:
-    """``scores.csv``: one row per scan, the columns of ``medidiff anomaly``.
-
-    Args:
-        path: the CSV file.
-    """
-
-    COLUMNS = (
-        "file",
-        "name",
-        "score",
-        "flagged",
-        "voxels_over_threshold",
-        "seconds",
-        "network_evaluations",
-        "nfe_per_input",
-    )
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-
-    def write(self, rows: Sequence[Mapping[str, Any]]) -> Path:
-        """Write ``rows`` (extra keys ignored, ``None`` as empty cells), atomically."""
-        import csv
-        import io
-
-        from medidiff.io.volume import write_text_atomic
-
-        buffer = io.StringIO()
-        writer = csv.DictWriter(
-            buffer, fieldnames=list(self.COLUMNS), extrasaction="ignore", lineterminator="\n"
-        )
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in self.COLUMNS})
-        return write_text_atomic(self.path, buffer.getvalue())
-
-    def rows(self) -> dict[str, dict[str, str]]:
-        """The rows by scan name, as text; ``{}`` when the file is missing or unreadable
-        (a resumed run then recomputes)."""
-        import csv
-
-        if not self.path.exists():
-            return {}
-        try:
-            with open(self.path, newline="", encoding="utf-8") as f:
-                return {row["name"]: row for row in csv.DictReader(f) if row.get("name")}
-        except (OSError, KeyError, csv.Error):
-            return {}
-
-    def scores(self) -> dict[str, float]:
-        """Scan scores by case name (columns ``name`` or ``file``, and ``score``; any CSV
-        with them, not only medidiff's); ``{}`` when the file is missing.
-
-        Raises:
-            DataError: unreadable, without those columns, or a score that is not a finite number.
-        """
-        import csv
-        import math
-
-        from medidiff.io.volume import strip_volume_suffix
-
-        if not self.path.is_file():
-            return {}
-        try:
-            with open(self.path, newline="", encoding="utf-8-sig") as f:
-                rows = list(csv.DictReader(f))
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise DataError(f"{self.path}: cannot read ({exc})") from None
-        if not rows:
-            return {}
-        columns = {c.strip().lower(): c for c in rows[0] if c is not None}
-        key = columns.get("name") or columns.get("file")
-        if key is None or "score" not in columns:
-            raise DataError(f"{self.path}: expected columns 'file' (or 'name') and 'score'; "
-                            f"found {', '.join(columns) or 'none'}")
-        scores: dict[str, float] = {}
-        for lineno, row in enumerate(rows, start=2):
-            cell = (row.get(columns["score"]) or "").strip()
-            if not cell:
-                continue
-            try:
-                value = float(cell)
-            except ValueError:
-                raise DataError(f"{self.path}:{lineno}: score {cell!r} is not a number") from None
-            if not math.isfinite(value):
-                raise DataError(f"{self.path}:{lineno}: score {cell!r} is not finite")
-            scores[strip_volume_suffix(Path((row.get(key) or "").strip()).name)] = value
-        return scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,11 +379,6 @@ def entry_case(result: AnomalyResult, entry: Any, out: Path | None = None, *,
 # ---- a resumable output folder ---------------------------------------------------------------
 
 
-#: what ``medidiff anomaly`` writes into its folder (the final names, never temporaries)
-_FINAL_NAMES = ("_anomaly.nii.gz", "_recon.nii.gz", "_seg.nii.gz", "_overlay.png",
-                "scores.csv", "anomaly_config.json")
-
-
 @dataclass(frozen=True, eq=False)
 class FolderRun:
     """What :func:`score_folder` did.
@@ -496,83 +399,21 @@ class FolderRun:
     wrote: bool
 
 
-def _identity(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The parts of anomaly_config.json that must match for earlier outputs to be reused."""
-    return {
-        "method": record.get("method"),
-        "postprocess": record.get("postprocess"),
-        "checkpoint": (record.get("checkpoint") or {}).get("sha256"),
-        "seed": record.get("seed"),
-        "thresholds": (record.get("thresholds") or {}).get("voxel_threshold"),
-    }
+def _open_folder(out: Path, record: Mapping[str, Any], overwrite: bool, info: Any) -> None:
+    """Check that ``out`` can take this run, delete a killed run's temporaries, and write
+    ``anomaly_config.json`` (rank 0)."""
+    from medidiff.io.volume import check_writable_folder, write_json_atomic
+    from medidiff.runtime.distributed import barrier
 
-
-def remove_stale_temporaries(out: Path) -> None:
-    """Delete temporaries that a killed run left (``.NAME_anomaly.nii.gz.XXXX.tmp.nii.gz``,
-    see :func:`medidiff.io.volume.atomic_path`); finished files are never temporaries."""
-    if not out.is_dir():
-        return
-    for entry in os.scandir(out):
-        if not entry.name.startswith(".") or ".tmp" not in entry.name:
-            continue
-        stem = entry.name[1:].partition(".tmp")[0].rsplit(".", 1)[0]  # drop the random part
-        if stem.endswith(_FINAL_NAMES) and entry.is_file():
-            _discard(Path(entry.path))
-
-
-def _check_resumable(out: Path, record: Mapping[str, Any], overwrite: bool) -> None:
-    import json
-
-    from medidiff.errors import OutputError
-
-    path = out / "anomaly_config.json"
-    if overwrite or not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise OutputError(f"{path}: unreadable; pass --overwrite to recompute everything") from None
-    mine, theirs = _identity(record), _identity(old if isinstance(old, dict) else {})
-    diff = [k for k in mine if mine[k] != theirs[k]]
-    if diff:
-        raise OutputError(
-            f"{out} holds outputs of another run (anomaly_config.json differs in: "
-            f"{', '.join(diff)}); pass --overwrite to replace them or choose another --out"
-        )
-
-
-def run_record(
-    detector: Any, thresholds: Thresholds | None, thresholds_path: Any, inputs: int
-) -> dict[str, Any]:
-    """The content of ``anomaly_config.json``: the detector, its thresholds, the input count."""
-    record = detector.describe()
-    record["thresholds"] = (
-        None
-        if thresholds is None
-        else {
-            "path": str(thresholds_path),
-            "voxel_threshold": thresholds.voxel_threshold,
-            "scan_threshold": thresholds.scan_threshold,
-            "fpr": thresholds.fpr,
-        }
-    )
-    record["inputs"] = inputs
-    return record
-
-
-def _resume(out: Path, entries: Sequence[Any], with_seg: bool, overwrite: bool
-            ) -> dict[str, ScanOutcome]:
-    """The scans whose outputs and ``scores.csv`` row exist already, by name."""
-    if overwrite:
-        return {}
-    previous = ScoresTable(out / "scores.csv").rows()
-    return {
-        e.name: ScanOutcome(e, previous[e.name], scan_output_paths(out, e.name, with_seg),
-                            resumed=True)
-        for e in entries
-        if e.name in previous
-        and all(p.exists() for p in scan_output_paths(out, e.name, with_seg).values())
-    }
+    main = info is None or info.is_main
+    check_writable_folder(out)  # created by the first write; nothing is left on failure
+    check_resumable(out, record, overwrite)
+    if main:
+        remove_stale_temporaries(out)
+    if info is not None:
+        barrier(info)
+    if main:
+        write_json_atomic(out / "anomaly_config.json", record)
 
 
 def score_folder(
@@ -612,24 +453,21 @@ def score_folder(
     Raises:
         OutputError: ``out`` cannot be written or holds another run's outputs.
     """
-    from medidiff.io.volume import check_writable_folder, write_json_atomic
-    from medidiff.runtime.distributed import barrier
-
     if thresholds is not None:
         thresholds.check(detector)  # before anything is written
     out = Path(out)
     main = info is None or info.is_main
-    check_writable_folder(out)  # created by the first write; nothing is left on failure
     created, had_config = not out.exists(), (out / "anomaly_config.json").exists()
     record = run_record(detector, thresholds, thresholds_path, len(entries))
-    _check_resumable(out, record, overwrite)
-    if main:
-        remove_stale_temporaries(out)
-    if info is not None:
-        barrier(info)
-    if main:
-        write_json_atomic(out / "anomaly_config.json", record)
-    done = _resume(out, entries, thresholds is not None, overwrite)
+    _open_folder(out, record, overwrite, info)
+    with_seg = thresholds is not None
+    before = {} if overwrite else resumable_rows(out, entries, with_seg)
+    done = {
+        e.name: ScanOutcome(e, before[e.name], scan_output_paths(out, e.name, with_seg),
+                            resumed=True)
+        for e in entries
+        if e.name in before
+    }
     order = {e.name: i for i, e in enumerate(entries)}
     table = ScoresTable(out / "scores.csv")
     rows = {name: o.row for name, o in done.items()}

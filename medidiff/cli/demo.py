@@ -38,10 +38,7 @@ Example:
 from __future__ import annotations
 
 import functools
-import math
 import os
-import platform
-import shlex
 import shutil
 import sys
 import time
@@ -54,6 +51,22 @@ from typing import Any
 import numpy as np
 
 import medidiff
+from medidiff.cli.demo_metrics import (
+    FPR,
+    LESION_KINDS,
+    SYNTH_SAMPLER,
+    SYNTH_STEPS,
+    QualityCheck,
+    checkpoint_facts,
+    jsonable,
+    machine_facts,
+    per_kind_table,
+    quality_checks,
+    rel_path,
+    reproduce_commands,
+    scan_rows,
+    shipped_name,
+)
 from medidiff.errors import DataError, OutputError
 
 __all__ = [
@@ -70,10 +83,6 @@ __all__ = [
 DEMO_FORMAT = "medidiff-demo-1"
 #: a file written first into every demo folder: a folder holding it may be replaced
 DEMO_MARKER = ".medidiff-demo"
-#: the lesion kinds of sample_data whose AUPRC is a quality bar
-LESION_KINDS = ("tumor", "ms", "stroke")
-#: the quality bar on the default method's voxel AUROC over all test scans
-AUROC_BAR = 0.90
 #: the test scan the anomaly strip shows (as in docs/how_it_works.md)
 FIGURE_CASE = "tumor-000"
 #: what the demo writes into its folder (removed by ``overwrite`` before a new run)
@@ -81,10 +90,6 @@ OUTPUT_NAMES = (
     "anomaly", "baseline", "synthesis_2d", "synthesis_3d", "figures", "thresholds.json",
     "thresholds_baseline.json", "metrics.json", "report.html",
 )
-#: the calibration false-positive rate (voxels and scans)
-FPR = 0.05
-#: the fast synthesis sampler (Lu et al. 2022: good samples at 10-20 steps)
-SYNTH_SAMPLER, SYNTH_STEPS = "dpm++2m", 20
 #: the wall-time budget the demo aims at on 2 CPU cores (seconds)
 TIME_BUDGET_S = 300.0
 
@@ -92,38 +97,6 @@ TIME_BUDGET_S = 300.0
 # --------------------------------------------------------------------------------------------
 # results
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QualityCheck:
-    """One quality bar of the report.
-
-    Attributes:
-        name: short name, e.g. ``"auprc_tumor"``.
-        description: what is compared, in words.
-        value: the default method's number.
-        reference: the number it is compared with (the baseline's).
-        passed: ``True``/``False``; ``None`` when it could not be evaluated (e.g. no scan
-            of that kind with ``limit``).
-        detail: the verdict in one sentence.
-    """
-
-    name: str
-    description: str
-    value: float | None
-    reference: float | None
-    passed: bool | None
-    detail: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "description": self.description,
-            "value": _finite_or_none(self.value),
-            "reference": _finite_or_none(self.reference),
-            "passed": self.passed,
-            "detail": self.detail,
-        }
 
 
 @dataclass(frozen=True)
@@ -170,28 +143,6 @@ class _Scored:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _finite_or_none(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _jsonable(obj: Any) -> Any:
-    """Strict-JSON form: NaN/Inf -> None, numpy scalars -> Python, paths -> str."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
 
 
 def default_sample_data() -> Path:
@@ -344,211 +295,6 @@ def _score_baseline(baseline: Any, test: Sequence[Any], thresholds: Any, out: Pa
     return _scored(outcomes)
 
 
-def _group_numbers(g: Any) -> dict[str, Any]:
-    return {
-        "n_scans": g.n_scans,
-        "voxel_auroc": _finite_or_none(g.voxel.auroc),
-        "voxel_auprc": _finite_or_none(g.voxel.auprc),
-        "dice_dataset_wise": _finite_or_none(g.dice_dataset_wise),
-        "dice_per_scan_mean": _finite_or_none(g.dice_per_scan_mean),
-        "voxel_fpr": _finite_or_none(g.voxel_fpr),
-        "oracle_dice": _finite_or_none(g.oracle.dice),
-        "scan_auroc": _finite_or_none(g.scan.auroc),
-    }
-
-
-def _per_kind(default: Any, baseline: Any) -> dict[str, dict[str, Any]]:
-    """kind -> {"default": numbers, "baseline": numbers}, lesion kinds first, then "all"."""
-    kinds = [k for k in LESION_KINDS if k in default.groups]
-    kinds += sorted(k for k in default.groups if k not in kinds)
-    table = {
-        k: {"default": _group_numbers(default.groups[k]),
-            "baseline": _group_numbers(baseline.groups[k])}
-        for k in kinds
-    }
-    table["all"] = {"default": _group_numbers(default.overall),
-                    "baseline": _group_numbers(baseline.overall)}
-    return table
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def _quality(per_kind: Mapping[str, Mapping[str, Any]]) -> tuple[QualityCheck, ...]:
-    """The bars: voxel AUROC (all scans) and AUPRC per lesion kind, default vs baseline."""
-    checks = []
-    allrow = per_kind["all"]
-    value, ref = allrow["default"]["voxel_auroc"], allrow["baseline"]["voxel_auroc"]
-    passed = None if value is None else bool(value >= AUROC_BAR)
-    checks.append(QualityCheck(
-        "voxel_auroc",
-        f"voxel AUROC of the default method over all test scans (inside the brain masks) "
-        f">= {AUROC_BAR:.2f}",
-        value, AUROC_BAR, passed,
-        f"voxel AUROC {_fmt(value)} (default method; intensity baseline {_fmt(ref)}), "
-        f"bar {AUROC_BAR:.2f}: "
-        + {True: "PASS", False: f"FAIL, short by {AUROC_BAR - (value or 0):.3f}",
-           None: "not evaluated"}[passed],
-    ))
-    for kind in LESION_KINDS:
-        row = per_kind.get(kind)
-        value = row["default"]["voxel_auprc"] if row else None
-        ref = row["baseline"]["voxel_auprc"] if row else None
-        passed = None if value is None or ref is None else bool(value > ref)
-        verdict = {True: "PASS, the default method is better",
-                   False: "FAIL, the default method is not better than the baseline",
-                   None: "not evaluated (no test scan of this kind)" if row is None
-                   else "not evaluated (undefined)"}[passed]
-        checks.append(QualityCheck(
-            f"auprc_{kind}",
-            f"voxel AUPRC on the {kind} scans, default method vs intensity baseline",
-            value, ref, passed,
-            f"{kind}: voxel AUPRC {_fmt(value)} (default method) vs {_fmt(ref)} "
-            f"(intensity baseline): {verdict}",
-        ))
-    return tuple(checks)
-
-
-def _scan_rows(scored: Sequence[_Scored], evaluation: Any, base_evaluation: Any,
-               out: Path) -> list[dict[str, Any]]:
-    """The per-scan table: the default method's row and Dice, the baseline's score and Dice."""
-    base_cases = {c.name: c for c in base_evaluation.cases}
-    rows = []
-    for s, case in zip(scored, evaluation.cases):
-        b = base_cases.get(s.name)
-        rows.append({
-            "name": s.name,
-            "kind": s.kind,
-            "score": s.row["score"],
-            "flagged": s.row["flagged"] == 1,
-            "voxels_over_threshold": s.row["voxels_over_threshold"],
-            "lesion_voxels": case.lesion_voxels,
-            # Dice of a scan without lesion is undefined (0 with any false positive)
-            "dice": _finite_or_none(case.dice) if case.has_lesion else None,
-            "seconds": s.row["seconds"],
-            "network_evaluations": s.row["network_evaluations"],
-            "baseline_score": b.score if b else None,
-            "baseline_dice": _finite_or_none(b.dice) if b and b.has_lesion else None,
-            "files": {k: _rel(v, out) for k, v in s.files.items()},
-        })
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
-# facts for the report
-# --------------------------------------------------------------------------------------------
-
-
-def _checkpoint_facts(ckpt: Any, shipped_name: str | None) -> dict[str, Any]:
-    """The checkpoint's own record, plus the model card's facts when it is a shipped model."""
-    from medidiff.config import Config
-
-    try:
-        cfg = Config.from_dict(ckpt.config)
-        model = {"spatial_dims": cfg.model.spatial_dims, "preset": cfg.model.preset}
-        d = cfg.diffusion
-        diffusion = {"schedule": d.schedule, "T": d.num_train_timesteps, "noise": d.noise,
-                     "prediction_type": d.prediction_type}
-    except Exception:  # noqa: BLE001 - facts only; an unusable config already failed earlier
-        model, diffusion = {}, {}
-    params = int(sum(int(np.prod(t.shape)) for t in ckpt.state_dict.values()))
-    prep = ckpt.preprocessing or {}
-    facts: dict[str, Any] = {
-        "path": str(ckpt.path),
-        "sha256": ckpt.sha256,
-        "training_step": ckpt.extra.get("step"),
-        "parameters": params,
-        "grid_shape": prep.get("shape"),
-        "grid_spacing_mm": prep.get("spacing"),
-        **model,
-        **diffusion,
-        "written_by": f"medidiff {ckpt.version}",
-    }
-    card: dict[str, Any] = {}
-    if shipped_name is not None:
-        from medidiff.models.pretrained import model_card_facts
-
-        card = model_card_facts(shipped_name)
-    return {"name": shipped_name or Path(ckpt.path).name, "shipped": shipped_name is not None,
-            "checkpoint": facts, "card": card}
-
-
-def _shipped_name(arg: Any, resolved: Path, default: str) -> str | None:
-    """The shipped model's name when ``resolved`` is the package's own file."""
-    from medidiff.models.pretrained import MODELS, WEIGHTS_DIR
-
-    if arg is None or (isinstance(arg, str) and arg in MODELS):
-        return default if arg is None else str(arg)
-    try:
-        if Path(resolved).resolve().parent == WEIGHTS_DIR.resolve():
-            stem = Path(resolved).name.removesuffix(".safetensors")
-            return stem if stem in MODELS else None
-    except OSError:
-        pass
-    return None
-
-
-def _machine(device: Any) -> dict[str, Any]:
-    import torch
-
-    versions = {"medidiff": medidiff.__version__, "python": platform.python_version(),
-                "torch": torch.__version__, "numpy": np.__version__}
-    for module in ("monai", "nibabel", "SimpleITK", "sklearn", "scipy"):
-        try:
-            versions[module] = __import__(module).__version__
-        except Exception:  # noqa: BLE001 - informative only
-            versions[module] = "unknown"
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if str(device).startswith("cuda"):
-        machine["gpu"] = torch.cuda.get_device_name(device)
-    return {"versions": versions, "machine": machine}
-
-
-def _commands(out: Path, sample_data: Path, ckpt2d: Path, ckpt3d: Path, num_synth: int,
-              limit: int | None, argv: Sequence[str] | None) -> list[str]:
-    """The shell commands that reproduce the report's numbers step by step."""
-    q = shlex.quote
-    data = q(str(sample_data / "dataset.json"))
-    if argv:
-        demo = "medidiff demo " + " ".join(q(a) for a in argv)
-    else:
-        demo = f"medidiff demo --out {q(str(out))}"
-    lines = [
-        "# everything at once:",
-        demo,
-        "# or step by step (same checkpoint, method and data):",
-        f"medidiff calibrate --checkpoint {q(str(ckpt2d))} --healthy {data} --split validation "
-        f"--fpr {FPR:g} --out {q(str(out / 'thresholds.json'))}",
-        f"medidiff anomaly --checkpoint {q(str(ckpt2d))} --input {data} --split test "
-        f"--thresholds {q(str(out / 'thresholds.json'))} --out {q(str(out / 'anomaly'))}",
-        f"medidiff evaluate --pred {q(str(out / 'anomaly'))} --truth {data} "
-        f"--thresholds {q(str(out / 'thresholds.json'))}",
-        f"medidiff synthesize --checkpoint {q(str(ckpt2d))} --num {num_synth} "
-        f"--sampler {SYNTH_SAMPLER} --steps {SYNTH_STEPS} --out {q(str(out / 'synthesis_2d'))}",
-        f"medidiff synthesize --checkpoint {q(str(ckpt3d))} --num {num_synth} "
-        f"--sampler {SYNTH_SAMPLER} --steps {SYNTH_STEPS} --out {q(str(out / 'synthesis_3d'))}",
-        "# every anomaly method and the baseline side by side:",
-        f"python pipelines/benchmark_anomaly.py --checkpoint {q(str(ckpt2d))}",
-    ]
-    if limit is not None:
-        lines.insert(3, f"# (this run scored {limit} test scans, the kinds taken in turn)")
-    return lines
-
-
-def _rel(path: Any, out: Path) -> str | None:
-    """``path`` relative to ``out`` (posix), or ``None`` when it is missing."""
-    if path is None or not Path(path).exists():
-        return None
-    return Path(os.path.relpath(Path(path), out)).as_posix()
-
-
 # --------------------------------------------------------------------------------------------
 # the demo
 # --------------------------------------------------------------------------------------------
@@ -603,12 +349,44 @@ def run_demo(
         OutputError: ``out`` cannot be used.
         ConfigError: bad ``num_synth`` / ``device``.
     """
+    from medidiff.models.pretrained import DEFAULT_2D, DEFAULT_3D
+
+    began = time.perf_counter()
+    run = _start(out, checkpoint_2d, checkpoint_3d, sample_data, device, num_synth, limit,
+                 overwrite, progress, seed, batch_size, workers)
+    out, paths = run.out, run.checkpoints
+    anomaly = _anomaly_stages(run)
+    synthesis = _synthesis_stages(
+        run, {"2d": anomaly["loaded"].checkpoint, "3d": anomaly["ckpt3d"]}, num_synth)
+    figures, notes = _figures_stage(run, anomaly)
+    with run.stages.stage("report", f"writing {out / 'metrics.json'} and {out / 'report.html'}"):
+        metrics = _metrics(run, anomaly, synthesis, figures, notes, limit=limit,
+                           num_synth=num_synth, argv=argv,
+                           shipped={"2d": shipped_name(checkpoint_2d, paths["2d"], DEFAULT_2D),
+                                    "3d": shipped_name(checkpoint_3d, paths["3d"], DEFAULT_3D)})
+        # the report's own stage cannot time itself into the file it writes: the total
+        # covers everything up to here
+        metrics["total_seconds"] = time.perf_counter() - began
+        metrics_path, report_path = _write_metrics_and_report(metrics, out)
+    per_kind = anomaly["per_kind"]
+    return DemoResult(
+        out_dir=out, report=report_path, metrics=metrics_path,
+        thresholds=anomaly["thresholds_path"],
+        voxel_auroc=per_kind["all"]["default"]["voxel_auroc"], per_kind=per_kind,
+        quality=anomaly["quality"], timings=dict(run.stages.seconds),
+        seconds=time.perf_counter() - began, notes=tuple(notes),
+    )
+
+
+def _start(out: str | os.PathLike, checkpoint_2d: Any, checkpoint_3d: Any, sample_data: Any,
+           device: str, num_synth: Any, limit: int | None, overwrite: bool, progress: bool,
+           seed: int, batch_size: int, workers: Any) -> _DemoRun:
+    """Check the arguments, read the splits and prepare the folder (nothing heavy yet)."""
     from medidiff.errors import ConfigError
     from medidiff.models.pretrained import DEFAULT_2D, DEFAULT_3D, resolve_checkpoint
     from medidiff.runtime.distributed import resolve_device
     from medidiff.runtime.parallel import default_workers
 
-    began = time.perf_counter()
     if isinstance(num_synth, bool) or not isinstance(num_synth, int) or num_synth < 1:
         raise ConfigError(f"--num-synth must be an integer >= 1; got {num_synth!r}")
     out = Path(out)
@@ -622,29 +400,8 @@ def run_demo(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"--workers must be an integer >= 1; got {workers!r}")
     _prepare_out_dir(out, overwrite)
-    run = _DemoRun(out, sample, paths, dev, healthy, test, seed, batch_size, workers, progress,
-                   _Stages(9, progress))
-    anomaly = _anomaly_stages(run)
-    synthesis = _synthesis_stages(
-        run, {"2d": anomaly["loaded"].checkpoint, "3d": anomaly["ckpt3d"]}, num_synth)
-    figures, notes = _figures_stage(run, anomaly)
-    with run.stages.stage("report", f"writing {out / 'metrics.json'} and {out / 'report.html'}"):
-        metrics = _metrics(run, anomaly, synthesis, figures, notes, limit=limit,
-                           num_synth=num_synth, argv=argv,
-                           shipped={"2d": _shipped_name(checkpoint_2d, paths["2d"], DEFAULT_2D),
-                                    "3d": _shipped_name(checkpoint_3d, paths["3d"], DEFAULT_3D)})
-        # the report's own stage cannot time itself into the file it writes: the total
-        # covers everything up to here
-        metrics["total_seconds"] = time.perf_counter() - began
-        metrics_path, report_path = _write_metrics_and_report(metrics, out)
-    per_kind = anomaly["per_kind"]
-    return DemoResult(
-        out_dir=out, report=report_path, metrics=metrics_path,
-        thresholds=anomaly["thresholds_path"],
-        voxel_auroc=per_kind["all"]["default"]["voxel_auroc"], per_kind=per_kind,
-        quality=anomaly["quality"], timings=dict(run.stages.seconds),
-        seconds=time.perf_counter() - began, notes=tuple(notes),
-    )
+    return _DemoRun(out, sample, paths, dev, healthy, test, seed, batch_size, workers, progress,
+                    _Stages(9, progress))
 
 
 @dataclass(frozen=True)
@@ -701,12 +458,12 @@ def _anomaly_stages(run: _DemoRun) -> dict[str, Any]:
                                     voxel_threshold=thresholds.voxel_threshold)
         base_evaluation = evaluate_cases([s.case for s in base_scored],
                                          voxel_threshold=base_thresholds.voxel_threshold)
-        per_kind = _per_kind(evaluation, base_evaluation)
+        per_kind = per_kind_table(evaluation, base_evaluation)
     return {"loaded": loaded, "ckpt3d": ckpt3d, "detector": detector, "baseline": baseline,
             "thresholds": thresholds, "thresholds_path": thresholds_path,
             "base_thresholds": base_thresholds, "scored": scored, "evaluation": evaluation,
             "base_evaluation": base_evaluation, "per_kind": per_kind,
-            "quality": _quality(per_kind)}
+            "quality": quality_checks(per_kind)}
 
 
 def _synthesis_stages(run: _DemoRun, checkpoints: Mapping[str, Any], num_synth: int
@@ -724,7 +481,7 @@ def _synthesis_stages(run: _DemoRun, checkpoints: Mapping[str, Any], num_synth: 
             summary = synthesize_to_folder(synth, run.out / f"synthesis_{key}", num_synth,
                                            seed=run.seed, overwrite=True, progress=run.progress)
             synthesis[key] = {
-                "folder": _rel(summary.out_dir, run.out), "montage": _rel(summary.montage, run.out),
+                "folder": rel_path(summary.out_dir, run.out), "montage": rel_path(summary.montage, run.out),
                 "kind": summary.kind, "num": summary.num_files, "sampler": synth.sampler,
                 "steps": synth.steps, "seconds": summary.seconds,
                 "shape": list(synth.output_shape),
@@ -749,7 +506,7 @@ def _figures_stage(run: _DemoRun, anomaly: Mapping[str, Any]) -> tuple[dict[str,
                     run.checkpoints["2d"], run.sample, run.out / "figures",
                     detector=anomaly["detector"], thresholds=anomaly["thresholds"],
                     device=run.device, seed=run.seed, anomaly_result=kept[0] if kept else None)
-                figures = {k: _rel(v, run.out) for k, v in written.items()}
+                figures = {k: rel_path(v, run.out) for k, v in written.items()}
             except Exception as exc:  # noqa: BLE001 - the report says so; the rest stands
                 if os.environ.get("MEDIDIFF_DEBUG"):
                     raise
@@ -788,16 +545,16 @@ def _metrics(run: _DemoRun, anomaly: Mapping[str, Any], synthesis: Mapping[str, 
         "evaluation": {"default": evaluation.to_dict(), "baseline": base_evaluation.to_dict()},
         "per_kind": anomaly["per_kind"],
         "quality": [q.to_dict() for q in anomaly["quality"]],
-        "scans": _scan_rows(anomaly["scored"], evaluation, base_evaluation, out),
+        "scans": scan_rows(anomaly["scored"], evaluation, base_evaluation, out),
         "synthesis": synthesis,
         "figures": figures,
         "models": {
-            "2d": _checkpoint_facts(anomaly["loaded"].checkpoint, shipped["2d"]),
-            "3d": _checkpoint_facts(anomaly["ckpt3d"], shipped["3d"]),
+            "2d": checkpoint_facts(anomaly["loaded"].checkpoint, shipped["2d"]),
+            "3d": checkpoint_facts(anomaly["ckpt3d"], shipped["3d"]),
         },
-        "commands": _commands(out, run.sample, run.checkpoints["2d"], run.checkpoints["3d"],
+        "commands": reproduce_commands(out, run.sample, run.checkpoints["2d"], run.checkpoints["3d"],
                               num_synth, limit, argv),
-        **_machine(run.device),
+        **machine_facts(run.device),
         "workers": run.workers,
         "timings": dict(run.stages.seconds),
         "time_budget_s": TIME_BUDGET_S,
@@ -809,8 +566,8 @@ def _write_metrics_and_report(metrics: Mapping[str, Any], out: Path) -> tuple[Pa
     from medidiff.io.volume import write_json_atomic
     from medidiff.viz.report import write_demo_report
 
-    metrics_path = write_json_atomic(out / "metrics.json", _jsonable(metrics))
-    return metrics_path, write_demo_report(_jsonable(metrics), out)
+    metrics_path = write_json_atomic(out / "metrics.json", jsonable(metrics))
+    return metrics_path, write_demo_report(jsonable(metrics), out)
 
 
 def format_timings(timings: Mapping[str, float], total: float) -> str:

@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medidiff.anomaly.metrics import evaluate_cases
-    from medidiff.anomaly.runner import ScoresTable
+    from medidiff.anomaly.outputs import ScoresTable
     from medidiff.cli.commands._common import check_json_out
     from medidiff.io.volume import write_json_atomic
 
