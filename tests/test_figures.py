@@ -160,7 +160,7 @@ def test_anomaly_strip_panels_and_noise(tiny_checkpoint_2d, tumour, tmp_path):
     x_t = torch.from_numpy(np.ascontiguousarray(_panel(fig, 1), dtype=np.float32))[None, None]
     t = torch.full((1,), detector.method.t_starts[0], dtype=torch.long)
     with torch.no_grad():
-        x0 = predict_x0(detector.schedule, detector.model(x_t, t), x_t, t).clamp(0, 1)
+        x0 = predict_x0(detector.reconstructor.schedule, detector.model(x_t, t), x_t, t).clamp(0, 1)
     np.testing.assert_allclose(x0[0, 0].numpy(), result.grid.reconstruction[:, :, z], atol=1e-4)
     assert _is_png(save_figure(fig, tmp_path / "anomaly.png"))
 

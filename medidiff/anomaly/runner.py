@@ -163,7 +163,7 @@ class _Task:
 
 def _guarded(detector: Any, task: _Task) -> tuple[int, Any, str | None]:
     """Run a task; with ``skip_errors`` an exception becomes its one-line message."""
-    bar = _ScanBar(str(getattr(task.item, "name", task.index))) if task.bars else None
+    bar = _ScanBar(_scan_name(task.image)) if task.bars else None
     try:
         return task.index, task.fn(detector, task.item, bar), None
     except (KeyboardInterrupt, MemoryError):
@@ -177,6 +177,13 @@ def _guarded(detector: Any, task: _Task) -> tuple[int, Any, str | None]:
     finally:
         if bar is not None:
             bar.close()
+
+
+def _scan_name(image: Any) -> str:
+    """A file's name without its volume suffix (for progress bars)."""
+    from medidiff.io.volume import strip_volume_suffix
+
+    return strip_volume_suffix(Path(image).name) if isinstance(image, (str, os.PathLike)) else str(image)
 
 
 def _gather(obj: Any, info: Any) -> list[Any]:
