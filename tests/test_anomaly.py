@@ -453,3 +453,31 @@ def test_overlay_colour_scale_is_shared_by_calibrated_scans():
     assert map_scale(SimpleNamespace(voxel_threshold=0.05)) == pytest.approx(0.15)
     assert map_scale(None) is None
     assert map_scale(SimpleNamespace(voxel_threshold=0.0)) is None
+
+
+def test_a_detector_is_composed_from_any_reconstructor(tiny_checkpoint_2d):
+    """The detector scores whatever its reconstructor returns, and reports the network
+    evaluations the reconstructor counted; it keeps no state between calls."""
+    from medidiff.anomaly.results import Reconstruction
+
+    class Halve:
+        method = MethodConfig("x0")
+        seed, input_shape, nfe_per_input, model = 5, (32, 40), 1, None
+
+        def reconstruct(self, image, region, name, *, progress=None):
+            if progress is not None:
+                progress(7, 7)
+            return Reconstruction(np.asarray(image, np.float32)[None] * 0.5, 7)
+
+    det = AnomalyDetector(tiny_checkpoint_2d, postprocess=PostprocessConfig(erode=0, median_size=0),
+                          reconstructor=Halve())
+    assert det.model is None and det.seed == 5 and det.describe()["nfe_per_input"] == 1
+    image, mask = _brain((32, 40, 4))
+    seen = []
+    grid = det.score_grid(image, mask, "case", progress=lambda done, total: seen.append(done))
+    assert grid.network_evaluations == 7 and seen == [7]
+    np.testing.assert_allclose(grid.anomaly_map[mask], 0.5 * image[mask], atol=1e-6)
+    assert vars(det).keys() == {"reconstructor", "checkpoint", "preprocessing", "spatial_dims",
+                                "postprocess"}
+    with pytest.raises(ConfigError, match="not both"):
+        AnomalyDetector(tiny_checkpoint_2d, MethodConfig("x0"), reconstructor=Halve())
