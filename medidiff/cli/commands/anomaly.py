@@ -26,7 +26,9 @@ file that cannot be read or scored (corrupt, truncated, 4D, 2D, NaN/Inf, constan
 reported on one line and skipped, leaving no outputs of its own; the run then ends with
 exit status 4, listing them (when no scan at all could be scored, a new --out is not
 created). Missing paths and empty folders are refused before anything is scored. Under
-torchrun the inputs are shared out over the ranks and rank 0 writes scores.csv.
+torchrun the inputs are shared out over the ranks and rank 0 writes scores.csv; --workers W
+scores W scans side by side in processes (CPU; the numbers do not change). The loop, resume
+and scores.csv are medidiff.anomaly.runner's (score_folder); this module parses the options.
 
 Examples:
     medidiff anomaly --checkpoint runs/brain_mri_2d/model.safetensors \\
