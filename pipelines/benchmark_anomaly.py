@@ -152,15 +152,12 @@ class MethodRun:
 def run_method(
     method: str, args: argparse.Namespace, val: list[Any], test: list[Any], loaded: Any
 ) -> MethodRun:
-    from medidiff.anomaly.detector import calibrate
-    from medidiff.io.volume import load_volume
-    from medidiff.anomaly.metrics import Case
+    from medidiff.anomaly.runner import calibrate, entry_case, score_scans
 
     calib = val[: args.anoddpm_calib_limit] if method == "anoddpm" else val[: args.calib_limit]
     det = make_detector(method, args, calib, loaded)
     start = time.perf_counter()
     thresholds = calibrate(det, calib, fpr=args.fpr)
-    det.use_thresholds(thresholds)
     run = MethodRun(
         name=method,
         config=det.method.to_dict()
@@ -181,28 +178,20 @@ def run_method(
         f"voxel threshold {thresholds.voxel_threshold:.4g}",
         flush=True,
     )
-    for e in test:
-        result = det.score_file(e.image, mask=e.mask, name=e.name)
-        truth = np.asarray(load_volume(e.segmentation).array) > 0
-        brain = np.asarray(load_volume(e.mask).array) > 0
-        case = Case(
-            e.name,
-            result.anomaly_map,
-            truth,
-            mask=brain,
-            segmentation=result.segmentation,
-            score=result.score,
-            group=str(e.extra.get("kind")),
-        )
-        run.cases.append(case.compact())
-        run.seconds.append(result.seconds)
-        run.evaluations.append(result.network_evaluations)
+
+    def record(outcome: Any) -> None:
+        row = outcome.row
+        run.cases.append(outcome.extra)
+        run.seconds.append(row["seconds"])
+        run.evaluations.append(row["network_evaluations"])
         print(
-            f"[{method}] {e.name}: score {result.score:.4g}, "
-            f"{result.network_evaluations} network evaluations, "
-            f"{result.seconds:.1f} s",
+            f"[{method}] {row['name']}: score {row['score']:.4g}, "
+            f"{row['network_evaluations']} network evaluations, {row['seconds']:.1f} s",
             flush=True,
         )
+
+    score_scans(det, test, thresholds=thresholds, on_result=entry_case, errors="raise",
+                on_each=record)
     return run
 
 
@@ -273,6 +262,38 @@ def table(rows: list[tuple[str, dict[str, Any]]], fpr: float) -> str:
     return "\n".join(lines)
 
 
+def anoddpm_comparison(runs: dict[str, MethodRun], results: dict[str, Any], fpr: float
+                       ) -> dict[str, Any] | None:
+    """Every method on the scans anoddpm scored (printed, and kept in ``results``), and the
+    ddim-vs-anoddpm target: >= 20x fewer network evaluations at equal or better AUPRC."""
+    subset = {c.name for c in runs["anoddpm"].cases}
+    sub_rows = []
+    for method, run in runs.items():
+        if subset <= {c.name for c in run.cases}:
+            s = summarise(run, subset)
+            sub_rows.append((method, s))
+            results[method]["anoddpm_subset"] = s
+    print(f"\n## Same {len(subset)} scans as anoddpm ({', '.join(sorted(subset))})\n")
+    print(table(sub_rows, fpr))
+    subs = dict(sub_rows)
+    if "ddim" not in subs:
+        return None
+    a, d = subs["anoddpm"], subs["ddim"]
+    ratio = a["network_evaluations_per_volume"] / max(d["network_evaluations_per_volume"], 1)
+    ok = ratio >= 20 and d["voxel_auprc"] >= a["voxel_auprc"]
+    print(
+        f"\nddim uses {ratio:.1f}x fewer network evaluations than anoddpm; voxel AUPRC "
+        f"{_f(d['voxel_auprc'])} (ddim) vs {_f(a['voxel_auprc'])} (anoddpm): target "
+        f"(>= 20x fewer at equal or better AUPRC) {'MET' if ok else 'NOT met'}"
+    )
+    return {
+        "nfe_ratio_anoddpm_over_ddim": ratio,
+        "auprc_anoddpm": a["voxel_auprc"],
+        "auprc_ddim": d["voxel_auprc"],
+        "target_met": bool(ok),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -324,35 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table(rows, args.fpr))
 
-    comparison = None
-    if "anoddpm" in runs:
-        subset = {c.name for c in runs["anoddpm"].cases}
-        sub_rows = []
-        for method, run in runs.items():
-            if subset <= {c.name for c in run.cases}:
-                s = summarise(run, subset)
-                sub_rows.append((method, s))
-                results[method]["anoddpm_subset"] = s
-        print(f"\n## Same {len(subset)} scans as anoddpm ({', '.join(sorted(subset))})\n")
-        print(table(sub_rows, args.fpr))
-        subs = dict(sub_rows)
-        if "ddim" in subs:
-            a, d = subs["anoddpm"], subs["ddim"]
-            ratio = a["network_evaluations_per_volume"] / max(
-                d["network_evaluations_per_volume"], 1
-            )
-            ok = ratio >= 20 and d["voxel_auprc"] >= a["voxel_auprc"]
-            comparison = {
-                "nfe_ratio_anoddpm_over_ddim": ratio,
-                "auprc_anoddpm": a["voxel_auprc"],
-                "auprc_ddim": d["voxel_auprc"],
-                "target_met": bool(ok),
-            }
-            print(
-                f"\nddim uses {ratio:.1f}x fewer network evaluations than anoddpm; voxel AUPRC "
-                f"{_f(d['voxel_auprc'])} (ddim) vs {_f(a['voxel_auprc'])} (anoddpm): target "
-                f"(>= 20x fewer at equal or better AUPRC) {'MET' if ok else 'NOT met'}"
-            )
+    comparison = anoddpm_comparison(runs, results, args.fpr) if "anoddpm" in runs else None
     out = {
         "checkpoint": {"path": str(args.checkpoint), "sha256": ckpt.sha256, "step": step},
         "settings": {k: v for k, v in vars(args).items()},

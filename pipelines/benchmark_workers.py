@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from medidiff.anomaly.detector import AnomalyDetector, MethodConfig, calibrate
+    from medidiff.anomaly.detector import AnomalyDetector, MethodConfig
+    from medidiff.anomaly.runner import calibrate
     from medidiff.anomaly.baseline import IntensityBaseline
     from medidiff.models.checkpoint import build_model_from_checkpoint
     from medidiff.data.datalist import load_datalist

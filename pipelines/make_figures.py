@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    from medidiff.anomaly.detector import AnomalyDetector, calibrate
+    from medidiff.anomaly.detector import AnomalyDetector
+    from medidiff.anomaly.runner import calibrate
     from medidiff.data.datalist import load_datalist
     from medidiff.errors import MedidiffError
     from medidiff.io.images import save_figure

@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="default: the shipped brain_mri_2d model")
     p.add_argument("--data", default=str(ROOT / "sample_data" / "dataset.json"))
@@ -46,25 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON of every row")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    import torch
-    from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from medidiff.anomaly.detector import AnomalyDetector, MethodConfig
-    from medidiff.models.checkpoint import build_model_from_checkpoint
-    from medidiff.data.datalist import load_datalist, stratified_by_kind
-    from medidiff.io.volume import load_volume
-    from medidiff.anomaly.postprocess import PostprocessConfig, anomaly_map
-    from medidiff.models.pretrained import resolve_checkpoint
+def model_grid_scans(loaded: Any, tests: list[Any]) -> list[tuple[Any, ...]]:
+    """(name, kind, image, brain mask, lesion mask) of each test scan on the model grid."""
     from medidiff.data.transforms import preprocess, to_model
-
-    torch.set_num_threads(a.threads)
-    ckpt = resolve_checkpoint(a.checkpoint)
-    loaded = build_model_from_checkpoint(ckpt)
-    tests = stratified_by_kind(load_datalist(a.data, split="test"), a.limit)
-    a.cache.mkdir(parents=True, exist_ok=True)
-    tag = loaded.checkpoint.sha256[:12]
+    from medidiff.io.volume import load_volume
 
     prep = loaded.preprocessing
     scans = []
@@ -75,7 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         if e.segmentation is not None:
             truth = to_model(np.asarray(load_volume(e.segmentation).array) > 0, pre, interpolation="nearest") > 0.5
         scans.append((e.name, e.extra.get("kind", "?"), pre.image, pre.mask > 0, truth))
+    return scans
 
+
+def reconstructions(a: argparse.Namespace, loaded: Any, scans: list[tuple[Any, ...]]) -> dict[tuple, list[np.ndarray]]:
+    """Per (t, steps) setting, each scan's reconstructions (cached), plus the baseline's."""
+    from medidiff.anomaly.detector import AnomalyDetector, MethodConfig
+
+    tag = loaded.checkpoint.sha256[:12]
     recon: dict[tuple, list[np.ndarray]] = {}
     for t, k, eta in itertools.product(a.t, a.steps, a.eta):
         extra = {"eta": eta} if a.method == "ddim" else {}
@@ -88,13 +84,21 @@ def main(argv: list[str] | None = None) -> int:
                 outs.append(np.load(f)["r"])
                 continue
             start = time.perf_counter()
-            r = det.reconstruct_grid(image, region, name)
+            r = det.reconstructor.reconstruct(image, region, name).images
             np.savez_compressed(f, r=r)
             print(f"  reconstructed {name} t={t} K={k} eta={eta:g} in {time.perf_counter() - start:.1f} s", flush=True)
             outs.append(r)
         recon[(t, f"{k}" + (f" eta={eta:g}" if eta else ""))] = outs
     healthy_level = float(np.median(np.concatenate([img[reg] for _, kind, img, reg, _ in scans if kind == "healthy"] or [scans[0][2][scans[0][3]]])))
     recon[("baseline", 0)] = [np.full((1, *img.shape), healthy_level, np.float32) for _, _, img, _, _ in scans]
+    return recon
+
+
+def score_rows(a: argparse.Namespace, scans: list[tuple[Any, ...]], recon: dict[tuple, list[np.ndarray]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per (setting, post-processing variant): pooled AUROC/AUPRC and AUPRC per kind."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from medidiff.anomaly.postprocess import PostprocessConfig, anomaly_map
 
     rows = []
     kinds = sorted({kind for _, kind, *_ in scans if kind != "healthy"})
@@ -113,6 +117,24 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"auprc_{kind}"] = average_precision_score(y[sel], s[sel]) if y[sel].any() else float("nan")
             rows.append(row)
     rows.sort(key=lambda r: -r["auroc"])
+    return rows, kinds
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    import torch
+
+    from medidiff.data.datasets import load_datalist, stratified_by_kind
+    from medidiff.models.checkpoint import build_model_from_checkpoint
+    from medidiff.models.pretrained import resolve_checkpoint
+
+    torch.set_num_threads(a.threads)
+    ckpt = resolve_checkpoint(a.checkpoint)
+    loaded = build_model_from_checkpoint(ckpt)
+    tests = stratified_by_kind(load_datalist(a.data, split="test"), a.limit)
+    a.cache.mkdir(parents=True, exist_ok=True)
+    scans = model_grid_scans(loaded, tests)
+    rows, kinds = score_rows(a, scans, reconstructions(a, loaded, scans))
     head = ["t", "K", "residual", "median", "erode", "auroc", "auprc"] + [f"auprc_{k}" for k in kinds]
     print(f"checkpoint {ckpt} (step {loaded.checkpoint.extra.get('step')}), {len(scans)} test scans, model grid")
     print("| " + " | ".join(head) + " |")

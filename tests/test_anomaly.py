@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from medidiff.anomaly.detector import AnomalyDetector, Thresholds, calibrate
-from medidiff.anomaly.methods import MethodConfig, patch_grid, stable_seed
+from medidiff.anomaly.detector import AnomalyDetector
+from medidiff.anomaly.methods import MethodConfig, patch_grid
+from medidiff.anomaly.runner import calibrate
+from medidiff.anomaly.seeds import input_seed, noise_seed, patch_seed, stable_seed, start_seed
+from medidiff.anomaly.thresholds import Thresholds
 from medidiff.errors import CheckpointError, ConfigError, VolumeContentError
 from medidiff.anomaly.postprocess import (
     PostprocessConfig,
@@ -245,6 +248,17 @@ def test_stable_seed_is_stable_and_distinct():
     assert 0 <= stable_seed(1, "b") < 2**62
 
 
+def test_seed_derivation_is_pinned():
+    """The seeds of inputs, starts and patches: fixed numbers (maps stay reproducible across
+    versions), and the composition the detector, the methods and the figures share."""
+    base = input_seed(0, "tumor-000", 12, (0, 0))
+    assert base == stable_seed(0, "tumor-000", 12, (0, 0)) == 3932767537862284683
+    assert start_seed(base, 1) == stable_seed(base, 1) == 4345149247423622689
+    assert patch_seed(start_seed(base, 0), 3) == stable_seed(stable_seed(base, 0), "patch", 3)
+    assert noise_seed(0, "tumor-000", 12, (0, 0), 1) == start_seed(base, 1)
+    assert input_seed(0, "x", 0, [np.int64(4), 0]) == input_seed(0, "x", 0, (4, 0))
+
+
 # ---- the detector on the tiny 2D model ---------------------------------------------------------
 
 
@@ -334,20 +348,18 @@ def test_thresholds_quantiles_and_refusals(tiny_checkpoint_2d, tiny_checkpoint_3
     path = thr.save(tmp_path / "t.json")
     loaded = Thresholds.load(path)
     assert loaded == thr
-    det.use_thresholds(loaded)  # same checkpoint and config: accepted
+    loaded.check(det)  # same checkpoint and config: accepted
+    image, mask = _brain((32, 40, 4))
     with pytest.raises(ConfigError, match="steps"):
         AnomalyDetector(
-            tiny_checkpoint_2d, MethodConfig("ddim", t_start=6, steps=2), POST, thresholds=loaded
-        )
+            tiny_checkpoint_2d, MethodConfig("ddim", t_start=6, steps=2), POST
+        ).score_grid(image, mask, "case", thresholds=loaded)
     with pytest.raises(ConfigError, match="median_size"):
-        AnomalyDetector(
-            tiny_checkpoint_2d,
-            MethodConfig("x0", **FAST),
-            PostprocessConfig(erode=0),
-            thresholds=loaded,
+        loaded.check(
+            AnomalyDetector(tiny_checkpoint_2d, MethodConfig("x0", **FAST), PostprocessConfig(erode=0))
         )
     with pytest.raises(CheckpointError, match="calibrate"):
-        AnomalyDetector(tiny_checkpoint_3d, MethodConfig("x0", **FAST), POST, thresholds=loaded)
+        loaded.check(AnomalyDetector(tiny_checkpoint_3d, MethodConfig("x0", **FAST), POST))
     (tmp_path / "bad.json").write_text('{"voxel_threshold": 1}')
     with pytest.raises(ConfigError, match="not a medidiff thresholds"):
         Thresholds.load(tmp_path / "bad.json")
@@ -360,8 +372,8 @@ def test_calibrate_then_segment(tiny_checkpoint_2d):
     val = sorted((ROOT / "sample_data" / "val" / "images").glob("*.nii.gz"))[:2]
     thr = calibrate(det, val, fpr=0.1)
     assert thr.num_scans == 2 and set(thr.scan_scores) == {p.name[:-7] for p in val}
-    det.use_thresholds(thr)
-    healthy = det.score_file(val[0])
+    assert det.score_file(val[0]).segmentation is None  # no thresholds given: no segmentation
+    healthy = det.score_file(val[0], thresholds=thr)
     # on a calibration scan the flagged fraction of scored voxels is at most about the FPR
     assert healthy.grid.segmentation.sum() <= 0.2 * healthy.grid.mask.sum()
     assert (
@@ -441,3 +453,31 @@ def test_overlay_colour_scale_is_shared_by_calibrated_scans():
     assert map_scale(SimpleNamespace(voxel_threshold=0.05)) == pytest.approx(0.15)
     assert map_scale(None) is None
     assert map_scale(SimpleNamespace(voxel_threshold=0.0)) is None
+
+
+def test_a_detector_is_composed_from_any_reconstructor(tiny_checkpoint_2d):
+    """The detector scores whatever its reconstructor returns, and reports the network
+    evaluations the reconstructor counted; it keeps no state between calls."""
+    from medidiff.anomaly.results import Reconstruction
+
+    class Halve:
+        method = MethodConfig("x0")
+        seed, input_shape, nfe_per_input, model = 5, (32, 40), 1, None
+
+        def reconstruct(self, image, region, name, *, progress=None):
+            if progress is not None:
+                progress(7, 7)
+            return Reconstruction(np.asarray(image, np.float32)[None] * 0.5, 7)
+
+    det = AnomalyDetector(tiny_checkpoint_2d, postprocess=PostprocessConfig(erode=0, median_size=0),
+                          reconstructor=Halve())
+    assert det.model is None and det.seed == 5 and det.describe()["nfe_per_input"] == 1
+    image, mask = _brain((32, 40, 4))
+    seen = []
+    grid = det.score_grid(image, mask, "case", progress=lambda done, total: seen.append(done))
+    assert grid.network_evaluations == 7 and seen == [7]
+    np.testing.assert_allclose(grid.anomaly_map[mask], 0.5 * image[mask], atol=1e-6)
+    assert vars(det).keys() == {"reconstructor", "checkpoint", "preprocessing", "spatial_dims",
+                                "postprocess"}
+    with pytest.raises(ConfigError, match="not both"):
+        AnomalyDetector(tiny_checkpoint_2d, MethodConfig("x0"), reconstructor=Halve())

@@ -197,6 +197,31 @@ def test_calibrate_then_segment_and_refusals(
     assert not (tmp_path / "o2").exists() or not list((tmp_path / "o2").glob("*.nii.gz"))
 
 
+def test_calibrate_in_workers_skips_a_corrupt_file(run_cli, tiny_checkpoint_2d, tmp_path):
+    """--workers: a file that fails in a worker process is one error line and is left out;
+    the thresholds of the others are those of a single process on the good files alone."""
+    folder = tmp_path / "healthy"
+    folder.mkdir()
+    good = sorted((SAMPLE / "val" / "images").glob("*.nii.gz"))[:2]
+    for path in good:
+        (folder / path.name).write_bytes(path.read_bytes())
+    raw = gzip.decompress(good[0].read_bytes())
+    bad = folder / "broken.nii.gz"
+    bad.write_bytes(gzip.compress(raw[: len(raw) // 3]))
+    base = ["calibrate", "--checkpoint", tiny_checkpoint_2d, *FAST, "--erode", "1"]
+    res = run_cli([*base, "--healthy", folder, "--out", tmp_path / "two.json", "--workers", "2"])
+    assert res.rc == 4, res.err
+    error_lines = [line for line in res.err.splitlines() if line.startswith("medidiff: error:")]
+    assert len(error_lines) == 1 and str(bad) in error_lines[0]
+    assert "1 of 3 input(s) failed and were left out" in res.err
+    res = run_cli([*base, "--healthy", *good, "--out", tmp_path / "one.json"])
+    assert res.rc == 0, res.err
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert two["num_scans"] == 2 and list(two["scan_scores"]) == [p.name[:-7] for p in good]
+    for key in ("voxel_threshold", "scan_threshold", "num_voxels", "scan_scores"):
+        assert two[key] == one[key], key
+
+
 def test_3d_checkpoint_and_masks_folder(run_cli, tiny_checkpoint_3d, tmp_path):
     out = tmp_path / "out"
     res = run_cli(

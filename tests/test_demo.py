@@ -49,7 +49,8 @@ def test_baseline_map_is_the_absolute_residual_to_its_level(tiny_checkpoint_2d):
 def test_baseline_level_is_the_median_normalised_brain_intensity(tiny_checkpoint_2d, tmp_path):
     """The level is the median of the brain voxels (the mask, not the whole foreground) after
     the checkpoint's percentile scaling, computed here by hand."""
-    from medidiff.anomaly.detector import AnomalyDetector, calibrate
+    from medidiff.anomaly.detector import AnomalyDetector
+    from medidiff.anomaly.runner import calibrate
     from medidiff.anomaly.baseline import BASELINE_NAME, IntensityBaseline
     from medidiff.data.datalist import DatalistEntry
     from medidiff.errors import ConfigError
@@ -80,17 +81,17 @@ def test_baseline_level_is_the_median_normalised_brain_intensity(tiny_checkpoint
     thresholds = calibrate(base, [entry], fpr=0.05)
     assert thresholds.method["method"] == BASELINE_NAME
     assert thresholds.method["level"] == pytest.approx(base.level)
-    base.use_thresholds(thresholds)  # its own thresholds are accepted
+    thresholds.check(base)  # its own thresholds are accepted
     detector = AnomalyDetector(tiny_checkpoint_2d)
     with pytest.raises(ConfigError, match="method"):
-        detector.use_thresholds(thresholds)  # a diffusion method refuses the baseline's
+        thresholds.check(detector)  # a diffusion method refuses the baseline's
 
 
 # ---- the demo's pieces ------------------------------------------------------------------
 
 
 def test_quality_bars_compare_default_with_baseline():
-    from medidiff.cli.demo import _quality
+    from medidiff.cli.demo_metrics import quality_checks as _quality
 
     def row(d_auprc, b_auprc, d_auroc=0.5, b_auroc=0.5):
         return {"default": {"voxel_auprc": d_auprc, "voxel_auroc": d_auroc},
@@ -163,7 +164,7 @@ def _numbers(obj):
 def test_demo_end_to_end(run_cli, tiny_checkpoint_2d, tiny_checkpoint_3d, tmp_path):
     import csv
 
-    from medidiff.anomaly.detector import Thresholds
+    from medidiff.anomaly.thresholds import Thresholds
     from medidiff.io.volume import load_volume
 
     out = tmp_path / "demo"
@@ -181,9 +182,8 @@ def test_demo_end_to_end(run_cli, tiny_checkpoint_2d, tiny_checkpoint_3d, tmp_pa
     for s in ("synthesis_2d/montage.png", "synthesis_3d/montage.png",
               "anomaly/tumor-001_overlay.png"):
         assert s in sources
-    assert "PASS" in page or "FAIL" in page
-
     m = _strict_json(out / "metrics.json")
+    _check_report_states_the_metrics(page, m)
     for key in ("method", "thresholds", "evaluation", "per_kind", "quality", "scans",
                 "synthesis", "models", "timings", "versions", "machine", "commands"):
         assert key in m, key
@@ -211,6 +211,12 @@ def test_demo_end_to_end(run_cli, tiny_checkpoint_2d, tiny_checkpoint_3d, tmp_pa
     with open(out / "anomaly" / "scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r_["name"] for r_ in rows] == [s["name"] for s in m["data"]["test_scans"]]
+    for row in rows:  # flagged is the score against the calibrated scan threshold
+        assert row["flagged"] == str(int(float(row["score"]) > thresholds.scan_threshold))
+    assert list(thresholds.scan_scores) == m["data"]["calibration_scans"]
+    config = json.loads((out / "anomaly" / "anomaly_config.json").read_text())
+    assert config["thresholds"]["voxel_threshold"] == thresholds.voxel_threshold
+    _check_metrics_recomputed_from_the_written_maps(out, m, thresholds)
 
     # outputs on the input's own grid, also for a non-RAS input (tumor-001 is stored PIR)
     for name in ("tumor-000", "tumor-001"):
@@ -220,3 +226,57 @@ def test_demo_end_to_end(run_cli, tiny_checkpoint_2d, tiny_checkpoint_3d, tmp_pa
             assert written.shape == source.shape
             np.testing.assert_allclose(written.affine, source.affine, atol=1e-4)
     assert load_volume(out / "synthesis_3d" / "synth_00001.nii.gz").shape == (16, 16, 16)
+
+
+def _check_report_states_the_metrics(page: str, m: dict) -> None:
+    """Every quality bar's verdict is the comparison of its numbers, and the page shows it."""
+    import html
+
+    for q in m["quality"]:
+        value, reference = q["value"], q["reference"]
+        if q["name"] == "voxel_auroc":
+            assert q["passed"] == (value >= reference)
+        else:
+            kind = q["name"].removeprefix("auprc_")
+            assert value == m["per_kind"][kind]["default"]["voxel_auprc"]
+            assert reference == m["per_kind"][kind]["baseline"]["voxel_auprc"]
+            assert q["passed"] == (value > reference)
+        assert f"{value:.3f}" in q["detail"] and q["detail"] in html.unescape(page)
+        assert ("PASS" if q["passed"] else "FAIL") in q["detail"]
+
+
+def _check_metrics_recomputed_from_the_written_maps(out: Path, m: dict, thresholds) -> None:
+    """metrics.json holds what medidiff.anomaly.metrics gives on the files the demo wrote
+    (maps, segmentations, scores.csv) against the lesion and brain masks."""
+    from medidiff.anomaly.metrics import Case, evaluate_cases
+    from medidiff.anomaly.outputs import ScoresTable
+    from medidiff.data.datasets import load_datalist
+    from medidiff.io.volume import load_volume
+
+    entries = {e.name: e for e in load_datalist(ROOT / "sample_data" / "dataset.json",
+                                                 split="test")}
+    scores = ScoresTable(out / "anomaly" / "scores.csv").scores()
+    cases = []
+    for scan in m["data"]["test_scans"]:
+        e = entries[scan["name"]]
+        cases.append(Case(
+            e.name, load_volume(out / "anomaly" / f"{e.name}_anomaly.nii.gz").array,
+            load_volume(e.segmentation).array > 0, mask=load_volume(e.mask).array > 0,
+            segmentation=load_volume(out / "anomaly" / f"{e.name}_seg.nii.gz").array > 0,
+            score=scores[e.name], group=scan["kind"]))
+    report = evaluate_cases(cases, voxel_threshold=thresholds.voxel_threshold)
+    groups = {**report.groups, "all": report.overall}
+    for kind, numbers in m["per_kind"].items():
+        g = groups[kind]
+        mine = {"n_scans": g.n_scans, "voxel_auroc": g.voxel.auroc, "voxel_auprc": g.voxel.auprc,
+                "dice_dataset_wise": g.dice_dataset_wise, "oracle_dice": g.oracle.dice}
+        for key, value in mine.items():
+            stated = numbers["default"][key]
+            if stated is None:
+                assert math.isnan(value), (kind, key)
+            else:
+                assert value == pytest.approx(stated, abs=1e-6), (kind, key)
+    baseline = ScoresTable(out / "baseline" / "scores.csv").scores()
+    assert [s["baseline_score"] for s in m["scans"]] == [baseline[s["name"]] for s in m["scans"]]
+    assert [s["score"] for s in m["scans"]] == [scores[s["name"]] for s in m["scans"]]
+

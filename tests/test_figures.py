@@ -159,13 +159,14 @@ def test_anomaly_strip_panels_and_noise(tiny_checkpoint_2d, tumour, tmp_path):
     x_t = torch.from_numpy(np.ascontiguousarray(_panel(fig, 1), dtype=np.float32))[None, None]
     t = torch.full((1,), detector.method.t_starts[0], dtype=torch.long)
     with torch.no_grad():
-        x0 = predict_x0(detector.schedule, detector.model(x_t, t), x_t, t).clamp(0, 1)
+        x0 = predict_x0(detector.reconstructor.schedule, detector.model(x_t, t), x_t, t).clamp(0, 1)
     np.testing.assert_allclose(x0[0, 0].numpy(), result.grid.reconstruction[:, :, z], atol=1e-4)
     assert _is_png(save_figure(fig, tmp_path / "anomaly.png"))
 
 
 def test_anomaly_strip_segmentation_with_thresholds(tiny_checkpoint_2d, tumour):
-    from medidiff.anomaly.detector import AnomalyDetector, MethodConfig, calibrate
+    from medidiff.anomaly.detector import AnomalyDetector, MethodConfig
+    from medidiff.anomaly.runner import calibrate
     from medidiff.io.volume import load_volume
 
     detector = AnomalyDetector(tiny_checkpoint_2d, MethodConfig("x0"))
@@ -174,7 +175,6 @@ def test_anomaly_strip_segmentation_with_thresholds(tiny_checkpoint_2d, tumour):
     fig = figures.anomaly_strip(detector, tumour["image"], thresholds=thresholds, slice_index=10)
     assert [ax.get_title() for ax in fig.axes][-1] == "segmentation"  # no truth given
     assert "slice 10" in fig.texts[0].get_text()
-    assert detector.thresholds is None  # the detector's own setting is restored
     with pytest.raises(ConfigError, match="slice_index"):
         figures.anomaly_strip(detector, tumour["image"], slice_index=999)
 

@@ -46,10 +46,10 @@ def test_default_workers():
 def test_calibration_and_scoring_do_not_depend_on_the_number_of_workers(
     tiny_checkpoint_2d, tmp_path
 ):
-    from medidiff.anomaly.detector import AnomalyDetector, MethodConfig, calibrate
-    from medidiff.models.checkpoint import build_model_from_checkpoint
+    from medidiff.anomaly.detector import AnomalyDetector, MethodConfig
+    from medidiff.anomaly.runner import calibrate, entry_case, score_folder
     from medidiff.data.datalist import load_datalist
-    from medidiff.cli.demo import _score_all
+    from medidiff.models.checkpoint import build_model_from_checkpoint
 
     loaded = build_model_from_checkpoint(tiny_checkpoint_2d)
     detector = AnomalyDetector(loaded, MethodConfig("ddim", steps=2), seed=3)
@@ -59,13 +59,20 @@ def test_calibration_and_scoring_do_not_depend_on_the_number_of_workers(
     two = calibrate(detector, healthy, workers=2)
     assert two.to_dict() == one.to_dict()
 
-    detector.use_thresholds(one)
     test = [e for e in load_datalist(dataset, split="test") if e.name in ("tumor-000", "ms-001")]
-    serial = _score_all(detector, test, tmp_path / "a", desc="", progress=False, workers=1)
-    parallel = _score_all(detector, test, tmp_path / "b", desc="", progress=False, workers=2)
-    assert [s.name for s in parallel] == [s.name for s in serial] == [e.name for e in test]
+    serial, parallel = (
+        score_folder(detector, test, tmp_path / d, thresholds=one, on_result=entry_case,
+                     workers=w).outcomes
+        for d, w in (("a", 1), ("b", 2))
+    )
+    names = [e.name for e in test]
+    assert [s.entry.name for s in parallel] == [s.entry.name for s in serial] == names
     for a, b in zip(serial, parallel):
         assert a.row["score"] == b.row["score"]
-        np.testing.assert_array_equal(a.case.anomaly_map, b.case.anomaly_map)
-        np.testing.assert_array_equal(a.case.segmentation, b.case.segmentation)
+        np.testing.assert_array_equal(a.extra.anomaly_map, b.extra.anomaly_map)
+        np.testing.assert_array_equal(a.extra.segmentation, b.extra.segmentation)
     assert (tmp_path / "b" / "scores.csv").read_text(encoding="utf-8").count("\n") == 3
+    from medidiff.anomaly.runner import ScoresTable
+
+    scores = [ScoresTable(tmp_path / d / "scores.csv").scores() for d in ("a", "b")]
+    assert scores[0] == scores[1] and list(scores[0]) == names

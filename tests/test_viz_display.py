@@ -86,7 +86,7 @@ import matplotlib
 matplotlib.use("svg")  # a user's own (non-Agg) backend, e.g. a notebook's
 import numpy as np
 from pathlib import Path
-from medidiff.diffusion.core import NoiseSchedule
+from medidiff.diffusion import NoiseSchedule
 from medidiff.diffusion.noise import NoiseSpec
 from medidiff.io.images import save_figure, save_image_grid
 from medidiff.viz import figures

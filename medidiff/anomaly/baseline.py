@@ -13,10 +13,11 @@ so the residual is ``|x - level|`` (or its square): a global intensity-outlier s
 Everything else is the detector's, unchanged: the same preprocessing (RAS, spacing,
 crop/pad, percentile scaling to [0, 1]), the same post-processing
 (:mod:`medidiff.anomaly.postprocess`: brain mask, 9^3 median filter, eroded mask, top-1 % scan
-score), the same calibration (:func:`medidiff.anomaly.detector.calibrate` at a target FPR on
+score), the same calibration (:func:`medidiff.anomaly.runner.calibrate` at a target FPR on
 healthy scans) and the same outputs on the input's own grid. :class:`IntensityBaseline` is
-an :class:`~medidiff.anomaly.detector.AnomalyDetector` that never runs a network (it does not even
-build one): ``nfe_per_input`` is 0.
+an :class:`~medidiff.anomaly.detector.AnomalyDetector` whose reconstructor is a
+:class:`ConstantReconstructor`: it never runs a network (it does not even build one), and
+``nfe_per_input`` is 0.
 
 The checkpoint is needed only for its preprocessing (so the baseline sees exactly the grid
 and intensity scale the model sees) and its SHA-256 (thresholds are tied to it, as for
@@ -24,11 +25,11 @@ the detector; the baseline's thresholds record ``method = "intensity-baseline"``
 level, so they are never mistaken for a diffusion method's).
 
 Example:
-    >>> from medidiff.anomaly.detector import calibrate  # doctest: +SKIP
+    >>> from medidiff.anomaly.runner import calibrate  # doctest: +SKIP
     >>> from medidiff.anomaly.baseline import IntensityBaseline  # doctest: +SKIP
     >>> base = IntensityBaseline.from_healthy("model.safetensors", healthy)  # doctest: +SKIP
     >>> thresholds = calibrate(base, healthy, fpr=0.05)  # doctest: +SKIP
-    >>> base.use_thresholds(thresholds); base.score_file("scan.nii.gz").score  # doctest: +SKIP
+    >>> base.score_file("scan.nii.gz", thresholds=thresholds).score  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -40,13 +41,21 @@ from typing import Any
 
 import numpy as np
 
-from medidiff.anomaly.detector import AnomalyDetector, Thresholds, checkpoint_records
+from medidiff.anomaly.detector import AnomalyDetector, checkpoint_records, inference_checkpoint
+from medidiff.anomaly.postprocess import PostprocessConfig
+from medidiff.anomaly.reconstructor import ProgressFn
+from medidiff.anomaly.results import Reconstruction
+from medidiff.data.transforms import Preprocessing, preprocess
 from medidiff.errors import ConfigError, DataError
 from medidiff.io.volume import Volume, load_volume
-from medidiff.anomaly.postprocess import PostprocessConfig
-from medidiff.data.transforms import Preprocessing, preprocess
 
-__all__ = ["BASELINE_NAME", "BaselineMethod", "IntensityBaseline", "healthy_level"]
+__all__ = [
+    "BASELINE_NAME",
+    "BaselineMethod",
+    "ConstantReconstructor",
+    "IntensityBaseline",
+    "healthy_level",
+]
 
 #: the ``method`` name recorded in thresholds, configs and reports
 BASELINE_NAME = "intensity-baseline"
@@ -75,24 +84,6 @@ class BaselineMethod:
             "reconstruction": "x_hat = level everywhere (median healthy brain intensity, "
             "model grid); no network",
         }
-
-
-def _checkpoint_of(checkpoint: Any) -> Any:
-    """The :class:`~medidiff.models.checkpoint.InferenceCheckpoint` of a path, a loaded model, a
-    detector, or a checkpoint itself."""
-    from medidiff.models.checkpoint import InferenceCheckpoint, load_inference
-
-    if isinstance(checkpoint, InferenceCheckpoint):
-        return checkpoint
-    inner = getattr(checkpoint, "checkpoint", None)  # LoadedModel, AnomalyDetector
-    if isinstance(inner, InferenceCheckpoint):
-        return inner
-    if isinstance(checkpoint, (str, os.PathLike)):
-        return load_inference(checkpoint)
-    raise ConfigError(
-        f"checkpoint must be a model.safetensors path, a loaded checkpoint or a detector; "
-        f"got {type(checkpoint).__name__}"
-    )
 
 
 def _image_and_mask(item: Any) -> tuple[Volume, Volume | None]:
@@ -134,11 +125,38 @@ def healthy_level(healthy: Sequence[Any], preprocessing: Preprocessing) -> float
     return float(np.median(pooled))
 
 
+class ConstantReconstructor:
+    """The baseline's reconstructor: x_hat = ``level`` everywhere, no network.
+
+    Args:
+        level: x_hat, on the model's intensity scale.
+        input_shape: the model's input size (recorded, as a diffusion reconstructor's).
+    """
+
+    seed = 0
+    nfe_per_input = 0
+    model = None
+
+    def __init__(self, level: float, input_shape: tuple[int, ...]) -> None:
+        level = float(level)
+        if not np.isfinite(level):
+            raise ConfigError(f"the baseline level must be a finite number; got {level}")
+        self.method = BaselineMethod(level)
+        self.input_shape = input_shape
+
+    def reconstruct(
+        self, image: np.ndarray, region: np.ndarray, name: str, *, progress: ProgressFn | None = None
+    ) -> Reconstruction:
+        """x_hat = ``level`` everywhere: ``(1, X, Y, Z)`` float32, no network evaluation."""
+        return Reconstruction(np.full((1, *np.shape(image)), self.method.level, np.float32), 0)
+
+
 class IntensityBaseline(AnomalyDetector):
     """An :class:`~medidiff.anomaly.detector.AnomalyDetector` whose reconstruction is a constant.
 
     It scores, calibrates and writes exactly like the detector (same preprocessing,
-    post-processing, thresholds, native-grid outputs) but never builds or runs a network.
+    post-processing, thresholds, native-grid outputs) but never builds or runs a network:
+    its reconstructor is a :class:`ConstantReconstructor`.
 
     Args:
         checkpoint: ``model.safetensors`` path, an
@@ -147,7 +165,6 @@ class IntensityBaseline(AnomalyDetector):
             preprocessing and SHA-256 are used.
         level: x_hat, on the model's intensity scale (see :func:`healthy_level`).
         postprocess: scoring settings (default :class:`PostprocessConfig`, as the detector).
-        thresholds: calibrated thresholds of this baseline (checked).
 
     Raises:
         ConfigError: a non-finite level.
@@ -159,42 +176,19 @@ class IntensityBaseline(AnomalyDetector):
         checkpoint: str | os.PathLike | Any,
         level: float,
         postprocess: PostprocessConfig | None = None,
-        *,
-        thresholds: Thresholds | None = None,
     ) -> None:
-        # The detector's __init__ builds the network; this class sets only what scoring
-        # (AnomalyDetector.score / score_grid / describe) reads, and overrides
-        # reconstruct_grid, the one place the network is used.
-        import torch
-
-        level = float(level)
-        if not np.isfinite(level):
-            raise ConfigError(f"the baseline level must be a finite number; got {level}")
-        self.checkpoint = _checkpoint_of(checkpoint)
-        config, self.preprocessing = checkpoint_records(self.checkpoint)
-        self.spatial_dims = int(config.model.spatial_dims)
-        shape = tuple(self.preprocessing.shape)
-        self.input_shape = shape[:2] if self.spatial_dims == 2 else shape
-        self.device = torch.device("cpu")
-        self.model = None
-        self.method = BaselineMethod(level)  # type: ignore[assignment]
-        self.postprocess = postprocess or PostprocessConfig()
-        self.noise_spec = None
-        self.null_label = None
-        self.batch_size = 1
-        self.seed = 0
-        self.progress = False
-        self.nfe_per_input = 0
-        self.thresholds = None
-        self._evaluations = 0
-        self._bar = None
-        if thresholds is not None:
-            self.use_thresholds(thresholds)
+        ckpt = inference_checkpoint(checkpoint)
+        config, preprocessing = checkpoint_records(ckpt)
+        shape = tuple(preprocessing.shape)
+        input_shape = shape[:2] if int(config.model.spatial_dims) == 2 else shape
+        super().__init__(
+            ckpt, postprocess=postprocess, reconstructor=ConstantReconstructor(level, input_shape)
+        )
 
     @property
     def level(self) -> float:
         """x_hat, the constant reconstruction on the model's intensity scale."""
-        return float(self.method.level)  # type: ignore[attr-defined]
+        return float(self.method.level)
 
     @classmethod
     def from_healthy(
@@ -211,19 +205,8 @@ class IntensityBaseline(AnomalyDetector):
             postprocess: scoring settings.
 
         Returns:
-            The baseline (not yet calibrated: pass it to :func:`medidiff.anomaly.detector.calibrate`).
+            The baseline (not yet calibrated: pass it to :func:`medidiff.anomaly.runner.calibrate`).
         """
-        ckpt = _checkpoint_of(checkpoint)
+        ckpt = inference_checkpoint(checkpoint)
         level = healthy_level(healthy, checkpoint_records(ckpt)[1])
         return cls(ckpt, level, postprocess)
-
-    def reconstruct_grid(self, image: np.ndarray, region: np.ndarray, name: str) -> np.ndarray:
-        """x_hat = ``level`` everywhere: ``(1, X, Y, Z)`` float32 (no network)."""
-        return np.full((1, *np.shape(image)), self.level, dtype=np.float32)
-
-    def describe(self) -> dict[str, Any]:
-        """What a config record holds (as the detector's, with the baseline's method)."""
-        record = super().describe()
-        record["nfe_per_input"] = 0
-        return record
-

@@ -42,7 +42,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -51,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from medidiff.anomaly.seeds import patch_seed, start_seed
 from medidiff.constants import ANOMALY_DEFAULTS, ANOMALY_METHODS, ENSEMBLE_STARTS
 from medidiff.diffusion import ModelFn, NoiseSchedule, denoise, partial_reconstruction, q_sample
 from medidiff.errors import ConfigError
@@ -61,7 +61,6 @@ __all__ = [
     "MethodConfig",
     "patch_grid",
     "reconstruct",
-    "stable_seed",
 ]
 
 METHODS = ANOMALY_METHODS
@@ -291,19 +290,6 @@ class MethodConfig:
         return cls(**raw)
 
 
-def stable_seed(*parts: Any) -> int:
-    """A seed in ``[0, 2**62)`` derived from ``parts`` (stable across runs and processes).
-
-    Python's ``hash`` of strings changes per process; BLAKE2 of the parts' ``repr`` does not.
-
-    Example:
-        >>> stable_seed(0, "sub-001", 12) == stable_seed(0, "sub-001", 12)
-        True
-    """
-    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2
-
-
 def patch_grid(
     shape: Sequence[int], patch_size: Sequence[int] | None, stride: Sequence[int] | None
 ) -> list[tuple[slice, ...]]:
@@ -355,9 +341,10 @@ def reconstruct(
         schedule: the checkpoint's noise schedule.
         images: x_0 on the model's intensity scale, ``(B, 1, H, W[, D])``.
         config: a resolved :class:`MethodConfig`.
-        seeds: one base seed per image (e.g. from :func:`stable_seed` of the scan name
-            and slice); the noise of start ``k`` (and patch ``p``) comes from
-            ``stable_seed(seeds[b], k[, p])``.
+        seeds: one base seed per image (:func:`medidiff.anomaly.seeds.input_seed` of the
+            scan name and slice); the noise of start ``k`` (and patch ``p``) comes from
+            :func:`~medidiff.anomaly.seeds.start_seed` (and
+            :func:`~medidiff.anomaly.seeds.patch_seed`).
         noise_spec: the noise (its ``kind`` should be ``config.noise``).
         prediction_type: what the model outputs.
         batch_size: at most this many images per network call.
@@ -379,7 +366,7 @@ def reconstruct(
                 images,
                 t,
                 config,
-                seeds=[stable_seed(s, k) for s in seeds],
+                seeds=[start_seed(s, k) for s in seeds],
                 noise_spec=noise_spec,
                 prediction_type=prediction_type,
                 clip_range=clip_range,
@@ -396,7 +383,7 @@ def reconstruct(
                     sampler=config.sampler,  # type: ignore[arg-type]
                     steps=config.steps,
                     noise_spec=noise_spec,
-                    seeds=[stable_seed(s, k) for s in seeds[part]],
+                    seeds=[start_seed(s, k) for s in seeds[part]],
                     eta=config.eta,
                     prediction_type=prediction_type,
                     clip_range=clip_range,
@@ -433,7 +420,7 @@ def _patched(
         inside = torch.zeros_like(x0, dtype=torch.bool)
         for i, (_, p) in enumerate(chunk):
             inside[(i, slice(None), *patches[p])] = True
-        chunk_seeds = [stable_seed(seeds[b], "patch", p) for b, p in chunk]
+        chunk_seeds = [patch_seed(seeds[b], p) for b, p in chunk]
         eps = sample_noise(
             noise_spec, tuple(x0.shape), seeds=chunk_seeds, device=x0.device, dtype=x0.dtype
         )

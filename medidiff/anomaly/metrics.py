@@ -52,245 +52,32 @@ import numpy as np
 
 from medidiff.errors import DataError, VolumeContentError
 
-_NAN = float("nan")
+from medidiff.anomaly.ranking import (
+    NAN,
+    OracleDice,
+    RankMetrics,
+    confusion_curve,
+    dice,
+    dice_from_counts,
+    nan_to_none,
+    oracle_dice,
+    oracle_from_curve,
+    rank_from_curve,
+    rank_metrics,
+)
 
-
-def _nan_to_none(value: float | None) -> float | None:
-    """JSON-safe number: NaN/Inf become ``None`` (strict JSON has no NaN)."""
-    if value is None or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-# --------------------------------------------------------------------------- ranking
-
-
-@dataclass(frozen=True)
-class RankMetrics:
-    """Threshold-free ranking quality of scores against binary labels.
-
-    Attributes:
-        auroc: area under the ROC curve (NaN when only one class is present).
-        auprc: average precision, the step-wise area under the precision-recall curve
-            (NaN when there are no positives).
-        n_pos: number of positive samples (lesion voxels or lesion scans).
-        n_neg: number of negative samples.
-        note: why a value is NaN, else ``None``.
-    """
-
-    auroc: float
-    auprc: float
-    n_pos: int
-    n_neg: int
-    note: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe form (NaN as ``None``)."""
-        return {
-            "auroc": _nan_to_none(self.auroc),
-            "auprc": _nan_to_none(self.auprc),
-            "n_pos": self.n_pos,
-            "n_neg": self.n_neg,
-            "note": self.note,
-        }
-
-
-def _flat_pair(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """1-D views (no copy when contiguous) of scores and boolean labels; checked."""
-    scores = np.asarray(scores)
-    labels = np.asarray(labels)
-    if scores.shape != labels.shape:
-        raise ValueError(f"scores shape {scores.shape} differs from labels shape {labels.shape}")
-    if scores.dtype.kind not in "fiu":
-        raise ValueError(f"scores must be numeric; got dtype {scores.dtype}")
-    scores = scores.reshape(-1)
-    labels = labels.reshape(-1)
-    if labels.dtype != np.bool_:
-        labels = labels != 0
-    if scores.dtype.kind == "f" and not np.isfinite(scores).all():
-        raise ValueError("scores contain NaN or Inf; fix the anomaly map first")
-    return scores, labels
-
-
-@dataclass(frozen=True)
-class _Curve:
-    """Confusion counts at every distinct score, highest first (one sort of the scores).
-
-    ``tps[k]``/``fps[k]`` count the lesion/normal samples with ``score >= thresholds[k]``.
-    """
-
-    tps: np.ndarray
-    fps: np.ndarray
-    thresholds: np.ndarray
-    n_pos: int
-    n_neg: int
-    dtype: np.dtype
-
-
-def _curve(scores: np.ndarray, labels: np.ndarray) -> _Curve:
-    from sklearn.metrics import roc_curve
-
-    scores, labels = _flat_pair(scores, labels)
-    n_pos = int(np.count_nonzero(labels))
-    n_neg = int(labels.size - n_pos)
-    dtype = scores.dtype if scores.dtype.kind == "f" else np.dtype(np.float64)
-    if n_pos and n_neg:
-        # scikit-learn's ROC curve without dropping collinear points: one point per distinct
-        # score (after its leading (0, 0) point at threshold +inf); rates back to counts.
-        fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
-        tps, fps, thresholds = np.rint(tpr[1:] * n_pos), np.rint(fpr[1:] * n_neg), thresholds[1:]
-    elif n_pos:  # only lesions: the one useful threshold keeps everything
-        tps, fps = np.array([float(n_pos)]), np.array([0.0])
-        thresholds = np.array([scores.min()], dtype=np.float64)
-    else:
-        tps = fps = thresholds = np.zeros(0)
-    return _Curve(tps, fps, thresholds, n_pos, n_neg, dtype)
-
-
-def _rank_from_curve(curve: _Curve) -> RankMetrics:
-    from sklearn.metrics import auc
-
-    n_pos, n_neg = curve.n_pos, curve.n_neg
-    if n_pos == 0:
-        note = "no positive (lesion) samples: AUROC and AUPRC are undefined"
-        if n_neg == 0:
-            note = "no samples: AUROC and AUPRC are undefined"
-        return RankMetrics(_NAN, _NAN, n_pos, n_neg, note)
-    # AP = sum_k (R_k - R_{k-1}) P_k over the thresholds k, R_0 = 0 (scikit-learn's
-    # average_precision_score: the step-wise area, no interpolation).
-    precision = curve.tps / (curve.tps + curve.fps)
-    recall = curve.tps / n_pos
-    auprc = float(np.sum(np.diff(recall, prepend=0.0) * precision))
-    if n_neg == 0:
-        return RankMetrics(_NAN, auprc, n_pos, n_neg, "no negative samples: AUROC is undefined")
-    auroc = float(auc(np.r_[0.0, curve.fps / n_neg], np.r_[0.0, recall]))  # trapezoids
-    return RankMetrics(auroc, auprc, n_pos, n_neg)
-
-
-def rank_metrics(scores: np.ndarray, labels: np.ndarray) -> RankMetrics:
-    """Voxel (or scan) AUROC and AUPRC of ``scores`` against binary ``labels``.
-
-    Both come from one scikit-learn ROC curve (one sort of the scores), and equal
-    ``roc_auc_score`` and ``average_precision_score`` (ties handled the same way: a tied
-    group of scores is one threshold; a tied lesion/normal pair counts half in AUROC).
-
-    Args:
-        scores: anomaly scores, any shape; higher means more anomalous. Pass float32 for
-            millions of voxels: the arrays are flattened without copying.
-        labels: same shape; nonzero/True = positive (lesion).
-
-    Returns:
-        :class:`RankMetrics`. With no positives, AUROC and AUPRC are NaN; with no
-        negatives, AUROC is NaN (AUPRC is then 1); ``note`` says which.
-
-    Raises:
-        ValueError: the shapes differ, or the scores hold NaN/Inf.
-    """
-    return _rank_from_curve(_curve(scores, labels))
-
-
-# --------------------------------------------------------------------------- Dice
-
-
-def _dice_from_counts(tp: int, fp: int, fn: int) -> float:
-    """``2 TP / (2 TP + FP + FN)``; NaN when the denominator is 0 (both sets empty)."""
-    denominator = 2 * tp + fp + fn
-    return 2.0 * tp / denominator if denominator else _NAN
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice overlap ``2 |P and T| / (|P| + |T|)`` of two binary masks.
-
-    When both masks are empty the Dice is 0/0 and this returns **NaN**, by design: a
-    healthy scan with no false positives is not a "perfect segmentation" (returning 1.0
-    would inflate any mean by the number of healthy scans; per-scan Dice of healthy scans
-    is undefined, Baur et al. 2021). NaN drops out of the per-scan means of
-    :func:`evaluate_cases`, which average over scans with lesions only. An empty
-    prediction of a non-empty truth (or the reverse) is 0.
-
-    Args:
-        pred: predicted mask, any shape; nonzero/True = anomalous.
-        truth: ground-truth mask, same shape.
-
-    Returns:
-        Dice in [0, 1], or NaN when both are empty.
-
-    Raises:
-        ValueError: the shapes differ.
-    """
-    pred = np.asarray(pred)
-    truth = np.asarray(truth)
-    if pred.shape != truth.shape:
-        raise ValueError(f"pred shape {pred.shape} differs from truth shape {truth.shape}")
-    p = pred if pred.dtype == np.bool_ else pred != 0
-    t = truth if truth.dtype == np.bool_ else truth != 0
-    tp = int(np.count_nonzero(p & t))
-    n_p = int(np.count_nonzero(p))
-    n_t = int(np.count_nonzero(t))
-    return _dice_from_counts(tp, n_p - tp, n_t - tp)
-
-
-@dataclass(frozen=True)
-class OracleDice:
-    """The best dataset-wise Dice over all thresholds: an **oracle** (it uses the labels).
-
-    Attributes:
-        dice: the maximum Dice (= maximum F1 of the precision-recall curve); NaN when
-            there are no positives.
-        threshold: the threshold that reaches it, with the rule ``scores > threshold``
-            (for any threshold in ``[next lower score, best score)`` the result is the
-            same; this is the largest such value, in the scores' own dtype). NaN when
-            ``dice`` is.
-        note: why the values are NaN, else ``None``.
-    """
-
-    dice: float
-    threshold: float
-    note: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe form (NaN as ``None``)."""
-        return {
-            "dice": _nan_to_none(self.dice),
-            "threshold": _nan_to_none(self.threshold),
-            "note": self.note,
-        }
-
-
-def oracle_dice(scores: np.ndarray, labels: np.ndarray) -> OracleDice:
-    """The best dataset-wise Dice over all thresholds of ``scores`` (an **oracle**).
-
-    At threshold s the segmentation is ``scores >= s``; its Dice with the labels equals
-    its F1 score, ``2 P R / (P + R)`` with P = precision and R = recall, so the best Dice
-    over all thresholds is the maximum F1 along the precision-recall curve (computed from
-    the same scikit-learn curve as :func:`rank_metrics`).
-    Because it picks the threshold with the labels, report it as an upper bound only.
-
-    Args:
-        scores: anomaly scores, any shape (pool all scans' voxels inside the masks for
-            the dataset-wise oracle).
-        labels: same shape; nonzero/True = lesion.
-
-    Returns:
-        :class:`OracleDice` with the best Dice and its threshold for ``scores > threshold``.
-
-    Raises:
-        ValueError: the shapes differ, or the scores hold NaN/Inf.
-    """
-    return _oracle_from_curve(_curve(scores, labels))
-
-
-def _oracle_from_curve(curve: _Curve) -> OracleDice:
-    if curve.n_pos == 0:
-        return OracleDice(_NAN, _NAN, "no positive (lesion) voxels: Dice is undefined")
-    # Dice of "scores >= thresholds[k]" = 2 TP / (2 TP + FP + FN) = 2 TP / (TP + FP + n_pos);
-    # argmax takes the first maximum, i.e. the highest such threshold.
-    f1 = 2.0 * curve.tps / (curve.tps + curve.fps + curve.n_pos)
-    best = int(np.argmax(f1))
-    s_best = curve.dtype.type(curve.thresholds[best])
-    # "scores >= s_best" == "scores > nextafter(s_best, -inf)" exactly, in the scores' dtype.
-    below = np.nextafter(s_best, curve.dtype.type(-np.inf))
-    return OracleDice(float(f1[best]), float(below))
+__all__ = [
+    "Case",
+    "CaseMetrics",
+    "EvaluationReport",
+    "GroupMetrics",
+    "OracleDice",
+    "RankMetrics",
+    "dice",
+    "evaluate_cases",
+    "oracle_dice",
+    "rank_metrics",
+]
 
 
 # --------------------------------------------------------------------------- cases
@@ -432,7 +219,7 @@ class CaseMetrics:
             "has_lesion": self.has_lesion,
             "predicted_voxels": self.predicted_voxels,
             "true_positives": self.true_positives,
-            "dice": _nan_to_none(self.dice),
+            "dice": nan_to_none(self.dice),
             "score": self.score,
         }
 
@@ -479,20 +266,20 @@ class GroupMetrics:
             "n_scans": self.n_scans,
             "n_lesion_scans": self.n_lesion_scans,
             "n_healthy_scans": self.n_healthy_scans,
-            "voxel_auroc": _nan_to_none(self.voxel.auroc),
-            "voxel_auprc": _nan_to_none(self.voxel.auprc),
+            "voxel_auroc": nan_to_none(self.voxel.auroc),
+            "voxel_auprc": nan_to_none(self.voxel.auprc),
             "n_lesion_voxels": self.voxel.n_pos,
             "n_normal_voxels": self.voxel.n_neg,
-            "dice_dataset_wise": _nan_to_none(self.dice_dataset_wise),
-            "dice_per_scan_mean": _nan_to_none(self.dice_per_scan_mean),
-            "dice_per_scan_std": _nan_to_none(self.dice_per_scan_std),
-            "voxel_precision": _nan_to_none(self.voxel_precision),
-            "voxel_recall": _nan_to_none(self.voxel_recall),
-            "voxel_fpr": _nan_to_none(self.voxel_fpr),
-            "oracle_dice_dataset_wise": _nan_to_none(self.oracle.dice),
-            "oracle_threshold": _nan_to_none(self.oracle.threshold),
-            "scan_auroc": _nan_to_none(self.scan.auroc),
-            "scan_auprc": _nan_to_none(self.scan.auprc),
+            "dice_dataset_wise": nan_to_none(self.dice_dataset_wise),
+            "dice_per_scan_mean": nan_to_none(self.dice_per_scan_mean),
+            "dice_per_scan_std": nan_to_none(self.dice_per_scan_std),
+            "voxel_precision": nan_to_none(self.voxel_precision),
+            "voxel_recall": nan_to_none(self.voxel_recall),
+            "voxel_fpr": nan_to_none(self.voxel_fpr),
+            "oracle_dice_dataset_wise": nan_to_none(self.oracle.dice),
+            "oracle_threshold": nan_to_none(self.oracle.threshold),
+            "scan_auroc": nan_to_none(self.scan.auroc),
+            "scan_auprc": nan_to_none(self.scan.auprc),
             "n_scans_with_score": self.scan.n_pos + self.scan.n_neg,
         }
 
@@ -537,7 +324,7 @@ class EvaluationReport:
             "overall": self.overall.to_dict(),
             "groups": {name: g.to_dict() for name, g in self.groups.items()},
             "cases": [c.to_dict() for c in self.cases],
-            "voxel_threshold": _nan_to_none(self.voxel_threshold),
+            "voxel_threshold": nan_to_none(self.voxel_threshold),
             "threshold_source": self.threshold_source,
             "masks": self.mask_description,
             "masked_cases": self.masked_cases,
@@ -640,7 +427,7 @@ def _case_pass(
         n_pred = int(np.count_nonzero(pred))
         counts = _Counts(tp, n_pred - tp, n_lesion - tp)
         metrics = CaseMetrics(c.name, c.group, int(scores.size), n_lesion, n_pred, tp,
-                              _dice_from_counts(tp, n_pred - tp, n_lesion - tp), c.score)
+                              dice_from_counts(tp, n_pred - tp, n_lesion - tp), c.score)
     return scores, labels, metrics, counts
 
 
@@ -651,9 +438,9 @@ def _group_metrics(
     counts: Sequence[_Counts],
     have_threshold: bool,
 ) -> GroupMetrics:
-    curve = _curve(scores, labels)  # one sort serves AUROC, AUPRC and the oracle
-    voxel = _rank_from_curve(curve)
-    oracle = _oracle_from_curve(curve)
+    curve = confusion_curve(scores, labels)  # one sort serves AUROC, AUPRC and the oracle
+    voxel = rank_from_curve(curve)
+    oracle = oracle_from_curve(curve)
     del curve
     lesion = [m for m in metrics if m.has_lesion]
     healthy = [m for m in metrics if not m.has_lesion]
@@ -662,18 +449,18 @@ def _group_metrics(
         fp = sum(c.fp for c in counts)  # type: ignore[misc]
         fn = sum(c.fn for c in counts)  # type: ignore[misc]
         negatives = voxel.n_neg
-        dataset_wise = _dice_from_counts(tp, fp, fn) if tp + fn > 0 else _NAN
-        precision = tp / (tp + fp) if tp + fp else _NAN
-        recall = tp / (tp + fn) if tp + fn else _NAN
-        fpr = fp / negatives if negatives else _NAN
+        dataset_wise = dice_from_counts(tp, fp, fn) if tp + fn > 0 else NAN
+        precision = tp / (tp + fp) if tp + fp else NAN
+        recall = tp / (tp + fn) if tp + fn else NAN
+        fpr = fp / negatives if negatives else NAN
         per_scan = np.array([m.dice for m in lesion], dtype=np.float64)
-        mean = float(per_scan.mean()) if per_scan.size else _NAN
-        std = float(per_scan.std(ddof=0)) if per_scan.size else _NAN
+        mean = float(per_scan.mean()) if per_scan.size else NAN
+        std = float(per_scan.std(ddof=0)) if per_scan.size else NAN
     else:
-        dataset_wise = mean = std = precision = recall = fpr = _NAN
+        dataset_wise = mean = std = precision = recall = fpr = NAN
     scored = [m for m in metrics if m.score is not None]
     if not scored:
-        scan = RankMetrics(_NAN, _NAN, 0, 0, "no scan scores: scan-level AUROC not computed")
+        scan = RankMetrics(NAN, NAN, 0, 0, "no scan scores: scan-level AUROC not computed")
     else:
         scan = rank_metrics(np.array([m.score for m in scored], dtype=np.float64),
                             np.array([m.has_lesion for m in scored], dtype=bool))
@@ -728,6 +515,36 @@ def evaluate_cases(
         (1.0, 1.0, 1.0)
     """
     cases = list(cases)
+    voxel_threshold = _check_cases(cases, voxel_threshold)
+    source, notes = _threshold_source(cases, voxel_threshold)
+    have_threshold = source != "none"
+    pooled = _pool(cases, voxel_threshold if have_threshold else None, have_threshold)
+    overall = _group_metrics(pooled.scores, pooled.labels, pooled.metrics, pooled.counts,
+                             have_threshold)
+    groups: dict[str, GroupMetrics] = {}
+    if any(c.group for c in cases):
+        for key in sorted({c.group or "ungrouped" for c in cases}):
+            idx = [i for i, c in enumerate(cases) if (c.group or "ungrouped") == key]
+            groups[key] = _group_metrics(
+                np.concatenate([pooled.scores[pooled.part(i)] for i in idx]),
+                np.concatenate([pooled.labels[pooled.part(i)] for i in idx]),
+                [pooled.metrics[i] for i in idx], [pooled.counts[i] for i in idx],
+                have_threshold,
+            )
+    notes += _notes(overall, pooled, len(cases))
+    return EvaluationReport(
+        overall=overall,
+        groups=groups,
+        cases=tuple(pooled.metrics),
+        voxel_threshold=voxel_threshold,
+        threshold_source=source,
+        masked_cases=sum(c.mask is not None for c in cases),
+        notes=tuple(notes),
+    )
+
+
+def _check_cases(cases: Sequence[Case], voxel_threshold: float | None) -> float | None:
+    """Refuse no cases, repeated names and a non-finite threshold; the threshold as float."""
     if not cases:
         raise DataError("no cases to evaluate")
     names = [c.name for c in cases]
@@ -738,7 +555,12 @@ def evaluate_cases(
         voxel_threshold = float(voxel_threshold)
         if not math.isfinite(voxel_threshold):
             raise DataError(f"voxel_threshold must be a finite number; got {voxel_threshold}")
+    return voxel_threshold
 
+
+def _threshold_source(cases: Sequence[Case], voxel_threshold: float | None
+                      ) -> tuple[str, list[str]]:
+    """Where the calibrated segmentation comes from, and a note when it cannot be pooled."""
     n_seg = sum(c.segmentation is not None for c in cases)
     if n_seg == len(cases):
         source = "segmentation"
@@ -750,63 +572,63 @@ def evaluate_cases(
     if source == "none" and n_seg:
         notes.append(f"only {n_seg} of {len(cases)} scans have a segmentation and no voxel "
                      "threshold was given: calibrated Dice is not reported")
-    effective_threshold = voxel_threshold if source != "none" else None
+    return source, notes
 
-    # The pooled arrays (float32 scores, bool labels) are allocated once from the mask
-    # sizes and filled case by case, never concatenated.
+
+@dataclass(frozen=True, eq=False)
+class _Pooled:
+    """Every case's masked voxels in one array (case ``i`` at ``part(i)``), with its metrics."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    metrics: list[CaseMetrics]
+    counts: list[_Counts]
+    outside: int
+
+    def part(self, i: int) -> slice:
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+
+def _pool(cases: Sequence[Case], threshold: float | None, use_segmentation: bool) -> _Pooled:
+    """The pooled arrays (float32 scores, bool labels), allocated once from the mask sizes
+    and filled case by case, never concatenated."""
+
     def selected(case: Case) -> int:
         return case.anomaly_map.size if case.mask is None else int(np.count_nonzero(case.mask))
 
     offsets = np.concatenate([[0], np.cumsum([selected(c) for c in cases])]).astype(np.int64)
-    pooled_scores = np.empty(int(offsets[-1]), dtype=np.float32)
-    pooled_labels = np.empty(int(offsets[-1]), dtype=bool)
-    per_case: list[CaseMetrics] = []
-    per_counts: list[_Counts] = []
+    pooled = _Pooled(np.empty(int(offsets[-1]), dtype=np.float32),
+                     np.empty(int(offsets[-1]), dtype=bool), offsets, [], [], 0)
     outside = 0
     for i, case in enumerate(cases):
         compact = case.compact()
-        scores, labels, metrics, counts = _case_pass(compact, effective_threshold,
-                                                     use_segmentation=source != "none")
-        pooled_scores[offsets[i]:offsets[i + 1]] = scores
-        pooled_labels[offsets[i]:offsets[i + 1]] = labels
-        per_case.append(metrics)
-        per_counts.append(counts)
+        scores, labels, metrics, counts = _case_pass(compact, threshold,
+                                                     use_segmentation=use_segmentation)
+        pooled.scores[pooled.part(i)] = scores
+        pooled.labels[pooled.part(i)] = labels
+        pooled.metrics.append(metrics)
+        pooled.counts.append(counts)
         outside += compact.lesion_voxels_outside_mask
+    return replace(pooled, outside=outside)
 
-    have_threshold = source != "none"
-    overall = _group_metrics(pooled_scores, pooled_labels, per_case, per_counts, have_threshold)
 
-    groups: dict[str, GroupMetrics] = {}
-    if any(c.group for c in cases):
-        keys = sorted({c.group or "ungrouped" for c in cases})
-        for key in keys:
-            idx = [i for i, c in enumerate(cases) if (c.group or "ungrouped") == key]
-            g_scores = np.concatenate([pooled_scores[offsets[i]:offsets[i + 1]] for i in idx])
-            g_labels = np.concatenate([pooled_labels[offsets[i]:offsets[i + 1]] for i in idx])
-            groups[key] = _group_metrics(g_scores, g_labels, [per_case[i] for i in idx],
-                                         [per_counts[i] for i in idx], have_threshold)
-
-    masked = sum(c.mask is not None for c in cases)
-    if outside:
-        notes.append(f"{outside} lesion voxels lie outside the brain masks and are not counted")
+def _notes(overall: GroupMetrics, pooled: _Pooled, n_cases: int) -> list[str]:
+    """What the report must say about what it could not count or compute."""
+    notes = []
+    if pooled.outside:
+        notes.append(f"{pooled.outside} lesion voxels lie outside the brain masks and are not "
+                     "counted")
     if overall.voxel.note:
         notes.append(f"voxel metrics: {overall.voxel.note}")
     if overall.n_lesion_scans == 0:
         notes.append("no scan has a lesion: Dice is undefined")
     scan_note = overall.scan.note
-    n_scored = sum(m.score is not None for m in per_case)
+    n_scored = sum(m.score is not None for m in pooled.metrics)
     if scan_note and n_scored:
         notes.append(f"scan-level AUROC: {scan_note} (needs scans with lesions and healthy scans)")
-    elif n_scored and n_scored < len(cases):
+    elif n_scored and n_scored < n_cases:
         notes.append(
-            f"scan-level AUROC uses the {n_scored} of {len(cases)} scans that have a score"
+            f"scan-level AUROC uses the {n_scored} of {n_cases} scans that have a score"
         )
-    return EvaluationReport(
-        overall=overall,
-        groups=groups,
-        cases=tuple(per_case),
-        voxel_threshold=voxel_threshold,
-        threshold_source=source,
-        masked_cases=masked,
-        notes=tuple(notes),
-    )
+    return notes

@@ -37,10 +37,8 @@ Example:
 
 from __future__ import annotations
 
-import math
+import functools
 import os
-import platform
-import shlex
 import shutil
 import sys
 import time
@@ -53,6 +51,22 @@ from typing import Any
 import numpy as np
 
 import medidiff
+from medidiff.cli.demo_metrics import (
+    FPR,
+    LESION_KINDS,
+    SYNTH_SAMPLER,
+    SYNTH_STEPS,
+    QualityCheck,
+    checkpoint_facts,
+    jsonable,
+    machine_facts,
+    per_kind_table,
+    quality_checks,
+    rel_path,
+    reproduce_commands,
+    scan_rows,
+    shipped_name,
+)
 from medidiff.errors import DataError, OutputError
 
 __all__ = [
@@ -69,10 +83,6 @@ __all__ = [
 DEMO_FORMAT = "medidiff-demo-1"
 #: a file written first into every demo folder: a folder holding it may be replaced
 DEMO_MARKER = ".medidiff-demo"
-#: the lesion kinds of sample_data whose AUPRC is a quality bar
-LESION_KINDS = ("tumor", "ms", "stroke")
-#: the quality bar on the default method's voxel AUROC over all test scans
-AUROC_BAR = 0.90
 #: the test scan the anomaly strip shows (as in docs/how_it_works.md)
 FIGURE_CASE = "tumor-000"
 #: what the demo writes into its folder (removed by ``overwrite`` before a new run)
@@ -80,10 +90,6 @@ OUTPUT_NAMES = (
     "anomaly", "baseline", "synthesis_2d", "synthesis_3d", "figures", "thresholds.json",
     "thresholds_baseline.json", "metrics.json", "report.html",
 )
-#: the calibration false-positive rate (voxels and scans)
-FPR = 0.05
-#: the fast synthesis sampler (Lu et al. 2022: good samples at 10-20 steps)
-SYNTH_SAMPLER, SYNTH_STEPS = "dpm++2m", 20
 #: the wall-time budget the demo aims at on 2 CPU cores (seconds)
 TIME_BUDGET_S = 300.0
 
@@ -91,38 +97,6 @@ TIME_BUDGET_S = 300.0
 # --------------------------------------------------------------------------------------------
 # results
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QualityCheck:
-    """One quality bar of the report.
-
-    Attributes:
-        name: short name, e.g. ``"auprc_tumor"``.
-        description: what is compared, in words.
-        value: the default method's number.
-        reference: the number it is compared with (the baseline's).
-        passed: ``True``/``False``; ``None`` when it could not be evaluated (e.g. no scan
-            of that kind with ``limit``).
-        detail: the verdict in one sentence.
-    """
-
-    name: str
-    description: str
-    value: float | None
-    reference: float | None
-    passed: bool | None
-    detail: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "description": self.description,
-            "value": _finite_or_none(self.value),
-            "reference": _finite_or_none(self.reference),
-            "passed": self.passed,
-            "detail": self.detail,
-        }
 
 
 @dataclass(frozen=True)
@@ -169,28 +143,6 @@ class _Scored:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _finite_or_none(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _jsonable(obj: Any) -> Any:
-    """Strict-JSON form: NaN/Inf -> None, numpy scalars -> Python, paths -> str."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
 
 
 def default_sample_data() -> Path:
@@ -284,7 +236,9 @@ def _load_splits(sample_data: Path, limit: int | None) -> tuple[list[Any], list[
 
 
 def _kind(entry: Any) -> str:
-    return str(entry.extra.get("kind") or "unknown")
+    from medidiff.anomaly.runner import entry_kind
+
+    return entry_kind(entry)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,283 +246,53 @@ def _kind(entry: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _write_scores(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """``scores.csv`` with the columns of ``medidiff anomaly``."""
-    import csv
-    import io
-
-    from medidiff.cli.commands.anomaly import SCORE_COLUMNS
-    from medidiff.io import write_text_atomic
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(SCORE_COLUMNS), extrasaction="ignore",
-                            lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in SCORE_COLUMNS})
-    write_text_atomic(path, buffer.getvalue())
-
-
-def _score_entry(detector: Any, task: tuple[Any, Path | None, str | None]) -> _Scored:
-    """Score one test scan (in a worker process or here); with ``out``, write its files.
-
-    The full result stays in the returned record only for the scan named ``keep``."""
-    from medidiff.io.volume import load_volume
-    from medidiff.anomaly.metrics import Case
-    from medidiff.viz.overlay import map_scale
+def _evaluation_case(result: Any, entry: Any, out: Path | None, *,
+                     map_max: float | None = None) -> dict[str, Any]:
+    """``on_result`` of the runner for a test scan: its compact evaluation case
+    (:func:`medidiff.anomaly.runner.entry_case`) and, with ``out``, its overlay with the truth."""
+    from medidiff.anomaly.runner import entry_case
     from medidiff.data.transforms import to_model
+    from medidiff.viz.overlay import save_result_overlay
 
-    entry, out, keep = task
-    result = detector.score_file(entry.image, mask=entry.mask, name=entry.name)
-    truth = np.asarray(load_volume(entry.segmentation).array) > 0
-    brain = np.asarray(load_volume(entry.mask).array) > 0
-    files: dict[str, str] = {}
+    case = entry_case(result, entry, compact=False)
+    files = {}
     if out is not None:
-        truth_grid = to_model(truth.astype(np.uint8), result.preprocessed) > 0
-        written = result.save(out, truth=truth_grid, map_max=map_scale(detector.thresholds))
-        files = {k: str(v) for k, v in written.items()}
-    case = Case(entry.name, result.anomaly_map, truth, mask=brain,
-                segmentation=result.segmentation, score=result.score, group=_kind(entry))
-    row = {"file": str(entry.image), **result.row()}
-    return _Scored(entry.name, _kind(entry), row, case.compact(), files,
-                   result if entry.name == keep else None)
+        truth_grid = to_model(case.truth.astype(np.uint8), result.preprocessed) > 0
+        files["overlay"] = save_result_overlay(result, out, truth=truth_grid, map_max=map_max)
+    return {"files": files, "case": case.compact()}
 
 
-def _score_all(
-    detector: Any,
-    entries: Sequence[Any],
-    out: Path | None,
-    *,
-    desc: str,
-    progress: bool,
-    keep: str | None = None,
-    workers: int = 1,
-) -> list[_Scored]:
-    """Score ``entries`` in ``workers`` processes; with ``out``, write every scan's files
-    and ``out/scores.csv`` (kept current, in input order, as the CLI does).
-
-    The full result of the scan named ``keep`` stays in memory (for the anomaly strip)."""
-    from medidiff.runtime.parallel import map_scans
-
-    scored: list[_Scored] = []
-    tasks = [(entry, out, keep) for entry in entries]
-    for record in map_scans(_score_entry, detector, tasks, workers=workers, desc=desc,
-                            progress=progress):
-        scored.append(record)
-        if out is not None:
-            _write_scores(out / "scores.csv", [s.row for s in scored])
-    return scored
+def _scored(outcomes: Sequence[Any]) -> list[_Scored]:
+    """The runner's outcomes as the demo's records."""
+    return [_Scored(o.entry.name, _kind(o.entry), o.row, o.extra["case"],
+                    {k: str(v) for k, v in o.files.items()}, o.result) for o in outcomes]
 
 
-def _evaluate(scored: Sequence[_Scored], thresholds: Any) -> Any:
-    from medidiff.anomaly.metrics import evaluate_cases
+def _score_test(detector: Any, test: Sequence[Any], thresholds: Any, thresholds_path: Path,
+                out: Path, *, workers: int, progress: bool) -> list[_Scored]:
+    """The test scans scored into ``out`` exactly as ``medidiff anomaly`` does (maps,
+    overlays with the truth, scores.csv, anomaly_config.json)."""
+    from medidiff.anomaly.runner import score_folder
+    from medidiff.viz.overlay import map_scale
 
-    return evaluate_cases([s.case for s in scored], voxel_threshold=thresholds.voxel_threshold)
-
-
-def _group_numbers(g: Any) -> dict[str, Any]:
-    return {
-        "n_scans": g.n_scans,
-        "voxel_auroc": _finite_or_none(g.voxel.auroc),
-        "voxel_auprc": _finite_or_none(g.voxel.auprc),
-        "dice_dataset_wise": _finite_or_none(g.dice_dataset_wise),
-        "dice_per_scan_mean": _finite_or_none(g.dice_per_scan_mean),
-        "voxel_fpr": _finite_or_none(g.voxel_fpr),
-        "oracle_dice": _finite_or_none(g.oracle.dice),
-        "scan_auroc": _finite_or_none(g.scan.auroc),
-    }
+    hook = functools.partial(_evaluation_case, map_max=map_scale(thresholds))
+    run = score_folder(detector, test, out, thresholds=thresholds, thresholds_path=thresholds_path,
+                       on_result=hook, keep=(FIGURE_CASE,), workers=workers, errors="raise",
+                       progress=progress)
+    return _scored(run.outcomes)
 
 
-def _per_kind(default: Any, baseline: Any) -> dict[str, dict[str, Any]]:
-    """kind -> {"default": numbers, "baseline": numbers}, lesion kinds first, then "all"."""
-    kinds = [k for k in LESION_KINDS if k in default.groups]
-    kinds += sorted(k for k in default.groups if k not in kinds)
-    table = {
-        k: {"default": _group_numbers(default.groups[k]),
-            "baseline": _group_numbers(baseline.groups[k])}
-        for k in kinds
-    }
-    table["all"] = {"default": _group_numbers(default.overall),
-                    "baseline": _group_numbers(baseline.overall)}
-    return table
+def _score_baseline(baseline: Any, test: Sequence[Any], thresholds: Any, out: Path, *,
+                    workers: int, progress: bool) -> list[_Scored]:
+    """The baseline's scores (no maps written): ``out/scores.csv``."""
+    from medidiff.anomaly.runner import ScoresTable, score_scans
 
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def _quality(per_kind: Mapping[str, Mapping[str, Any]]) -> tuple[QualityCheck, ...]:
-    """The bars: voxel AUROC (all scans) and AUPRC per lesion kind, default vs baseline."""
-    checks = []
-    allrow = per_kind["all"]
-    value, ref = allrow["default"]["voxel_auroc"], allrow["baseline"]["voxel_auroc"]
-    passed = None if value is None else bool(value >= AUROC_BAR)
-    checks.append(QualityCheck(
-        "voxel_auroc",
-        f"voxel AUROC of the default method over all test scans (inside the brain masks) "
-        f">= {AUROC_BAR:.2f}",
-        value, AUROC_BAR, passed,
-        f"voxel AUROC {_fmt(value)} (default method; intensity baseline {_fmt(ref)}), "
-        f"bar {AUROC_BAR:.2f}: "
-        + {True: "PASS", False: f"FAIL, short by {AUROC_BAR - (value or 0):.3f}",
-           None: "not evaluated"}[passed],
-    ))
-    for kind in LESION_KINDS:
-        row = per_kind.get(kind)
-        value = row["default"]["voxel_auprc"] if row else None
-        ref = row["baseline"]["voxel_auprc"] if row else None
-        passed = None if value is None or ref is None else bool(value > ref)
-        verdict = {True: "PASS, the default method is better",
-                   False: "FAIL, the default method is not better than the baseline",
-                   None: "not evaluated (no test scan of this kind)" if row is None
-                   else "not evaluated (undefined)"}[passed]
-        checks.append(QualityCheck(
-            f"auprc_{kind}",
-            f"voxel AUPRC on the {kind} scans, default method vs intensity baseline",
-            value, ref, passed,
-            f"{kind}: voxel AUPRC {_fmt(value)} (default method) vs {_fmt(ref)} "
-            f"(intensity baseline): {verdict}",
-        ))
-    return tuple(checks)
-
-
-def _scan_rows(scored: Sequence[_Scored], evaluation: Any, base_evaluation: Any,
-               out: Path) -> list[dict[str, Any]]:
-    """The per-scan table: the default method's row and Dice, the baseline's score and Dice."""
-    base_cases = {c.name: c for c in base_evaluation.cases}
-    rows = []
-    for s, case in zip(scored, evaluation.cases):
-        b = base_cases.get(s.name)
-        rows.append({
-            "name": s.name,
-            "kind": s.kind,
-            "score": s.row["score"],
-            "flagged": s.row["flagged"] == 1,
-            "voxels_over_threshold": s.row["voxels_over_threshold"],
-            "lesion_voxels": case.lesion_voxels,
-            # Dice of a scan without lesion is undefined (0 with any false positive)
-            "dice": _finite_or_none(case.dice) if case.has_lesion else None,
-            "seconds": s.row["seconds"],
-            "network_evaluations": s.row["network_evaluations"],
-            "baseline_score": b.score if b else None,
-            "baseline_dice": _finite_or_none(b.dice) if b and b.has_lesion else None,
-            "files": {k: _rel(v, out) for k, v in s.files.items()},
-        })
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
-# facts for the report
-# --------------------------------------------------------------------------------------------
-
-
-def _checkpoint_facts(ckpt: Any, shipped_name: str | None) -> dict[str, Any]:
-    """The checkpoint's own record, plus the model card's facts when it is a shipped model."""
-    from medidiff.config import Config
-
-    try:
-        cfg = Config.from_dict(ckpt.config)
-        model = {"spatial_dims": cfg.model.spatial_dims, "preset": cfg.model.preset}
-        d = cfg.diffusion
-        diffusion = {"schedule": d.schedule, "T": d.num_train_timesteps, "noise": d.noise,
-                     "prediction_type": d.prediction_type}
-    except Exception:  # noqa: BLE001 - facts only; an unusable config already failed earlier
-        model, diffusion = {}, {}
-    params = int(sum(int(np.prod(t.shape)) for t in ckpt.state_dict.values()))
-    prep = ckpt.preprocessing or {}
-    facts: dict[str, Any] = {
-        "path": str(ckpt.path),
-        "sha256": ckpt.sha256,
-        "training_step": ckpt.extra.get("step"),
-        "parameters": params,
-        "grid_shape": prep.get("shape"),
-        "grid_spacing_mm": prep.get("spacing"),
-        **model,
-        **diffusion,
-        "written_by": f"medidiff {ckpt.version}",
-    }
-    card: dict[str, Any] = {}
-    if shipped_name is not None:
-        from medidiff.models.pretrained import model_card_facts
-
-        card = model_card_facts(shipped_name)
-    return {"name": shipped_name or Path(ckpt.path).name, "shipped": shipped_name is not None,
-            "checkpoint": facts, "card": card}
-
-
-def _shipped_name(arg: Any, resolved: Path, default: str) -> str | None:
-    """The shipped model's name when ``resolved`` is the package's own file."""
-    from medidiff.models.pretrained import MODELS, WEIGHTS_DIR
-
-    if arg is None or (isinstance(arg, str) and arg in MODELS):
-        return default if arg is None else str(arg)
-    try:
-        if Path(resolved).resolve().parent == WEIGHTS_DIR.resolve():
-            stem = Path(resolved).name.removesuffix(".safetensors")
-            return stem if stem in MODELS else None
-    except OSError:
-        pass
-    return None
-
-
-def _machine(device: Any) -> dict[str, Any]:
-    import torch
-
-    versions = {"medidiff": medidiff.__version__, "python": platform.python_version(),
-                "torch": torch.__version__, "numpy": np.__version__}
-    for module in ("monai", "nibabel", "SimpleITK", "sklearn", "scipy"):
-        try:
-            versions[module] = __import__(module).__version__
-        except Exception:  # noqa: BLE001 - informative only
-            versions[module] = "unknown"
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if str(device).startswith("cuda"):
-        machine["gpu"] = torch.cuda.get_device_name(device)
-    return {"versions": versions, "machine": machine}
-
-
-def _commands(out: Path, sample_data: Path, ckpt2d: Path, ckpt3d: Path, num_synth: int,
-              limit: int | None, argv: Sequence[str] | None) -> list[str]:
-    """The shell commands that reproduce the report's numbers step by step."""
-    q = shlex.quote
-    data = q(str(sample_data / "dataset.json"))
-    if argv:
-        demo = "medidiff demo " + " ".join(q(a) for a in argv)
-    else:
-        demo = f"medidiff demo --out {q(str(out))}"
-    lines = [
-        "# everything at once:",
-        demo,
-        "# or step by step (same checkpoint, method and data):",
-        f"medidiff calibrate --checkpoint {q(str(ckpt2d))} --healthy {data} --split validation "
-        f"--fpr {FPR:g} --out {q(str(out / 'thresholds.json'))}",
-        f"medidiff anomaly --checkpoint {q(str(ckpt2d))} --input {data} --split test "
-        f"--thresholds {q(str(out / 'thresholds.json'))} --out {q(str(out / 'anomaly'))}",
-        f"medidiff evaluate --pred {q(str(out / 'anomaly'))} --truth {data} "
-        f"--thresholds {q(str(out / 'thresholds.json'))}",
-        f"medidiff synthesize --checkpoint {q(str(ckpt2d))} --num {num_synth} "
-        f"--sampler {SYNTH_SAMPLER} --steps {SYNTH_STEPS} --out {q(str(out / 'synthesis_2d'))}",
-        f"medidiff synthesize --checkpoint {q(str(ckpt3d))} --num {num_synth} "
-        f"--sampler {SYNTH_SAMPLER} --steps {SYNTH_STEPS} --out {q(str(out / 'synthesis_3d'))}",
-        "# every anomaly method and the baseline side by side:",
-        f"python pipelines/benchmark_anomaly.py --checkpoint {q(str(ckpt2d))}",
-    ]
-    if limit is not None:
-        lines.insert(3, f"# (this run scored {limit} test scans, the kinds taken in turn)")
-    return lines
-
-
-def _rel(path: Any, out: Path) -> str | None:
-    """``path`` relative to ``out`` (posix), or ``None`` when it is missing."""
-    if path is None or not Path(path).exists():
-        return None
-    return Path(os.path.relpath(Path(path), out)).as_posix()
+    out.mkdir(exist_ok=True)
+    outcomes, _ = score_scans(baseline, test, thresholds=thresholds, on_result=_evaluation_case,
+                              workers=workers, errors="raise", progress=progress,
+                              desc="baseline")
+    ScoresTable(out / "scores.csv").write([o.row for o in outcomes])
+    return _scored(outcomes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,26 +349,50 @@ def run_demo(
         OutputError: ``out`` cannot be used.
         ConfigError: bad ``num_synth`` / ``device``.
     """
-    from medidiff.anomaly.detector import AnomalyDetector, calibrate
-    from medidiff.anomaly.methods import MethodConfig
-    from medidiff.anomaly.baseline import IntensityBaseline
-    from medidiff.models.checkpoint import build_model_from_checkpoint, load_inference
-    from medidiff.runtime.distributed import resolve_device
-    from medidiff.errors import ConfigError
-    from medidiff.io import write_json_atomic
-    from medidiff.runtime.parallel import default_workers
-    from medidiff.models.pretrained import DEFAULT_2D, DEFAULT_3D, resolve_checkpoint
-    from medidiff.viz.report import write_demo_report
-    from medidiff.synthesis.folder import synthesize_to_folder
-    from medidiff.synthesis.synthesizer import Synthesizer
+    from medidiff.models.pretrained import DEFAULT_2D, DEFAULT_3D
 
     began = time.perf_counter()
+    run = _start(out, checkpoint_2d, checkpoint_3d, sample_data, device, num_synth, limit,
+                 overwrite, progress, seed, batch_size, workers)
+    out, paths = run.out, run.checkpoints
+    anomaly = _anomaly_stages(run)
+    synthesis = _synthesis_stages(
+        run, {"2d": anomaly["loaded"].checkpoint, "3d": anomaly["ckpt3d"]}, num_synth)
+    figures, notes = _figures_stage(run, anomaly)
+    with run.stages.stage("report", f"writing {out / 'metrics.json'} and {out / 'report.html'}"):
+        metrics = _metrics(run, anomaly, synthesis, figures, notes, limit=limit,
+                           num_synth=num_synth, argv=argv,
+                           shipped={"2d": shipped_name(checkpoint_2d, paths["2d"], DEFAULT_2D),
+                                    "3d": shipped_name(checkpoint_3d, paths["3d"], DEFAULT_3D)})
+        # the report's own stage cannot time itself into the file it writes: the total
+        # covers everything up to here
+        metrics["total_seconds"] = time.perf_counter() - began
+        metrics_path, report_path = _write_metrics_and_report(metrics, out)
+    per_kind = anomaly["per_kind"]
+    return DemoResult(
+        out_dir=out, report=report_path, metrics=metrics_path,
+        thresholds=anomaly["thresholds_path"],
+        voxel_auroc=per_kind["all"]["default"]["voxel_auroc"], per_kind=per_kind,
+        quality=anomaly["quality"], timings=dict(run.stages.seconds),
+        seconds=time.perf_counter() - began, notes=tuple(notes),
+    )
+
+
+def _start(out: str | os.PathLike, checkpoint_2d: Any, checkpoint_3d: Any, sample_data: Any,
+           device: str, num_synth: Any, limit: int | None, overwrite: bool, progress: bool,
+           seed: int, batch_size: int, workers: Any) -> _DemoRun:
+    """Check the arguments, read the splits and prepare the folder (nothing heavy yet)."""
+    from medidiff.errors import ConfigError
+    from medidiff.models.pretrained import DEFAULT_2D, DEFAULT_3D, resolve_checkpoint
+    from medidiff.runtime.distributed import resolve_device
+    from medidiff.runtime.parallel import default_workers
+
     if isinstance(num_synth, bool) or not isinstance(num_synth, int) or num_synth < 1:
         raise ConfigError(f"--num-synth must be an integer >= 1; got {num_synth!r}")
     out = Path(out)
     sample = Path(sample_data) if sample_data is not None else default_sample_data()
-    ckpt2d_path = resolve_checkpoint(checkpoint_2d, DEFAULT_2D)
-    ckpt3d_path = resolve_checkpoint(checkpoint_3d, DEFAULT_3D)
+    paths = {"2d": resolve_checkpoint(checkpoint_2d, DEFAULT_2D),
+             "3d": resolve_checkpoint(checkpoint_3d, DEFAULT_3D)}
     dev = resolve_device(device)
     healthy, test = _load_splits(sample, limit)
     if workers is None:
@@ -652,141 +400,174 @@ def run_demo(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"--workers must be an integer >= 1; got {workers!r}")
     _prepare_out_dir(out, overwrite)
-    stages = _Stages(9, progress)
-    notes: list[str] = []
+    return _DemoRun(out, sample, paths, dev, healthy, test, seed, batch_size, workers, progress,
+                    _Stages(9, progress))
 
+
+@dataclass(frozen=True)
+class _DemoRun:
+    """What every stage of one demo run needs."""
+
+    out: Path
+    sample: Path
+    checkpoints: dict[str, Path]
+    device: Any
+    healthy: list[Any]
+    test: list[Any]
+    seed: int
+    batch_size: int
+    workers: int
+    progress: bool
+    stages: _Stages
+
+
+def _anomaly_stages(run: _DemoRun) -> dict[str, Any]:
+    """Load, calibrate, score, the baseline, evaluate: everything anomaly detection does."""
+    from medidiff.anomaly.baseline import IntensityBaseline
+    from medidiff.anomaly.detector import AnomalyDetector
+    from medidiff.anomaly.methods import MethodConfig
+    from medidiff.anomaly.metrics import evaluate_cases
+    from medidiff.anomaly.runner import calibrate
+    from medidiff.models.checkpoint import build_model_from_checkpoint, load_inference
+
+    out, stages, healthy, test = run.out, run.stages, run.healthy, run.test
+    common = {"workers": run.workers, "progress": run.progress}
     with stages.stage("load", f"loading the models and sample_data ({len(healthy)} healthy "
                       f"validation scans, {len(test)} test scans)"):
-        loaded = build_model_from_checkpoint(ckpt2d_path, dev)
-        ckpt3d = load_inference(ckpt3d_path)
-        detector = AnomalyDetector(loaded, MethodConfig(), device=dev, batch_size=batch_size,
-                                   seed=seed, progress=progress)
-
-    with stages.stage("calibrate", f"calibrating the default method ({detector.method.method}, "
-                      f"t={detector.method.t_start}, {detector.method.steps} steps) on the "
+        loaded = build_model_from_checkpoint(run.checkpoints["2d"], run.device)
+        ckpt3d = load_inference(run.checkpoints["3d"])
+        detector = AnomalyDetector(loaded, MethodConfig(), device=run.device,
+                                   batch_size=run.batch_size, seed=run.seed)
+    method = detector.method
+    with stages.stage("calibrate", f"calibrating the default method ({method.method}, "
+                      f"t={method.t_start}, {method.steps} steps) on the "
                       f"healthy validation scans at {FPR:.0%} FPR"):
-        thresholds = calibrate(detector, healthy, fpr=FPR, workers=workers)
+        thresholds = calibrate(detector, healthy, fpr=FPR, **common)
         thresholds_path = thresholds.save(out / "thresholds.json")
-        detector.use_thresholds(thresholds)
-
     with stages.stage("score", f"scoring {len(test)} test scans -> {out / 'anomaly'}"):
-        anomaly_dir = out / "anomaly"
-        anomaly_dir.mkdir(parents=True, exist_ok=True)
-        record = detector.describe()
-        record["thresholds"] = {"path": str(thresholds_path),
-                                "voxel_threshold": thresholds.voxel_threshold,
-                                "scan_threshold": thresholds.scan_threshold, "fpr": thresholds.fpr}
-        record["inputs"] = len(test)
-        write_json_atomic(anomaly_dir / "anomaly_config.json", record)
-        scored = _score_all(detector, test, anomaly_dir, desc="scoring", progress=progress,
-                            keep=FIGURE_CASE, workers=workers)
-
+        scored = _score_test(detector, test, thresholds, thresholds_path, out / "anomaly",
+                             **common)
     with stages.stage("baseline", "the no-network intensity baseline: calibrate and score"):
         baseline = IntensityBaseline.from_healthy(loaded.checkpoint, healthy,
                                                   detector.postprocess)
-        base_thresholds = calibrate(baseline, healthy, fpr=FPR, workers=workers)
+        base_thresholds = calibrate(baseline, healthy, fpr=FPR, workers=run.workers)
         base_thresholds.save(out / "thresholds_baseline.json")
-        baseline.use_thresholds(base_thresholds)
-        (out / "baseline").mkdir(exist_ok=True)
-        base_scored = _score_all(baseline, test, None, desc="baseline", progress=progress,
-                                 workers=workers)
-        _write_scores(out / "baseline" / "scores.csv", [s.row for s in base_scored])
-
+        base_scored = _score_baseline(baseline, test, base_thresholds, out / "baseline", **common)
     with stages.stage("evaluate", "evaluating against the lesion masks (inside brain masks)"):
-        evaluation = _evaluate(scored, thresholds)
-        base_evaluation = _evaluate(base_scored, base_thresholds)
-        per_kind = _per_kind(evaluation, base_evaluation)
-        quality = _quality(per_kind)
+        evaluation = evaluate_cases([s.case for s in scored],
+                                    voxel_threshold=thresholds.voxel_threshold)
+        base_evaluation = evaluate_cases([s.case for s in base_scored],
+                                         voxel_threshold=base_thresholds.voxel_threshold)
+        per_kind = per_kind_table(evaluation, base_evaluation)
+    return {"loaded": loaded, "ckpt3d": ckpt3d, "detector": detector, "baseline": baseline,
+            "thresholds": thresholds, "thresholds_path": thresholds_path,
+            "base_thresholds": base_thresholds, "scored": scored, "evaluation": evaluation,
+            "base_evaluation": base_evaluation, "per_kind": per_kind,
+            "quality": quality_checks(per_kind)}
+
+
+def _synthesis_stages(run: _DemoRun, checkpoints: Mapping[str, Any], num_synth: int
+                      ) -> dict[str, Any]:
+    """A few 2D slices and 3D volumes with the fast sampler."""
+    from medidiff.synthesis.synthesizer import Synthesizer, synthesize_to_folder
 
     synthesis: dict[str, Any] = {}
-    for key, path, kind in (("2d", ckpt2d_path, "slices"), ("3d", ckpt3d_path, "volumes")):
-        with stages.stage(f"synthesis_{key}", f"synthesising {num_synth} {key.upper()} {kind} "
-                          f"({SYNTH_SAMPLER}, {SYNTH_STEPS} steps)"):
-            ckpt = loaded.checkpoint if key == "2d" else ckpt3d
-            synth = Synthesizer(ckpt, device=dev, sampler=SYNTH_SAMPLER, steps=SYNTH_STEPS,
-                                batch_size=min(num_synth, 8))
-            summary = synthesize_to_folder(synth, out / f"synthesis_{key}", num_synth,
-                                           seed=seed, overwrite=True, progress=progress)
+    for key, kind in (("2d", "slices"), ("3d", "volumes")):
+        with run.stages.stage(f"synthesis_{key}", f"synthesising {num_synth} {key.upper()} "
+                              f"{kind} ({SYNTH_SAMPLER}, {SYNTH_STEPS} steps)"):
+            ckpt = checkpoints[key]
+            synth = Synthesizer(ckpt, device=run.device, sampler=SYNTH_SAMPLER,
+                                steps=SYNTH_STEPS, batch_size=min(num_synth, 8))
+            summary = synthesize_to_folder(synth, run.out / f"synthesis_{key}", num_synth,
+                                           seed=run.seed, overwrite=True, progress=run.progress)
             synthesis[key] = {
-                "folder": _rel(summary.out_dir, out), "montage": _rel(summary.montage, out),
+                "folder": rel_path(summary.out_dir, run.out), "montage": rel_path(summary.montage, run.out),
                 "kind": summary.kind, "num": summary.num_files, "sampler": synth.sampler,
                 "steps": synth.steps, "seconds": summary.seconds,
                 "shape": list(synth.output_shape),
                 "checkpoint": str(ckpt.path),
             }
+    return synthesis
 
-    with stages.stage("figures", "drawing the how-it-works strips"):
-        figures: dict[str, str | None] = {}
+
+def _figures_stage(run: _DemoRun, anomaly: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The how-it-works strips; a failure is a note of the report, not the end of the demo."""
+    figures: dict[str, str | None] = {}
+    notes: list[str] = []
+    with run.stages.stage("figures", "drawing the how-it-works strips"):
         try:
             from medidiff.viz.figures import save_how_it_works_figures
         except ImportError as exc:
             notes.append(f"how-it-works strips not drawn: medidiff.viz.figures is unavailable ({exc})")
         else:
             try:
-                kept = [x.result for x in scored if x.result is not None]
-                written = save_how_it_works_figures(ckpt2d_path, sample, out / "figures",
-                                                    detector=detector, thresholds=thresholds,
-                                                    device=dev, seed=seed,
-                                                    anomaly_result=kept[0] if kept else None)
-                figures = {k: _rel(v, out) for k, v in written.items()}
+                kept = [x.result for x in anomaly["scored"] if x.result is not None]
+                written = save_how_it_works_figures(
+                    run.checkpoints["2d"], run.sample, run.out / "figures",
+                    detector=anomaly["detector"], thresholds=anomaly["thresholds"],
+                    device=run.device, seed=run.seed, anomaly_result=kept[0] if kept else None)
+                figures = {k: rel_path(v, run.out) for k, v in written.items()}
             except Exception as exc:  # noqa: BLE001 - the report says so; the rest stands
                 if os.environ.get("MEDIDIFF_DEBUG"):
                     raise
                 notes.append(f"how-it-works strips failed: {type(exc).__name__}: {exc}")
         for note in notes:
             print(f"medidiff demo: warning: {note}", file=sys.stderr, flush=True)
+    return figures, notes
 
-    with stages.stage("report", f"writing {out / 'metrics.json'} and {out / 'report.html'}"):
-        scans = _scan_rows(scored, evaluation, base_evaluation, out)
-        timings = dict(stages.seconds)
-        metrics = {
-            "format": DEMO_FORMAT,
-            "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "out_dir": str(out),
-            "sample_data": str(sample),
-            "data": {
-                "calibration_scans": [e.name for e in healthy],
-                "test_scans": [{"name": e.name, "kind": _kind(e)} for e in test],
-                "limit": limit,
-            },
-            "method": detector.method.to_dict(),
-            "postprocess": detector.postprocess.to_dict(),
-            "nfe_per_slice": detector.nfe_per_input,
-            "thresholds": {"default": thresholds.to_dict(), "baseline": base_thresholds.to_dict()},
-            "baseline": {"method": baseline.method.to_dict(),
-                         "description": "x_hat = the median brain intensity of the healthy "
-                         "validation scans on the model grid; the same post-processing and "
-                         "calibration as the default method; no network"},
-            "evaluation": {"default": evaluation.to_dict(), "baseline": base_evaluation.to_dict()},
-            "per_kind": per_kind,
-            "quality": [q.to_dict() for q in quality],
-            "scans": scans,
-            "synthesis": synthesis,
-            "figures": figures,
-            "models": {
-                "2d": _checkpoint_facts(loaded.checkpoint,
-                                        _shipped_name(checkpoint_2d, ckpt2d_path, DEFAULT_2D)),
-                "3d": _checkpoint_facts(ckpt3d,
-                                        _shipped_name(checkpoint_3d, ckpt3d_path, DEFAULT_3D)),
-            },
-            "commands": _commands(out, sample, ckpt2d_path, ckpt3d_path, num_synth, limit, argv),
-            **_machine(dev),
-            "workers": workers,
-            "timings": timings,
-            "time_budget_s": TIME_BUDGET_S,
-            "notes": notes,
-        }
-        # the report's own stage cannot time itself into the file it writes: the total
-        # covers everything up to here
-        metrics["total_seconds"] = time.perf_counter() - began
-        metrics_path = write_json_atomic(out / "metrics.json", _jsonable(metrics))
-        report_path = write_demo_report(_jsonable(metrics), out)
-    total = time.perf_counter() - began
-    return DemoResult(
-        out_dir=out, report=report_path, metrics=metrics_path, thresholds=thresholds_path,
-        voxel_auroc=per_kind["all"]["default"]["voxel_auroc"], per_kind=per_kind,
-        quality=quality, timings=dict(stages.seconds), seconds=total, notes=tuple(notes),
-    )
+
+def _metrics(run: _DemoRun, anomaly: Mapping[str, Any], synthesis: Mapping[str, Any],
+             figures: Mapping[str, Any], notes: Sequence[str], *, limit: int | None,
+             num_synth: int, argv: Sequence[str] | None,
+             shipped: Mapping[str, str | None]) -> dict[str, Any]:
+    """The content of metrics.json (without its total time)."""
+    out, detector = run.out, anomaly["detector"]
+    evaluation, base_evaluation = anomaly["evaluation"], anomaly["base_evaluation"]
+    return {
+        "format": DEMO_FORMAT,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "out_dir": str(out),
+        "sample_data": str(run.sample),
+        "data": {
+            "calibration_scans": [e.name for e in run.healthy],
+            "test_scans": [{"name": e.name, "kind": _kind(e)} for e in run.test],
+            "limit": limit,
+        },
+        "method": detector.method.to_dict(),
+        "postprocess": detector.postprocess.to_dict(),
+        "nfe_per_slice": detector.nfe_per_input,
+        "thresholds": {"default": anomaly["thresholds"].to_dict(),
+                       "baseline": anomaly["base_thresholds"].to_dict()},
+        "baseline": {"method": anomaly["baseline"].method.to_dict(),
+                     "description": "x_hat = the median brain intensity of the healthy "
+                     "validation scans on the model grid; the same post-processing and "
+                     "calibration as the default method; no network"},
+        "evaluation": {"default": evaluation.to_dict(), "baseline": base_evaluation.to_dict()},
+        "per_kind": anomaly["per_kind"],
+        "quality": [q.to_dict() for q in anomaly["quality"]],
+        "scans": scan_rows(anomaly["scored"], evaluation, base_evaluation, out),
+        "synthesis": synthesis,
+        "figures": figures,
+        "models": {
+            "2d": checkpoint_facts(anomaly["loaded"].checkpoint, shipped["2d"]),
+            "3d": checkpoint_facts(anomaly["ckpt3d"], shipped["3d"]),
+        },
+        "commands": reproduce_commands(out, run.sample, run.checkpoints["2d"], run.checkpoints["3d"],
+                              num_synth, limit, argv),
+        **machine_facts(run.device),
+        "workers": run.workers,
+        "timings": dict(run.stages.seconds),
+        "time_budget_s": TIME_BUDGET_S,
+        "notes": list(notes),
+    }
+
+
+def _write_metrics_and_report(metrics: Mapping[str, Any], out: Path) -> tuple[Path, Path]:
+    from medidiff.io.atomic import write_json_atomic
+    from medidiff.viz.report import write_demo_report
+
+    metrics_path = write_json_atomic(out / "metrics.json", jsonable(metrics))
+    return metrics_path, write_demo_report(jsonable(metrics), out)
 
 
 def format_timings(timings: Mapping[str, float], total: float) -> str:

@@ -13,7 +13,7 @@ with the no-network baseline; 6 scans 1.03x and 0.95x (benchmarks/RESULTS.md).
 :func:`map_scans` sends one picklable ``shared`` object (a detector, with its model) to each
 worker once, then calls ``fn(shared, item)`` for every item and yields the results **in
 input order**. Results do not depend on the number of workers: every scan's noise comes
-from seeds derived from the scan's name (:func:`medidiff.anomaly.methods.stable_seed`).
+from seeds derived from the scan's name (:mod:`medidiff.anomaly.seeds`).
 Under CUDA, or with ``workers=1``, everything runs in this process.
 
 Workers are started with ``spawn`` (safe with PyTorch's thread pools, and the same on
@@ -89,8 +89,7 @@ def map_scans(
     Args:
         fn: a module-level function (it is pickled by name); exceptions it raises reach the
             caller unchanged.
-        shared: what every call gets first, e.g. a detector; pickled once per worker. Its
-            ``progress`` attribute, if any, is off in the workers (one bar, here).
+        shared: what every call gets first, e.g. a detector; pickled once per worker.
         items: the work; each item is pickled to a worker.
         workers: processes; ``<= 1`` runs in this process (no pickling at all).
         desc: progress bar label.
@@ -114,14 +113,7 @@ def map_scans(
 
         import torch
 
-        had_progress = getattr(shared, "progress", None)
-        if had_progress:
-            shared.progress = False
-        try:
-            payload = pickle.dumps(shared)
-        finally:
-            if had_progress:
-                shared.progress = had_progress
+        payload = pickle.dumps(shared)
         threads = max(1, torch.get_num_threads() // workers)
         pool = multiprocessing.get_context("spawn").Pool(
             workers, initializer=_init_worker, initargs=(payload, threads)

@@ -265,11 +265,10 @@ def reverse_trajectory_strip(
 def _noised_input(detector: Any, image: np.ndarray, z: int | None, name: str) -> np.ndarray:
     """x_t of the detector's first start for one network input, with the detector's noise.
 
-    Reproduces the seeding of :meth:`medidiff.anomaly.detector.AnomalyDetector.reconstruct_grid` for
-    an input covered by one window (the model grid equals the trained input size):
-    ``stable_seed(stable_seed(seed, name, slice, window origin), start index 0)``.
+    Uses the detector's own seeding (:func:`medidiff.anomaly.seeds.noise_seed`) for an
+    input covered by one window (the model grid equals the trained input size), start 0.
     """
-    from medidiff.anomaly.methods import stable_seed
+    from medidiff.anomaly.seeds import noise_seed
     from medidiff.diffusion import q_sample
     from medidiff.diffusion.noise import per_sample_generators, sample_noise
 
@@ -281,13 +280,13 @@ def _noised_input(detector: Any, image: np.ndarray, z: int | None, name: str) ->
     else:
         x0 = image
         origin = (0, 0, 0)
-    base = stable_seed(detector.seed, name, z if detector.spatial_dims == 2 else 0, origin)
-    seed = stable_seed(base, 0)
+    seed = noise_seed(detector.seed, name, z if detector.spatial_dims == 2 else 0, origin)
     device = detector.device
+    reconstructor = detector.reconstructor
     x0_t = torch.from_numpy(np.ascontiguousarray(x0, dtype=np.float32))[None, None].to(device)
     gens = per_sample_generators([seed], device)
-    eps = sample_noise(detector.noise_spec, tuple(x0_t.shape), generator=gens, device=device)
-    x_t = q_sample(detector.schedule.to(device), x0_t, t, eps)
+    eps = sample_noise(reconstructor.noise_spec, tuple(x0_t.shape), generator=gens, device=device)
+    x_t = q_sample(reconstructor.schedule.to(device), x0_t, t, eps)
     return _to_numpy(x_t[0, 0])
 
 
@@ -315,9 +314,8 @@ def anomaly_strip(
         volume: the scan, a :class:`~medidiff.io.volume.Volume` (any grid).
         mask: its brain mask (a Volume on the scan's grid), or ``None``.
         truth: its ground-truth lesion mask (a Volume on the scan's grid), or ``None``.
-        thresholds: :class:`~medidiff.anomaly.detector.Thresholds` (or a path to a thresholds file)
-            to segment with; default the detector's own, if any. The detector's thresholds
-            are restored afterwards.
+        thresholds: :class:`~medidiff.anomaly.thresholds.Thresholds` (or a path to a
+            thresholds file) to segment with; default none (no segmentation).
         slice_index: the axial slice of the model grid to show; default the slice with the
             most ground-truth voxels, else the one with the largest anomaly-map mass.
         result: ``detector.score(volume, mask=mask)`` if already computed (with the
@@ -335,18 +333,12 @@ def anomaly_strip(
 
 def _score(detector: Any, volume: Any, mask: Any, thresholds: Any) -> Any:
     """``detector.score(volume, mask=mask)`` with ``thresholds`` (a Thresholds, a file or
-    ``None`` for the detector's own); the detector's thresholds are restored afterwards."""
-    from medidiff.anomaly.detector import Thresholds
+    ``None`` for no segmentation)."""
+    from medidiff.anomaly.thresholds import Thresholds
 
-    saved = detector.thresholds
     if thresholds is not None and not isinstance(thresholds, Thresholds):
         thresholds = Thresholds.load(thresholds)
-    try:
-        if thresholds is not None:
-            detector.use_thresholds(thresholds)
-        return detector.score(volume, mask=mask)
-    finally:
-        detector.thresholds = saved
+    return detector.score(volume, mask=mask, thresholds=thresholds)
 
 
 def _truth_on_grid(truth: Any, result: Any) -> np.ndarray | None:
@@ -466,7 +458,7 @@ def save_how_it_works_figures(
         out_dir: where to write the PNGs (created).
         detector: the :class:`~medidiff.anomaly.detector.AnomalyDetector` to use; default one built
             on ``checkpoint`` with the default method (DDIM, t = 50, 3 steps).
-        thresholds: :class:`~medidiff.anomaly.detector.Thresholds` or a thresholds file, for the
+        thresholds: :class:`~medidiff.anomaly.thresholds.Thresholds` or a thresholds file, for the
             segmentation panel; ``None``: the detector's own, if any.
         device: where to run the network.
         seed: the seed of the noise and of the sample.

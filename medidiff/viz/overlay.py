@@ -27,7 +27,7 @@ import numpy as np
 
 from medidiff.viz.display import display_view, draw_contour, new_figure, save_figure
 
-__all__ = ["MAP_FLOOR", "choose_slices", "map_scale", "overlay_figure", "save_overlay"]
+__all__ = ["MAP_FLOOR", "choose_slices", "map_scale", "overlay_figure", "save_overlay", "save_result_overlay"]
 
 #: map values at or below this fraction of the colour scale's top are not drawn
 MAP_FLOOR = 0.25

@@ -26,7 +26,9 @@ file that cannot be read or scored (corrupt, truncated, 4D, 2D, NaN/Inf, constan
 reported on one line and skipped, leaving no outputs of its own; the run then ends with
 exit status 4, listing them (when no scan at all could be scored, a new --out is not
 created). Missing paths and empty folders are refused before anything is scored. Under
-torchrun the inputs are shared out over the ranks and rank 0 writes scores.csv.
+torchrun the inputs are shared out over the ranks and rank 0 writes scores.csv; --workers W
+scores W scans side by side in processes (CPU; the numbers do not change). The loop, resume
+and scores.csv are medidiff.anomaly.runner's (score_folder); this module parses the options.
 
 Examples:
     medidiff anomaly --checkpoint runs/brain_mri_2d/model.safetensors \\
@@ -38,8 +40,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,16 +57,6 @@ from medidiff.constants import (
 #: Methods, from medidiff.constants so that ``--help`` needs no heavy import.
 METHOD_NAMES = ANOMALY_METHODS
 EXIT_SOME_FAILED = 4
-SCORE_COLUMNS = (
-    "file",
-    "name",
-    "score",
-    "flagged",
-    "voxels_over_threshold",
-    "seconds",
-    "network_evaluations",
-    "nfe_per_input",
-)
 
 
 # ---- arguments shared with 'medidiff calibrate' ---------------------------------------------
@@ -91,7 +82,23 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="brain masks: a folder with files named like the inputs, or a datalist whose entries "
         "have a 'mask' (default: a datalist entry's own mask, else the preprocessed foreground)",
     )
-    m = p.add_argument_group("method")
+    _add_method_arguments(p.add_argument_group("method"))
+    _add_postprocess_arguments(p.add_argument_group("post-processing"))
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="network inputs per call (default 16)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="W",
+        help="processes that score scans side by side on the CPU (default 1; the numbers do "
+        "not depend on it)",
+    )
+    add_device_args(p)
+
+
+def _add_method_arguments(m: Any) -> None:
     m.add_argument(
         "--method",
         default="ddim",
@@ -157,7 +164,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         default=0.25,
         help="overlap of sliding windows when the grid exceeds the trained size (default 0.25)",
     )
-    q = p.add_argument_group("post-processing")
+
+
+def _add_postprocess_arguments(q: Any) -> None:
     q.add_argument(
         "--residual",
         default="l1",
@@ -189,10 +198,6 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         default=0.01,
         help="scan score = mean of this top fraction of voxel scores in the mask (default 0.01)",
     )
-    p.add_argument(
-        "--batch-size", type=int, default=16, help="network inputs per call (default 16)"
-    )
-    add_device_args(p)
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -232,8 +237,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     return method, post
 
 
-def build_detector(args: argparse.Namespace, checkpoint: Path, method: Any, post: Any, info: Any,
-                   *, thresholds: Any = None) -> Any:
+def build_detector(args: argparse.Namespace, checkpoint: Path, method: Any, post: Any,
+                   info: Any) -> Any:
     """The :class:`~medidiff.anomaly.detector.AnomalyDetector` the command-line options describe."""
     from medidiff.anomaly.detector import AnomalyDetector
 
@@ -244,8 +249,6 @@ def build_detector(args: argparse.Namespace, checkpoint: Path, method: Any, post
         device=info.device,
         batch_size=args.batch_size,
         seed=args.seed,
-        thresholds=thresholds,
-        progress=info.is_main,
     )
 
 
@@ -254,76 +257,6 @@ def require_checkpoint(args: argparse.Namespace) -> Path:
     from medidiff.models.pretrained import DEFAULT_2D, resolve_checkpoint
 
     return resolve_checkpoint(args.checkpoint, DEFAULT_2D)
-
-
-def load_inputs(sources: list[str], split: str | None, masks: str | None) -> list[Any]:
-    """Datalist entries of the inputs, each with its brain mask (from --masks if given).
-
-    Raises:
-        DataError: no inputs, two inputs with the same name, or a --masks source without
-            a mask for some input.
-    """
-    from dataclasses import replace
-
-    from medidiff.data.datalist import load_datalist
-    from medidiff.errors import DataError
-    from medidiff.io.volume import is_volume_path, strip_volume_suffix
-
-    entries = load_datalist(sources if len(sources) > 1 else sources[0], split=split)
-    seen: dict[str, Path] = {}
-    for e in entries:
-        if e.name in seen:
-            raise DataError(
-                f"two inputs are both named {e.name!r} ({seen[e.name]} and {e.image}); their "
-                "outputs would overwrite each other: rename one or score them into different "
-                "--out folders"
-            )
-        seen[e.name] = e.image
-    if masks is None:
-        return entries
-    source = Path(masks).expanduser()
-    lookup: dict[str, Path] = {}
-    if source.is_dir():
-        for p in sorted(source.iterdir()):
-            if p.is_file() and is_volume_path(p):
-                lookup[strip_volume_suffix(p.name)] = p
-    else:
-        for e in load_datalist(masks, split=split):
-            lookup[e.name] = e.mask if e.mask is not None else e.image
-    missing = [e.name for e in entries if e.name not in lookup]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise DataError(
-            f"--masks {masks}: no mask for {', '.join(missing[:3])}{more} (matched by file name)"
-        )
-    return [replace(e, mask=lookup[e.name]) for e in entries]
-
-
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    from medidiff.errors import MedidiffError
-
-    return text if isinstance(exc, MedidiffError) else f"unexpected {type(exc).__name__}: {text}"
-
-
-def report_failure(image: Any, exc: BaseException) -> str:
-    """Print one line for a skipped input; returns the message."""
-    message = one_line(exc)
-    if str(image) not in message:
-        message = f"{image}: {message}"
-    print(f"medidiff: error: skipped {message}", file=sys.stderr, flush=True)
-    return message
-
-
-def gather(obj: Any, info: Any) -> list[Any]:
-    """``[obj]`` in a world of one; every rank's ``obj`` under torchrun."""
-    if not info.enabled:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ---- the command --------------------------------------------------------------------------
@@ -352,195 +285,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
 
 
-def _read_scores(path: Path) -> dict[str, dict[str, str]]:
-    import csv
+def write_overlay(result: Any, entry: Any, out: Path, *, map_max: float | None) -> dict[str, Any]:
+    """``on_result`` of the runner: ``NAME_overlay.png`` (``map_max``: the colour-scale top)."""
+    from medidiff.viz.overlay import save_result_overlay
 
-    if not path.exists():
-        return {}
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return {row["name"]: row for row in csv.DictReader(f) if row.get("name")}
-    except (OSError, KeyError, csv.Error):
-        return {}
-
-
-def _write_scores(path: Path, rows: list[dict[str, Any]]) -> None:
-    import csv
-    import io
-
-    from medidiff.io import write_text_atomic
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(
-        buffer, fieldnames=list(SCORE_COLUMNS), extrasaction="ignore", lineterminator="\n"
-    )
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in SCORE_COLUMNS})
-    write_text_atomic(path, buffer.getvalue())
-
-
-def _identity(record: dict[str, Any]) -> dict[str, Any]:
-    """The parts of anomaly_config.json that must match for earlier outputs to be reused."""
-    return {
-        "method": record.get("method"),
-        "postprocess": record.get("postprocess"),
-        "checkpoint": (record.get("checkpoint") or {}).get("sha256"),
-        "seed": record.get("seed"),
-        "thresholds": (record.get("thresholds") or {}).get("voxel_threshold"),
-    }
-
-
-def _discard(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Delete temporaries that a killed run left (``.NAME_anomaly.nii.gz.XXXX.tmp.nii.gz``,
-    see :func:`medidiff.io.volume.atomic_path`); finished files are never temporaries."""
-    if not out.is_dir():
-        return
-    finals = ("_anomaly.nii.gz", "_recon.nii.gz", "_seg.nii.gz", "_overlay.png",
-              "scores.csv", "anomaly_config.json")
-    for entry in os.scandir(out):
-        if not entry.name.startswith(".") or ".tmp" not in entry.name:
-            continue
-        stem = entry.name[1:].partition(".tmp")[0].rsplit(".", 1)[0]  # drop the random part
-        if stem.endswith(finals) and entry.is_file():
-            _discard(Path(entry.path))
-
-
-def _check_resumable(out: Path, record: dict[str, Any], overwrite: bool) -> None:
-    import json
-
-    from medidiff.errors import OutputError
-
-    path = out / "anomaly_config.json"
-    if overwrite or not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise OutputError(f"{path}: unreadable; pass --overwrite to recompute everything") from None
-    mine, theirs = _identity(record), _identity(old if isinstance(old, dict) else {})
-    diff = [k for k in mine if mine[k] != theirs[k]]
-    if diff:
-        raise OutputError(
-            f"{out} holds outputs of another run (anomaly_config.json differs in: "
-            f"{', '.join(diff)}); pass --overwrite to replace them or choose another --out"
-        )
+    return {"files": {"overlay": save_result_overlay(result, out, map_max=map_max)}}
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    from tqdm.auto import tqdm
-
-    from medidiff.anomaly.detector import Thresholds, scan_output_paths
-    from medidiff.runtime.distributed import barrier, cleanup, init_distributed, shard
-    from medidiff.errors import MedidiffError
-    from medidiff.io import check_writable_folder, write_json_atomic
+    from medidiff.anomaly.runner import load_entries, score_folder
+    from medidiff.anomaly.thresholds import Thresholds
+    from medidiff.runtime.distributed import cleanup, init_distributed
 
     checkpoint = require_checkpoint(args)
     method, post = configs_from_args(args)
     thresholds = Thresholds.load(args.thresholds) if args.thresholds else None
-    entries = load_inputs(args.input, args.split, args.masks)
+    entries = load_entries(args.input, args.split, args.masks)
     info = init_distributed(args.device)
     try:
-        detector = build_detector(args, checkpoint, method, post, info, thresholds=thresholds)
-        out = Path(args.out)
-        check_writable_folder(out)  # created by the first write; nothing is left on failure
-        created = not out.exists()
-        had_config = (out / "anomaly_config.json").exists()
-        record = detector.describe()
-        record["thresholds"] = (
-            None
-            if thresholds is None
-            else {
-                "path": str(args.thresholds),
-                "voxel_threshold": thresholds.voxel_threshold,
-                "scan_threshold": thresholds.scan_threshold,
-                "fpr": thresholds.fpr,
-            }
+        detector = build_detector(args, checkpoint, method, post, info)
+        overlay = None
+        if not args.no_overlay:
+            from medidiff.viz.overlay import map_scale
+
+            overlay = functools.partial(write_overlay, map_max=map_scale(thresholds))
+        done = score_folder(
+            detector, entries, args.out, thresholds=thresholds, thresholds_path=args.thresholds,
+            overwrite=args.overwrite, on_result=overlay, workers=args.workers, info=info,
+            progress=info.is_main,
         )
-        record["inputs"] = len(entries)
-        _check_resumable(out, record, args.overwrite)
         if info.is_main:
-            _remove_stale_temporaries(out)
-        barrier(info)
-        if info.is_main:
-            write_json_atomic(out / "anomaly_config.json", record)
-        previous = {} if args.overwrite else _read_scores(out / "scores.csv")
-
-        order = {e.name: i for i, e in enumerate(entries)}
-        rows: dict[str, dict[str, Any]] = {}
-        failures: list[tuple[str, str]] = []
-        skipped = 0
-        mine = shard(entries, info)
-        for entry in tqdm(mine, desc="scans", unit="scan", disable=None if info.is_main else True):
-            paths = scan_output_paths(out, entry.name, thresholds is not None)
-            if (
-                not args.overwrite
-                and entry.name in previous
-                and all(p.exists() for p in paths.values())
-            ):
-                rows[entry.name] = previous[entry.name]
-                skipped += 1
-                continue
-            try:
-                result = detector.score_file(entry.image, mask=entry.mask, name=entry.name)
-                from medidiff.viz.overlay import map_scale
-
-                result.save(out, overlay=not args.no_overlay, map_max=map_scale(detector.thresholds))
-            except (KeyboardInterrupt, MemoryError):
-                raise
-            except Exception as exc:
-                if os.environ.get("MEDIDIFF_DEBUG") and not isinstance(exc, MedidiffError):
-                    raise
-                failures.append((str(entry.image), report_failure(entry.image, exc)))
-                # no partial set of outputs for a failed scan (e.g. the overlay failed)
-                for path in (*paths.values(), out / f"{entry.name}_overlay.png"):
-                    _discard(path)
-                continue
-            rows[entry.name] = {"file": str(entry.image), **result.row()}
-            if not info.enabled:  # keep scores.csv current, so an interrupted run resumes
-                _write_scores(
-                    out / "scores.csv", sorted(rows.values(), key=lambda r: order[r["name"]])
-                )
-
-        all_rows = {k: v for part in gather(rows, info) for k, v in part.items()}
-        all_failures = [f for part in gather(failures, info) for f in part]
-        skipped = sum(gather(skipped, info))
-        wrote = bool(all_rows) or had_config
-        if info.is_main:
-            if wrote:
-                _write_scores(
-                    out / "scores.csv", sorted(all_rows.values(), key=lambda r: order[r["name"]])
-                )
-            else:  # nothing scored in a new folder: leave no trace of the attempt
-                _discard(out / "anomaly_config.json")
-                if created:
-                    with contextlib.suppress(OSError):
-                        out.rmdir()  # only if empty
-            if skipped:
-                print(
-                    f"resumed: {skipped} scan(s) already had outputs (use --overwrite to recompute)"
-                )
-            if all_failures:
-                print(
-                    f"{len(all_failures)} of {len(entries)} input(s) failed and were skipped:",
-                    file=sys.stderr,
-                )
-                for image, _ in all_failures:
-                    print(f"  {image}", file=sys.stderr)
-            if wrote:
-                print(
-                    f"wrote anomaly maps of {len(all_rows)} scan(s) to {out}/ "
-                    "(scores.csv, anomaly_config.json)"
-                )
-            else:
-                print(f"no scan could be scored; nothing was written to {out}/")
-        return EXIT_SOME_FAILED if all_failures else 0
+            _summary(done, len(entries))
+        return EXIT_SOME_FAILED if done.failures else 0
     finally:
         cleanup(info)
+
+
+def _summary(done: Any, inputs: int) -> None:
+    """What the run did, in a few lines (failures on stderr)."""
+    if done.resumed:
+        print(f"resumed: {done.resumed} scan(s) already had outputs (use --overwrite to recompute)")
+    if done.failures:
+        print(f"{len(done.failures)} of {inputs} input(s) failed and were skipped:", file=sys.stderr)
+        for image, _ in done.failures:
+            print(f"  {image}", file=sys.stderr)
+    if done.wrote:
+        print(f"wrote anomaly maps of {len(done.outcomes)} scan(s) to {done.out}/ "
+              "(scores.csv, anomaly_config.json)")
+    else:
+        print(f"no scan could be scored; nothing was written to {done.out}/")

@@ -62,11 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medidiff.io import write_json_atomic
     from medidiff.anomaly.metrics import evaluate_cases
+    from medidiff.anomaly.outputs import ScoresTable
+    from medidiff.cli.commands._common import check_json_out
+    from medidiff.io.atomic import write_json_atomic
 
     if args.out:
-        _check_out(Path(args.out).expanduser(), args.overwrite)
+        check_json_out(args.out, args.overwrite)
     pred_dir = Path(args.pred).expanduser()
     if not pred_dir.is_dir():
         from medidiff.errors import DataError
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if args.masks:
         targets = _with_mask_folder(targets, Path(args.masks).expanduser())
     voxel_threshold = _read_voxel_threshold(args.thresholds) if args.thresholds else None
-    scores = _read_scores(pred_dir / "scores.csv")
+    scores = ScoresTable(pred_dir / "scores.csv").scores()
 
     matched, missing = [], []
     for target in targets:
@@ -123,19 +125,6 @@ def run(args: argparse.Namespace) -> int:
               f"evaluated: {_names(missing)}", file=sys.stderr)
         return EXIT_MISSING
     return 0
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an --out that exists (without --overwrite), is a folder or cannot be written,
-    before any work."""
-    from medidiff.errors import OutputError
-    from medidiff.io import check_writable_folder
-
-    if out.is_dir():
-        raise OutputError(f"--out {out}: is a folder; give a .json file name")
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
-    check_writable_folder(out.parent)
 
 
 def _names(names: list[str], limit: int = 10) -> str:
@@ -259,44 +248,6 @@ def _read_voxel_threshold(path_text: str) -> float:
             f"--thresholds {path}: 'voxel_threshold' must be a finite number; got {value!r}"
         )
     return float(value)
-
-
-def _read_scores(path: Path) -> dict[str, float]:
-    """Scan scores by case name from ``scores.csv`` (columns ``name`` or ``file``, ``score``)."""
-    import csv
-    import math
-
-    from medidiff.errors import DataError
-    from medidiff.io.volume import strip_volume_suffix
-
-    if not path.is_file():
-        return {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from None
-    if not rows:
-        return {}
-    columns = {c.strip().lower(): c for c in rows[0] if c is not None}
-    key = columns.get("name") or columns.get("file")
-    if key is None or "score" not in columns:
-        raise DataError(f"{path}: expected columns 'file' (or 'name') and 'score'; found "
-                        f"{', '.join(columns) or 'none'}")
-    scores: dict[str, float] = {}
-    for lineno, row in enumerate(rows, start=2):
-        cell = (row.get(columns["score"]) or "").strip()
-        if not cell:
-            continue
-        try:
-            value = float(cell)
-        except ValueError:
-            raise DataError(f"{path}:{lineno}: score {cell!r} is not a number") from None
-        if not math.isfinite(value):
-            raise DataError(f"{path}:{lineno}: score {cell!r} is not finite")
-        name = strip_volume_suffix(Path((row.get(key) or "").strip()).name)
-        scores[name] = value
-    return scores
 
 
 def _load_case(match: dict[str, Any], score: float | None) -> Any:

@@ -56,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.synthetic) / METRICS_NAME
     if out.is_dir():
         raise ConfigError(f"--out {out}: is a folder; give a .json file name")
-    from medidiff.cli.commands.evaluate import _check_out
+    from medidiff.cli.commands._common import check_json_out
 
-    _check_out(out, args.overwrite)  # exists without --overwrite, or not writable: before any work
+    check_json_out(out, args.overwrite)  # exists without --overwrite, or not writable: before any work
 
     from medidiff.io import write_json_atomic
     from medidiff.synthesis.metrics import evaluate_synthesis
