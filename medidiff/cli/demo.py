@@ -469,7 +469,8 @@ def _anomaly_stages(run: _DemoRun) -> dict[str, Any]:
 def _synthesis_stages(run: _DemoRun, checkpoints: Mapping[str, Any], num_synth: int
                       ) -> dict[str, Any]:
     """A few 2D slices and 3D volumes with the fast sampler."""
-    from medidiff.synthesis.synthesizer import Synthesizer, synthesize_to_folder
+    from medidiff.synthesis.folder import synthesize_to_folder
+    from medidiff.synthesis.synthesizer import Synthesizer
 
     synthesis: dict[str, Any] = {}
     for key, kind in (("2d", "slices"), ("3d", "volumes")):

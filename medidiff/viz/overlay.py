@@ -199,3 +199,34 @@ def save_overlay(
         The written path.
     """
     return save_figure(overlay_figure(image, reconstruction, anomaly_map, **options), path, dpi=80)
+
+
+def save_result_overlay(
+    result: Any,
+    out: str | os.PathLike,
+    *,
+    truth: np.ndarray | None = None,
+    map_max: float | None = None,
+) -> Path:
+    """``out/NAME_overlay.png``: the montage of a scored scan (model grid, axial slices).
+
+    Args:
+        result: an :class:`~medidiff.anomaly.results.AnomalyResult`.
+        out: the output folder (exists).
+        truth: a lesion mask on the model grid, drawn in green; its slices are shown.
+        map_max: the colour-scale top (see :func:`map_scale`).
+
+    Returns:
+        The file written.
+    """
+    grid = result.grid
+    slices = None  # with a truth: its largest slice plus slices spread over the brain
+    if truth is not None and truth.any():
+        slices = choose_slices(truth.astype(np.float32), grid.mask, 4)
+    flag = "" if result.flagged is None else ("  FLAGGED" if result.flagged else "  not flagged")
+    legend = "  (red: segmentation, green: truth)" if truth is not None else ""
+    return save_overlay(
+        grid.image, grid.reconstruction, grid.anomaly_map, Path(out) / f"{result.name}_overlay.png",
+        segmentation=grid.segmentation, truth=truth, region=grid.mask, slices=slices,
+        map_max=map_max, title=f"{result.name}  score {result.score:.4g}{flag}{legend}",
+    )
