@@ -86,3 +86,20 @@ def test_latent_scale_factor_is_inverse_std():
     assert latent_scale_factor(latents) == pytest.approx(expected, rel=1e-9)
     with pytest.raises(ValueError, match="variance"):
         latent_scale_factor([torch.zeros(1, 3, 4, 4, 4)])
+
+
+def test_benchmark_ssim_is_one_for_identical_volumes_and_drops_with_noise():
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "benchmark_autoencoder.py"
+    spec = importlib.util.spec_from_file_location("benchmark_autoencoder", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    x = rng.random((12, 12, 12))
+    assert np.allclose(bench.local_ssim(x, x), 1.0)
+    noisy = np.clip(x + rng.normal(0, 0.2, x.shape), 0, 1)
+    assert bench.local_ssim(x, noisy).mean() < 0.9
