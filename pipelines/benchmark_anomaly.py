@@ -63,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--checkpoint",
-        default=str(ROOT / "runs" / "brain_mri_2d" / "model.safetensors"),
-        help="model trained on healthy scans (default: runs/brain_mri_2d/model.safetensors)",
+        default=str(ROOT / "medidiff" / "weights" / "brain_mri_2d.safetensors"),
+        help="model trained on healthy scans (default: the shipped brain_mri_2d)",
     )
     p.add_argument(
         "--data",

@@ -18,7 +18,7 @@ Outputs: ``OUT/benchmark_synthesis.md`` (the table, with the run's settings) and
 ``OUT/benchmark_synthesis.json`` (every number), written atomically.
 
 Usage:
-    python pipelines/benchmark_synthesis.py                      # runs/brain_mri_2d model, 16 samples
+    python pipelines/benchmark_synthesis.py                      # the shipped brain_mri_2d model, 16 samples
     python pipelines/benchmark_synthesis.py --num 64 --batch-size 32 --threads 2
     python pipelines/benchmark_synthesis.py --configs ddim:50 dpm++2m:20 --num 8
 
@@ -42,7 +42,7 @@ DEFAULT_CONFIGS = ["ddpm:1000", "ddim:100", "ddim:50", "ddim:25", "ddim:10", "dp
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default=str(ROOT / "runs" / "brain_mri_2d" / "model.safetensors"))
+    p.add_argument("--checkpoint", default=str(ROOT / "medidiff" / "weights" / "brain_mri_2d.safetensors"))
     p.add_argument("--real", nargs="+", default=[str(ROOT / "sample_data" / "dataset.json")],
                    help="real scans (default: sample_data's training split, the model's training data)")
     p.add_argument("--split", default=None, help="split of a Decathlon --real datalist (default training)")
