@@ -78,13 +78,16 @@ def build_discriminator(spatial_dims: int, channels: int = 16, num_layers: int =
     )
 
 
-def _adversarial(logits: list[torch.Tensor] | torch.Tensor, target_is_real: bool) -> torch.Tensor:
+def _least_squares() -> nn.Module:
     from monai.losses import PatchAdversarialLoss
 
-    loss = PatchAdversarialLoss(criterion="least_squares")
+    return PatchAdversarialLoss(criterion="least_squares")
+
+
+def _adversarial(logits: list[torch.Tensor] | torch.Tensor, target_is_real: bool) -> torch.Tensor:
     # MONAI's PatchDiscriminator returns every layer's output; the last is the patch map
     last = logits[-1] if isinstance(logits, (list, tuple)) else logits
-    return loss(last.float(), target_is_real=target_is_real, for_discriminator=False)
+    return _least_squares()(last.float(), target_is_real=target_is_real, for_discriminator=False)
 
 
 def generator_loss(
@@ -121,9 +124,7 @@ def discriminator_loss(
     discriminator: nn.Module, image: torch.Tensor, reconstruction: torch.Tensor
 ) -> torch.Tensor:
     """``L_D``: real scans towards 1, reconstructions (detached) towards 0, averaged."""
-    from monai.losses import PatchAdversarialLoss
-
-    loss = PatchAdversarialLoss(criterion="least_squares")
+    loss = _least_squares()
     fake = discriminator(reconstruction.detach().contiguous().float())[-1]
     real = discriminator(image.contiguous().float())[-1]
     return 0.5 * (
