@@ -141,12 +141,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    """The autoencoder stage of a latent model (used when ``stage: autoencoder``).
+    """The autoencoder of a latent model: trained when ``stage: autoencoder``, used frozen
+    (from ``checkpoint``) when ``stage: latent``.
 
     Attributes:
         preset: a preset of :mod:`medidiff.models.autoencoder` (``tiny``, ``small``, ``base``).
         channels, latent_channels, num_res_blocks, norm_num_groups: overrides of the preset.
-        kl_weight: weight of the KL term (1e-6 as in MONAI's latent-diffusion tutorials).
+        kl_weight: weight of the KL term, relative to the summed reconstruction error
+            (Rombach et al. 2022's 1e-6; see :mod:`medidiff.training.autoencoder`).
         adversarial_weight: weight of the patch-adversarial term (0: no discriminator).
         adversarial_start: step from which the adversarial term is used.
         discriminator_channels: channels of the first PatchDiscriminator layer.
@@ -155,6 +157,11 @@ class AutoencoderConfig:
         discriminator_lr: the discriminator's learning rate.
         scale_batches: training volumes encoded at the end to measure the latent scale
             factor (1 / std of the latents).
+        checkpoint: ``stage: latent``: the trained autoencoder (``model.safetensors`` of an
+            autoencoder run; relative paths are resolved against the config's folder first).
+        tile: encoder/decoder window in image voxels (one int or one per axis; ``None``:
+            whole volumes). Set it where a whole volume does not fit in memory.
+        overlap: fraction of a window shared with its neighbour when tiling.
     """
 
     preset: str = "small"
@@ -169,6 +176,9 @@ class AutoencoderConfig:
     discriminator_layers: int = 3
     discriminator_lr: float = 1e-4
     scale_batches: int = 8
+    checkpoint: Union[str, None] = None
+    tile: Union[list[int], None] = None
+    overlap: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -349,6 +359,15 @@ def _check_values(cfg: Config) -> None:
         _positive(f"autoencoder.{key}", getattr(a, key), allow_zero=True)
     for key in ("discriminator_channels", "discriminator_layers", "discriminator_lr", "scale_batches"):
         _positive(f"autoencoder.{key}", getattr(a, key))
+    if cfg.stage == "latent" and not a.checkpoint:
+        raise ConfigError(
+            "config key 'autoencoder.checkpoint' is needed for stage: latent (the model.safetensors "
+            "of a trained autoencoder run)"
+        )
+    if a.tile is not None and (len(a.tile) not in (1, 2, 3) or min(a.tile) < 1):
+        raise ConfigError(f"config key 'autoencoder.tile' must be 1 to 3 positive integers; got {a.tile}")
+    if not 0 <= a.overlap < 1:
+        raise ConfigError(f"config key 'autoencoder.overlap' must lie in [0, 1); got {a.overlap}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"config key 'train.ema_decay' must lie in [0, 1); got {t.ema_decay}")
     if not 0 <= t.cond_drop_prob < 1:

@@ -30,9 +30,10 @@ __all__ = [
     "SYNTHESIS_DEFAULT_STEPS",
 ]
 
-#: What ``medidiff train`` trains: a diffusion U-Net on images, or the autoencoder that is
-#: the first stage of a latent model.
-STAGES = ("diffusion", "autoencoder")
+#: What ``medidiff train`` trains: a diffusion U-Net on images, the autoencoder that is
+#: the first stage of a latent model, or the latent model's diffusion U-Net on the latents
+#: of a trained (frozen) autoencoder.
+STAGES = ("diffusion", "autoencoder", "latent")
 
 #: Noise schedules (MONAI's names, ``monai.networks.schedulers.NoiseSchedules``).
 SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
@@ -58,7 +59,7 @@ SPACINGS = ("trailing", "linspace")
 SYNTHESIS_DEFAULT_STEPS: dict[str, int | None] = {"ddpm": None, "ddim": 50, "dpm++2m": 20}
 
 #: Anomaly-detection methods (see :mod:`medidiff.anomaly.methods`).
-ANOMALY_METHODS = ("anoddpm", "ddim", "x0", "patched", "ensemble")
+ANOMALY_METHODS = ("anoddpm", "ddim", "x0", "patched", "ensemble", "latent")
 
 #: Per-method defaults: (t_start, sampler, steps). ``steps=None`` for anoddpm is the full
 #: chain (t_start + 1 evaluations); ``ensemble`` has several starts (:data:`ENSEMBLE_STARTS`).
@@ -72,6 +73,10 @@ ANOMALY_DEFAULTS: dict[str, tuple[int | None, str, int | None]] = {
     "x0": (250, "x0", 1),
     "patched": (500, "x0", 1),
     "ensemble": (None, "x0", 1),
+    # latent models only: partial diffusion of the autoencoder's latent, decoded, residual in
+    # image space (MAD-AD / REFLECT recipe in 3D). t = 250, 5 deterministic steps: a starting
+    # point, to be tuned with pipelines/tune_anomaly.py on validation scans
+    "latent": (250, "ddim", 5),
 }
 
 #: The noise levels the ``ensemble`` method averages by default.

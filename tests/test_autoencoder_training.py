@@ -34,7 +34,8 @@ def test_generator_loss_terms_and_adversarial_gate():
     disc = build_discriminator(2, channels=8, num_layers=2)
     before, terms = generator_loss(x, rec, mu + 1, sigma, weights, step=9, discriminator=disc)
     assert set(terms) == {"l1", "kl"}
-    assert before.item() == pytest.approx(0.1 + 1e-3 * 0.5 * 48, rel=1e-5)
+    # the KL (0.5 per latent element, 48 elements) is weighed per input voxel (256)
+    assert before.item() == pytest.approx(0.1 + 1e-3 * 0.5 * 48 / 256, rel=1e-5)
     after, terms = generator_loss(x, rec, mu + 1, sigma, weights, step=10, discriminator=disc)
     assert "adv_g" in terms
     assert after.item() == pytest.approx(before.item() + 0.5 * terms["adv_g"], rel=1e-5)

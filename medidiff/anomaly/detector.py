@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ import torch
 import medidiff
 from medidiff.anomaly.methods import METHODS, MethodConfig
 from medidiff.anomaly.postprocess import PostprocessConfig, anomaly_map, segment, top_fraction_mean
-from medidiff.anomaly.reconstructor import DiffusionReconstructor, ProgressFn, Reconstructor
+from medidiff.anomaly.reconstructor import DiffusionReconstructor, LatentReconstructor, ProgressFn, Reconstructor
 from medidiff.anomaly.results import AnomalyResult, GridScore, scan_output_paths
 from medidiff.anomaly.thresholds import Thresholds
 from medidiff.data.transforms import (
@@ -143,16 +144,31 @@ def diffusion_reconstructor(
     spatial_dims, input_shape = loaded.spatial_dims, loaded.input_shape
     d = loaded.config.diffusion
     schedule = loaded.schedule.to(device)
-    method = (method or MethodConfig()).resolve(
+    method = method or MethodConfig("latent" if loaded.is_latent else "ddim")
+    if method.method == "latent" and not loaded.is_latent:
+        raise ConfigError(
+            f"method 'latent' needs a latent model (stage: latent); {loaded.provenance.path} is a "
+            "pixel-space model: use ddim, anoddpm, x0, patched or ensemble"
+        )
+    if loaded.is_latent:
+        if method.method == "patched":
+            raise ConfigError("method 'patched' works on images; a latent model takes latent, ddim, x0, "
+                              "anoddpm or ensemble (all run in latent space)")
+        method = replace(method, clip=False)  # latents are not on [0, 1]; the decoded image is clipped
+    method = method.resolve(
         num_train_timesteps=d.num_train_timesteps, noise=d.noise, input_shape=input_shape
     )
     noise_spec = NoiseSpec.from_config(d, kind=method.noise)
-    null_label = loaded.conditioning.null_label
-    return loaded.checkpoint, DiffusionReconstructor(
-        model, schedule, method, noise_spec, prediction_type=d.prediction_type,
-        spatial_dims=spatial_dims, input_shape=input_shape, null_label=null_label,
-        device=device, batch_size=batch_size, seed=seed,
+    common = dict(
+        prediction_type=d.prediction_type, spatial_dims=spatial_dims, input_shape=input_shape,
+        null_label=loaded.conditioning.null_label, device=device, batch_size=batch_size, seed=seed,
     )
+    if loaded.is_latent:
+        clip = (0.0, 1.0) if loaded.preprocessing.clip else None
+        return loaded.checkpoint, LatentReconstructor(
+            model, schedule, method, noise_spec, codec=loaded.autoencoder, image_clip=clip, **common
+        )
+    return loaded.checkpoint, DiffusionReconstructor(model, schedule, method, noise_spec, **common)
 
 
 # --------------------------------------------------------------------------------------------

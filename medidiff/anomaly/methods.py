@@ -21,7 +21,13 @@ patched     pDDPM (Behrendt et al. 2023, "Patched diffusion       number of patc
             pass, keep the patch, stitch (overlaps averaged)
 ensemble    t = 250 / 500 / 750, one-shot x_0 each, residuals    3
             averaged (cDDPM-style, Behrendt et al. 2025)
+latent      latent models only: encode, noise the latent to       K (default 5) on the latent
+            t = 250, K deterministic steps, decode; residual in   (plus one encode and one
+            image space (MAD-AD, IPMI 2025; REFLECT, MICCAI 2025)  decode)
 ==========  ====================================================  ============================
+
+On a latent model every method but ``patched`` runs in latent space (the scan is encoded,
+the latent noised and denoised, each reconstruction decoded); ``latent`` is the default.
 
 pDDPM used 48 px patches on 128 px slices (about 3/8 of the slice); here the default patch
 is half the network's input along each axis with a stride of half a patch (50 % overlap),
@@ -74,6 +80,7 @@ _ALLOWED_SAMPLERS = {
     "x0": ("x0",),
     "patched": ("x0",),
     "ensemble": ("x0", "ddim", "dpm++2m", "ddpm"),
+    "latent": ("ddim", "dpm++2m", "x0", "ddpm"),
 }
 
 

@@ -27,7 +27,7 @@ from medidiff.anomaly.results import Reconstruction
 from medidiff.anomaly.seeds import input_seed
 from medidiff.errors import VolumeContentError
 
-__all__ = ["DiffusionReconstructor", "ProgressFn", "Reconstructor", "windows_per_axis"]
+__all__ = ["DiffusionReconstructor", "LatentReconstructor", "ProgressFn", "Reconstructor", "windows_per_axis"]
 
 #: ``progress(done, total)``: network inputs evaluated so far of those planned for a scan
 ProgressFn = Callable[[int, int], None]
@@ -153,8 +153,6 @@ class DiffusionReconstructor:
             ``(K, X, Y, Z)`` float32, one reconstruction per start of the method, and the
             number of network inputs evaluated.
         """
-        from monai.inferers import sliding_window_inference
-
         image = np.asarray(image, dtype=np.float32)
         if image.ndim != 3:
             raise VolumeContentError(
@@ -164,11 +162,27 @@ class DiffusionReconstructor:
         if self.spatial_dims == 2 and not any(region[:, :, z].any() for z in range(image.shape[2])):
             return Reconstruction(out, 0)
         ids, inputs = self._inputs(image, region)
+        counter = [0]
+        recon = self._reconstruct_inputs(inputs, ids, name, counter, progress)
+        recon = recon.float().cpu().numpy()  # (N, K, *spatial)
+        if self.spatial_dims == 2:
+            out[:, :, :, ids] = np.moveaxis(recon, 0, -1)  # (K, X, Y, N)
+        else:
+            out = recon[0]
+        return Reconstruction(out.astype(np.float32, copy=False), counter[0])
+
+    def _reconstruct_inputs(
+        self, inputs: torch.Tensor, ids: list[int], name: str, counter: list[int],
+        progress: ProgressFn | None,
+    ) -> torch.Tensor:
+        """``(N, K * C, *spatial)`` reconstructions of the network inputs ``(N, C, *spatial)``,
+        in sliding windows of :attr:`input_shape` where the inputs are larger."""
+        from monai.inferers import sliding_window_inference
+
         spatial = tuple(inputs.shape[2:])
         overlap = self.method.window_overlap
         windows = int(np.prod([windows_per_axis(n, r, overlap)
                                for n, r in zip(spatial, self.input_shape)]))
-        counter = [0]
         model_fn = self._model_fn(counter, progress, windows * len(ids) * self.nfe_per_input)
 
         def predictor(windows: torch.Tensor, where: Sequence[Sequence[slice]]) -> torch.Tensor:
@@ -182,13 +196,48 @@ class DiffusionReconstructor:
                 batch_size=self.batch_size,
             )
 
-        recon = sliding_window_inference(
+        return sliding_window_inference(
             inputs, roi_size=self.input_shape, sw_batch_size=self.batch_size,
             predictor=predictor, overlap=overlap, mode="gaussian", with_coord=True,
         )
-        recon = recon.float().cpu().numpy()  # (N, K, *spatial)
-        if self.spatial_dims == 2:
-            out[:, :, :, ids] = np.moveaxis(recon, 0, -1)  # (K, X, Y, N)
-        else:
-            out = recon[0]
-        return Reconstruction(out.astype(np.float32, copy=False), counter[0])
+
+
+class LatentReconstructor(DiffusionReconstructor):
+    """Partial diffusion in the latent space of a latent model (method ``latent``).
+
+    The scan (the brain slices of a 2D model, or the volume of a 3D one) is encoded by
+    the model's autoencoder (in tiles where the model says so), the latent is noised part
+    of the way and denoised with a few steps of the U-Net (in sliding windows of the
+    trained latent size where the latent is larger), and each start's latent is decoded
+    back; the residual is then taken in image space by the detector, with the same
+    post-processing, thresholds and outputs as the pixel-space methods. This is how
+    latent anomaly detectors work (MAD-AD, Beizaee et al. IPMI 2025; REFLECT, MICCAI 2025,
+    one rectified-flow step), here on whole 3D volumes.
+
+    Args:
+        codec: the model's :class:`~medidiff.models.latent.LatentCodec`.
+        image_clip: clamp decoded reconstructions to this range (the data's), or ``None``.
+        (others): see :class:`DiffusionReconstructor`; ``input_shape`` is the latent size
+            the U-Net was trained on.
+    """
+
+    def __init__(self, *args: Any, codec: Any, image_clip: tuple[float, float] | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.codec = codec
+        self.image_clip = image_clip
+
+    def _reconstruct_inputs(
+        self, inputs: torch.Tensor, ids: list[int], name: str, counter: list[int],
+        progress: ProgressFn | None,
+    ) -> torch.Tensor:
+        latents = torch.cat([self.codec.encode(inputs[i : i + self.batch_size])
+                             for i in range(0, inputs.shape[0], self.batch_size)])
+        recon = super()._reconstruct_inputs(latents, ids, name, counter, progress)
+        n, c = latents.shape[:2]
+        starts = recon.shape[1] // c
+        recon = recon.reshape(n * starts, c, *latents.shape[2:])  # (N * K, C, *latent)
+        images = torch.cat([self.codec.decode(recon[i : i + self.batch_size])
+                            for i in range(0, recon.shape[0], self.batch_size)])
+        if self.image_clip is not None:
+            images = images.clamp(*self.image_clip)
+        return images.reshape(n, starts, *images.shape[2:])

@@ -58,6 +58,7 @@ __all__ = [
     "load_inference",
     "build_model_from_checkpoint",
     "build_network",
+    "checkpoint_network",
     "load_state_dict_checked",
     "file_sha256",
 ]
@@ -88,7 +89,8 @@ class InferenceCheckpoint:
             exact weights.
         stored_dtype: ``"float16"`` when saved with ``half=True``, else ``"float32"``.
         network: which MONAI network ``model_kwargs`` build (a key of
-            :data:`NETWORK_BUILDERS`: ``diffusion_unet`` or ``autoencoder_kl``); files
+            :data:`NETWORK_BUILDERS`: ``diffusion_unet``, ``autoencoder_kl`` or
+            ``latent_diffusion``, the U-Net and autoencoder of a latent model); files
             written before networks were named hold diffusion U-Nets.
     """
 
@@ -116,7 +118,17 @@ def _build_autoencoder_kl(kwargs: Mapping[str, Any]) -> nn.Module:
     return build_autoencoder(kwargs)
 
 
-NETWORK_BUILDERS = {"diffusion_unet": _build_diffusion_unet, "autoencoder_kl": _build_autoencoder_kl}
+def _build_latent_diffusion(kwargs: Mapping[str, Any]) -> nn.Module:
+    from medidiff.models.latent import build_latent_network
+
+    return build_latent_network(kwargs)
+
+
+NETWORK_BUILDERS = {
+    "diffusion_unet": _build_diffusion_unet,
+    "autoencoder_kl": _build_autoencoder_kl,
+    "latent_diffusion": _build_latent_diffusion,
+}
 """The networks an inference file may hold, by the name stored in its metadata."""
 
 
@@ -240,6 +252,23 @@ def load_inference(path: str | os.PathLike) -> InferenceCheckpoint:
     )
 
 
+def checkpoint_network(path: str | os.PathLike) -> str:
+    """The network an inference file holds, read from its header only (no weights).
+
+    Raises:
+        CheckpointError: the file cannot be read or is not medidiff safetensors.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else 0
+            header = f.read(size) if 0 < size < 100_000_000 else b""
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror})") from None
+    return _network_name(path, _medidiff_metadata(path, head + header))
+
+
 def _network_name(path: Path, metadata: Mapping[str, Any]) -> str:
     network = str(metadata.get("network", "diffusion_unet"))
     if network not in NETWORK_BUILDERS:
@@ -335,8 +364,9 @@ def build_network(checkpoint: InferenceCheckpoint, device: str | torch.device = 
         device: where to put the model; on CUDA flash attention is switched on.
 
     Returns:
-        The network (``DiffusionModelUNet`` or ``AutoencoderKL``, as the file names) in
-        eval mode on ``device``.
+        The network (``DiffusionModelUNet``, ``AutoencoderKL`` or a
+        :class:`~medidiff.models.latent.LatentDiffusionNetwork`, as the file names) in eval
+        mode on ``device``.
 
     Raises:
         CheckpointError: the stored model kwargs are invalid, or the weights do not fit
@@ -356,7 +386,7 @@ def build_network(checkpoint: InferenceCheckpoint, device: str | torch.device = 
         ) from None
     load_state_dict_checked(model, checkpoint.state_dict, source=str(checkpoint.path))
     model = model.to(device)
-    if checkpoint.network == "diffusion_unet":
+    if checkpoint.network in ("diffusion_unet", "latent_diffusion"):
         enable_flash_attention(model, device)
     model.eval()
     return model

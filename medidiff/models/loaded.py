@@ -8,8 +8,11 @@ the model grid, the :class:`~medidiff.diffusion.schedules.NoiseSchedule` and
 and its provenance. Synthesis, anomaly detection, training previews and figures take this
 one object instead of re-reading the checkpoint's JSON.
 
-A latent model (an autoencoder stage in front of the diffusion U-Net) fills the
-``autoencoder`` field; a pixel-space model leaves it ``None``.
+A latent model (an autoencoder stage in front of the diffusion U-Net, one file, see
+:mod:`medidiff.models.latent`) fills the ``autoencoder`` field with a
+:class:`~medidiff.models.latent.LatentCodec`; ``model`` is then its U-Net, which works on
+latents, and :attr:`LoadedModel.input_shape` is a latent shape. A pixel-space model leaves
+``autoencoder`` ``None``.
 
 Example:
     >>> import tempfile, pathlib
@@ -112,7 +115,8 @@ class LoadedModel:
         provenance: path, sha256, version and training step.
         intensity_reference: the typical intensity map of the training scans
             (``a_min``/``a_max``, ...) when training recorded one, else ``None``.
-        autoencoder: the autoencoder of a latent model; ``None`` for pixel-space models.
+        autoencoder: the :class:`~medidiff.models.latent.LatentCodec` of a latent model
+            (image <-> scaled latent); ``None`` for pixel-space models.
     """
 
     model: nn.Module
@@ -125,22 +129,47 @@ class LoadedModel:
     conditioning: Conditioning
     provenance: Provenance
     intensity_reference: dict[str, Any] | None = None
-    autoencoder: nn.Module | None = None
+    autoencoder: Any = None
+
+    @property
+    def is_latent(self) -> bool:
+        """Whether the diffusion process runs on an autoencoder's latents."""
+        return self.autoencoder is not None
+
+    @property
+    def unet_kwargs(self) -> dict[str, Any]:
+        """The ``DiffusionModelUNet`` kwargs (the ``unet`` part of a latent model's)."""
+        kwargs = self.checkpoint.model_kwargs
+        return dict(kwargs["unet"]) if self.is_latent else dict(kwargs)
 
     @property
     def spatial_dims(self) -> int:
         """2 (the network sees axial slices) or 3 (volumes)."""
-        return int(self.checkpoint.model_kwargs.get("spatial_dims", self.config.model.spatial_dims))
+        return int(self.unet_kwargs.get("spatial_dims", self.config.model.spatial_dims))
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        """The spatial size the network was trained on: a slice ``(X, Y)`` of the model grid
-        for 2D models, the training patch or the whole grid ``(X, Y, Z)`` for 3D ones."""
+    def image_shape(self) -> tuple[int, ...]:
+        """The image one network input stands for: a slice ``(X, Y)`` of the model grid for
+        2D models, the training patch or the whole grid ``(X, Y, Z)`` for 3D ones (a latent
+        model always trains on whole grids)."""
         shape = tuple(int(s) for s in self.preprocessing.shape)
         if self.spatial_dims == 2:
             return shape[:2]
         patch = self.config.data.patch_size
-        return tuple(int(p) for p in patch) if patch else shape
+        return tuple(int(p) for p in patch) if patch and not self.is_latent else shape
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The spatial size the network was trained on: :attr:`image_shape`, or for a latent
+        model the latent of it (``image_shape / f``)."""
+        if self.is_latent:
+            return tuple(self.autoencoder.latent_shape(self.image_shape)[1:])
+        return self.image_shape
+
+    @property
+    def channels(self) -> int:
+        """Channels of the network's input (1 for images, the latent channels otherwise)."""
+        return int(self.unet_kwargs.get("in_channels", 1))
 
     def model_fn(
         self, batch: int, *, label: int | None = None, guidance: float = 0.0,
@@ -175,12 +204,15 @@ def load_model(
             with the file).
     """
     checkpoint = _read(path_or_checkpoint)
-    if checkpoint.network != "diffusion_unet":
+    if checkpoint.network == "autoencoder_kl":
         raise CheckpointError(
             f"{checkpoint.path}: holds an autoencoder (the first stage of a latent model), not a "
             "diffusion model; give it as autoencoder.checkpoint of a latent-stage config"
         )
     model = build_network(checkpoint, device)
+    codec = None
+    if checkpoint.network == "latent_diffusion":
+        model, codec = model.unet, _codec(checkpoint, model.autoencoder)
     config, preprocessing = checkpoint_records(checkpoint)
     d = config.diffusion
     return LoadedModel(
@@ -194,7 +226,20 @@ def load_model(
         conditioning=_conditioning(checkpoint, config, model),
         provenance=_provenance(checkpoint),
         intensity_reference=_intensity_reference(checkpoint),
+        autoencoder=codec,
     )
+
+
+def _codec(checkpoint: InferenceCheckpoint, autoencoder: nn.Module) -> Any:
+    """The :class:`~medidiff.models.latent.LatentCodec` of a latent model's file."""
+    from medidiff.models.latent import LatentCodec
+
+    latent = checkpoint.extra.get("latent") or {}
+    scale = latent.get("scale_factor")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+        raise CheckpointError(f"{checkpoint.path}: a latent model without a valid latent scale_factor")
+    return LatentCodec(autoencoder, float(scale), tile=latent.get("tile"),
+                       overlap=float(latent.get("overlap", 0.25)))
 
 
 def checkpoint_records(checkpoint: InferenceCheckpoint) -> tuple[Config, Preprocessing]:

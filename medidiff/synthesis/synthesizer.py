@@ -223,6 +223,13 @@ class Synthesizer:
         #: the sample shape the network sees, without batch and channel: (X, Y) or (X, Y, Z)
         grid = self.preprocessing.shape
         self.spatial_shape: tuple[int, ...] = tuple(grid[:2]) if self.spatial_dims == 2 else tuple(grid)
+        #: a latent model's codec (samples are latents, decoded to images), else None
+        self.codec = loaded.autoencoder
+        #: what the sampler generates, without batch: (C, *spatial) of an image or a latent
+        self.sample_shape: tuple[int, ...] = (
+            tuple(self.codec.latent_shape(self.spatial_shape)) if self.codec is not None
+            else (1, *self.spatial_shape)
+        )
         self.schedule = loaded.schedule
         self.prediction_type = loaded.prediction_type
         self.noise_spec = loaded.noise_spec
@@ -233,6 +240,10 @@ class Synthesizer:
         # The model's data live on [0, 1] when preprocessing clips; clamping every x_0
         # estimate to that range is DDPM's ``clip_sample`` for this data range.
         self.clip_range: tuple[float, float] | None = (0.0, 1.0) if self.preprocessing.clip else None
+        if self.codec is not None:  # latents are not on [0, 1]: the decoded image is clipped
+            self.image_clip, self.clip_range = self.clip_range, None
+        else:
+            self.image_clip = None
 
         self.class_names: tuple[str, ...] = loaded.conditioning.class_names
         self.num_classes: int | None = loaded.conditioning.num_classes
@@ -381,18 +392,30 @@ class Synthesizer:
             seeds = [int(seed) + i for i in chunk]
             began = time.perf_counter()
             result = sample(
-                self.model_fn(len(chunk)), self.schedule, (len(chunk), 1, *self.spatial_shape),
+                self.model_fn(len(chunk)), self.schedule, (len(chunk), *self.sample_shape),
                 sampler=self.sampler, steps=self.steps, seeds=seeds, noise_spec=self.noise_spec,
                 device=self.device, prediction_type=self.prediction_type,
                 clip_range=self.clip_range, progress=self.progress,
             )
-            arrays = result.sample[:, 0].float().cpu().numpy()  # synchronises CUDA
+            images = self.decode(result.sample)
+            arrays = images[:, 0].float().cpu().numpy()  # synchronises CUDA
             seconds = (time.perf_counter() - began) / len(chunk)
             for index, sample_seed, array in zip(chunk, seeds, arrays):
                 yield SynthSample(
                     index=index, seed=sample_seed, array=array,
                     volume=self.to_volume(array, seed=sample_seed), seconds=seconds, nfe=result.nfe,
                 )
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Images of sampled network outputs: a latent model's latents are decoded (in tiles
+        where the model says so) and clipped to the data range; images pass unchanged."""
+        if self.codec is None:
+            return samples
+        # one sample at a time: the decoder's memory stays that of one volume
+        images = torch.cat([self.codec.decode(samples[i : i + 1]) for i in range(samples.shape[0])])
+        if self.image_clip is not None:
+            images = images.clamp(*self.image_clip)
+        return images
 
     # ---- provenance -------------------------------------------------------------------------
     def settings(self, seed: int) -> dict[str, Any]:
@@ -432,4 +455,8 @@ class Synthesizer:
             "output_affine": self.output_affine.tolist(),
             "intensity": self.intensity_mapping,
             "intensity_reference": self.intensity_reference,
+            "latent": None if self.codec is None else {
+                **self.codec.describe(), "latent_shape": list(self.sample_shape),
+                "image_clip": list(self.image_clip) if self.image_clip else None,
+            },
         }

@@ -10,11 +10,17 @@ __all__ = ["build_trainer"]
 def build_trainer(config: Any, run_dir: Any, **kwargs: Any) -> Any:
     """The trainer for ``config.stage``: :class:`~medidiff.training.trainer.Trainer` for a
     diffusion model, :class:`~medidiff.training.autoencoder.AutoencoderTrainer` for the
-    autoencoder stage of a latent model; ``kwargs`` go to its constructor."""
+    autoencoder stage of a latent model,
+    :class:`~medidiff.training.latent.LatentTrainer` for its diffusion U-Net on latents;
+    ``kwargs`` go to its constructor."""
     if config.stage == "autoencoder":
         from medidiff.training.autoencoder import AutoencoderTrainer
 
         return AutoencoderTrainer(config, run_dir, **kwargs)
+    if config.stage == "latent":
+        from medidiff.training.latent import LatentTrainer
+
+        return LatentTrainer(config, run_dir, **kwargs)
     from medidiff.training.trainer import Trainer
 
     return Trainer(config, run_dir, **kwargs)

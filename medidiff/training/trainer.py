@@ -394,7 +394,7 @@ class Trainer:
 
         model = build_model_from_kwargs(self.model_kwargs).to(self.device).eval()
         model.load_state_dict(self.inference_state_dict())
-        shape = (c.preview_samples, 1, *self.dataset_spatial_shape())
+        shape = (c.preview_samples, int(self.model_kwargs.get("in_channels", 1)), *self.dataset_spatial_shape())
         model_fn = lambda x, t: model(x, timesteps=t)  # noqa: E731
         n_classes = self.config.model.num_class_embeds
         if n_classes:  # one sample per class in turn, plain conditional (guidance 1)
@@ -410,8 +410,14 @@ class Trainer:
                 prediction_type=self.config.diffusion.prediction_type,
             )
         path = self.run_dir / "previews" / f"step_{self.step:07d}.png"
-        save_image_grid(result.sample.float().cpu().numpy(), path, title=f"step {self.step}")
+        images = self.decode_preview(result.sample)
+        save_image_grid(images.float().cpu().numpy(), path, title=f"step {self.step}")
         return path
+
+    def decode_preview(self, samples: torch.Tensor) -> torch.Tensor:
+        """What a preview shows of the sampled network outputs: the samples themselves
+        (a latent model decodes them)."""
+        return samples
 
     def dataset_spatial_shape(self) -> tuple[int, ...]:
         item = self.dataset[0]

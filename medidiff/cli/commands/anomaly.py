@@ -101,9 +101,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def _add_method_arguments(m: Any) -> None:
     m.add_argument(
         "--method",
-        default="ddim",
+        default=None,
         choices=METHOD_NAMES,
-        help="reconstruction method (default: ddim)",
+        help="reconstruction method (default: ddim; latent for a latent model, where every "
+        "method but patched runs in latent space)",
     )
     m.add_argument(
         "--t-start",
@@ -206,6 +207,11 @@ def configs_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     from medidiff.errors import ConfigError
     from medidiff.anomaly.postprocess import PostprocessConfig
 
+    if args.method is None:
+        from medidiff.models.checkpoint import checkpoint_network
+
+        latent = checkpoint_network(require_checkpoint(args)) == "latent_diffusion"
+        args.method = "latent" if latent else "ddim"
     if args.method != "ensemble" and args.t_starts is not None:
         raise ConfigError(
             f"--t-starts applies to --method ensemble; use --t-start with --method {args.method}"
