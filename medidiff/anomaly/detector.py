@@ -144,7 +144,8 @@ def diffusion_reconstructor(
     d = loaded.config.diffusion
     schedule = loaded.schedule.to(device)
     method = (method or MethodConfig()).resolve(
-        num_train_timesteps=d.num_train_timesteps, noise=d.noise, input_shape=input_shape
+        num_train_timesteps=d.num_train_timesteps, noise=d.noise, input_shape=input_shape,
+        prediction_type=d.prediction_type,
     )
     noise_spec = NoiseSpec.from_config(d, kind=method.noise)
     null_label = loaded.conditioning.null_label
