@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
-from medidiff.constants import NOISE_KINDS, PREDICTION_TYPES, SCHEDULES, STAGES
+from medidiff.constants import FLOW_TIME_SAMPLINGS, NOISE_KINDS, PREDICTION_TYPES, SCHEDULES, STAGES
 from medidiff.errors import ConfigError
 
 #: The ``data.cache`` choices.
@@ -84,10 +84,16 @@ class DiffusionConfig:
             ``scaled_linear_beta``, ``sigmoid_beta``, ``cosine``).
         beta_start, beta_end: endpoints of the linear-type schedules.
         prediction_type: one of :data:`medidiff.constants.PREDICTION_TYPES` (``epsilon``,
-            ``v_prediction``, ``sample``).
+            ``v_prediction``, ``sample``, or ``flow``: a rectified-flow model that learns
+            the velocity x_0 - eps on the straight path (1 - s) x_0 + s eps and is sampled
+            with the ``euler`` sampler; the schedule and betas are then unused, T only
+            scales the network's timestep input).
         noise: one of :data:`medidiff.constants.NOISE_KINDS` (``gaussian``, or ``simplex``
             as in AnoDDPM) — the noise the model learns to remove.
         simplex_octaves, simplex_persistence, simplex_frequency: simplex-noise settings.
+        flow_time_sampling: ``flow`` models only: how training times s are drawn, one of
+            :data:`medidiff.constants.FLOW_TIME_SAMPLINGS` (``logit-normal``, Esser et al.
+            2024; or ``uniform``).
     """
 
     num_train_timesteps: int = 1000
@@ -99,6 +105,7 @@ class DiffusionConfig:
     simplex_octaves: int = 6
     simplex_persistence: float = 0.8
     simplex_frequency: Union[float, None] = None
+    flow_time_sampling: str = "logit-normal"
 
 
 @dataclass(frozen=True)
@@ -343,6 +350,7 @@ def _check_values(cfg: Config) -> None:
     _choice("diffusion.schedule", cfg.diffusion.schedule, SCHEDULES)
     _choice("diffusion.prediction_type", cfg.diffusion.prediction_type, PREDICTION_TYPES)
     _choice("diffusion.noise", cfg.diffusion.noise, NOISE_KINDS)
+    _choice("diffusion.flow_time_sampling", cfg.diffusion.flow_time_sampling, FLOW_TIME_SAMPLINGS)
     _choice("data.cache", cfg.data.cache, CACHE_MODES)
     _positive("diffusion.num_train_timesteps", cfg.diffusion.num_train_timesteps)
     if not 0 < cfg.diffusion.beta_start < cfg.diffusion.beta_end < 1:

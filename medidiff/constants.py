@@ -20,6 +20,7 @@ __all__ = [
     "ANOMALY_DEFAULTS",
     "ANOMALY_METHODS",
     "ENSEMBLE_STARTS",
+    "FLOW_TIME_SAMPLINGS",
     "GENERATIVE_SAMPLERS",
     "NOISE_KINDS",
     "PREDICTION_TYPES",
@@ -38,25 +39,33 @@ STAGES = ("diffusion", "autoencoder", "latent")
 #: Noise schedules (MONAI's names, ``monai.networks.schedulers.NoiseSchedules``).
 SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
 
-#: What the network outputs: eps, v (Salimans & Ho 2022) or x_0 itself.
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+#: What the network outputs: eps, v (Salimans & Ho 2022), x_0 itself, or the rectified-flow
+#: velocity u = x_0 - eps (Liu et al. 2023; see :mod:`medidiff.diffusion.flow`).
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 #: The kinds of noise eps: white Gaussian, or multi-octave simplex (AnoDDPM).
 NOISE_KINDS = ("gaussian", "simplex")
 
-#: Reverse samplers: ancestral DDPM, DDIM, DPM-Solver++(2M), one-shot x_0 prediction.
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "x0")
+#: Reverse samplers: ancestral DDPM, DDIM, DPM-Solver++(2M), one-shot x_0 prediction, and
+#: the Euler integrator of rectified-flow models (``prediction_type: flow``; the only
+#: generative sampler those models take, with ``"x0"``).
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "x0", "euler")
 
 #: The samplers that generate from pure noise (the one-shot ``"x0"`` predictor does not).
-GENERATIVE_SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+GENERATIVE_SAMPLERS = ("ddpm", "ddim", "dpm++2m", "euler")
+
+#: How a rectified-flow model's training times s are drawn (``diffusion.flow_time_sampling``):
+#: logit-normal (Esser et al. 2024, better than uniform) or uniform on (0, 1).
+FLOW_TIME_SAMPLINGS = ("logit-normal", "uniform")
 
 #: Timestep spacings of the samplers (see :func:`medidiff.diffusion.sampling.inference_timesteps`).
 SPACINGS = ("trailing", "linspace")
 
 #: Network evaluations per synthesised sample when ``--steps`` is not given: DDPM runs the
 #: whole ancestral chain (``None`` = all T timesteps); DDIM 50 (Pinaya et al. 2022's brain
-#: LDM); DPM-Solver++(2M) 20 (Lu et al. 2022 report good samples at 10-20).
-SYNTHESIS_DEFAULT_STEPS: dict[str, int | None] = {"ddpm": None, "ddim": 50, "dpm++2m": 20}
+#: LDM); DPM-Solver++(2M) 20 (Lu et al. 2022 report good samples at 10-20); rectified-flow
+#: Euler 30 (MAISI-v2 generates CT with 30 rectified-flow steps).
+SYNTHESIS_DEFAULT_STEPS: dict[str, int | None] = {"ddpm": None, "ddim": 50, "dpm++2m": 20, "euler": 30}
 
 #: Anomaly-detection methods (see :mod:`medidiff.anomaly.methods`).
 ANOMALY_METHODS = ("anoddpm", "ddim", "x0", "patched", "ensemble", "latent")

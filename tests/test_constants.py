@@ -21,6 +21,26 @@ def test_every_sampler_has_one_class_and_every_class_a_name():
     assert tuple(constants.SYNTHESIS_DEFAULT_STEPS) == constants.GENERATIVE_SAMPLERS
 
 
+def test_every_prediction_type_has_a_generative_sampler_and_a_default():
+    from medidiff.diffusion.samplers import SAMPLER_CLASSES, sampler_for
+
+    for pt in constants.PREDICTION_TYPES:
+        fits = [n for n in constants.GENERATIVE_SAMPLERS if SAMPLER_CLASSES[n].accepts(pt)]
+        assert fits, pt
+        assert sampler_for(pt) in fits
+    assert sampler_for("flow") == "euler" and not SAMPLER_CLASSES["euler"].accepts("epsilon")
+    assert SAMPLER_CLASSES["x0"].accepts("flow") and SAMPLER_CLASSES["x0"].accepts("epsilon")
+
+
+def test_every_flow_time_sampling_is_implemented_and_accepted():
+    from medidiff.diffusion.flow import sample_flow_time
+
+    for method in constants.FLOW_TIME_SAMPLINGS:
+        cfg = Config.from_dict({"diffusion": {"prediction_type": "flow", "flow_time_sampling": method}})
+        s = sample_flow_time(64, method=cfg.diffusion.flow_time_sampling)
+        assert s.shape == (64,) and bool(((s > 0) & (s < 1)).all())
+
+
 def test_every_schedule_is_implemented_and_accepted_by_the_config():
     from medidiff.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule
 
@@ -57,6 +77,10 @@ def test_every_anomaly_method_resolves():
             assert resolved.t_start == t
         if steps is not None:
             assert resolved.steps == steps
+        flow = MethodConfig(name).resolve(
+            num_train_timesteps=1000, noise="gaussian", input_shape=(16, 16), prediction_type="flow"
+        )
+        assert flow.sampler == (sampler if sampler == "x0" else "euler")
     ensemble = MethodConfig("ensemble").resolve(
         num_train_timesteps=1000, noise="gaussian", input_shape=(16, 16)
     )

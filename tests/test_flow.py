@@ -19,10 +19,11 @@ T = 1000
 
 
 def _exact_velocity(c: torch.Tensor):
-    """The true velocity when all data sit at ``c``: u(x_s, s) = (c - x_s) / s."""
+    """The true velocity when all data sit at ``c``: u(x_s, s) = (c - x_s) / s, with the
+    network's timestep t = s T - 1."""
 
     def fn(x, t):
-        s = (t / T).reshape(-1, *([1] * (x.ndim - 1)))
+        s = ((t + 1) / T).reshape(-1, *([1] * (x.ndim - 1)))
         return (c - x) / s
 
     return fn

@@ -19,8 +19,7 @@ SAMPLE = ROOT / "sample_data"
 AE_CONFIG = ROOT / "configs" / "brain_mri_3d_autoencoder.yaml"
 LATENT_CONFIG = ROOT / "configs" / "brain_mri_3d_latent.yaml"
 GRID = ["data.preprocessing.spacing=[6,6,6]", "data.preprocessing.shape=[32,40,32]"]
-TRAIN = ["train.batch_size=2", "train.log_every=1", "train.preview_samples=2",
-         "diffusion.prediction_type=v_prediction"]
+TRAIN = ["train.batch_size=2", "train.log_every=1", "train.preview_samples=2"]
 SCAN = SAMPLE / "test" / "images" / "tumor-000.nii.gz"
 
 pytestmark = pytest.mark.skipif(not (SAMPLE / "dataset.json").exists(), reason="sample_data not built")
@@ -92,7 +91,7 @@ def test_resume_reuses_cached_latents_and_refuses_another_autoencoder(latent_run
 
 def test_refuses_missing_or_wrong_autoencoder(run_cli, tmp_path, tiny_checkpoint_3d):
     base = ["train", "--config", LATENT_CONFIG, "--out", tmp_path / "x", "--no-progress",
-            *_sets([*GRID, "model.preset=tiny", "train.max_steps=1", TRAIN[-1]])]
+            *_sets([*GRID, "model.preset=tiny", "train.max_steps=1"])]
     res = run_cli([*base, "--set", f"autoencoder.checkpoint={tmp_path / 'none.safetensors'}"])
     assert res.rc == 1 and "autoencoder.checkpoint not found" in res.err
     res = run_cli([*base, "--set", f"autoencoder.checkpoint={tiny_checkpoint_3d}"])

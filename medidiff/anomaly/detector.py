@@ -156,7 +156,8 @@ def diffusion_reconstructor(
                               "anoddpm or ensemble (all run in latent space)")
         method = replace(method, clip=False)  # latents are not on [0, 1]; the decoded image is clipped
     method = method.resolve(
-        num_train_timesteps=d.num_train_timesteps, noise=d.noise, input_shape=input_shape
+        num_train_timesteps=d.num_train_timesteps, noise=d.noise, input_shape=input_shape,
+        prediction_type=d.prediction_type,
     )
     noise_spec = NoiseSpec.from_config(d, kind=method.noise)
     common = dict(

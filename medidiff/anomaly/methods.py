@@ -58,7 +58,8 @@ from torch import Tensor
 
 from medidiff.anomaly.seeds import patch_seed, start_seed
 from medidiff.constants import ANOMALY_DEFAULTS, ANOMALY_METHODS, ENSEMBLE_STARTS
-from medidiff.diffusion import ModelFn, NoiseSchedule, denoise, partial_reconstruction, q_sample
+from medidiff.diffusion import ModelFn, NoiseSchedule, denoise, forward_noise, partial_reconstruction
+from medidiff.diffusion.samplers import sampler_for
 from medidiff.errors import ConfigError
 from medidiff.diffusion.noise import NOISE_KINDS, NoiseSpec, sample_noise
 
@@ -73,14 +74,15 @@ METHODS = ANOMALY_METHODS
 #: Per-method defaults (t_start, sampler, steps): :data:`medidiff.constants.ANOMALY_DEFAULTS`.
 _DEFAULTS = ANOMALY_DEFAULTS
 _ENSEMBLE_STARTS = ENSEMBLE_STARTS
-#: Samplers a method may use (the first is its default).
+#: Samplers a method may use (the first is its default; a rectified-flow model takes
+#: "euler" where the default is a diffusion sampler, see :meth:`MethodConfig.resolve`).
 _ALLOWED_SAMPLERS = {
-    "anoddpm": ("ddpm",),
-    "ddim": ("ddim", "dpm++2m"),
+    "anoddpm": ("ddpm", "euler"),
+    "ddim": ("ddim", "dpm++2m", "euler"),
     "x0": ("x0",),
     "patched": ("x0",),
-    "ensemble": ("x0", "ddim", "dpm++2m", "ddpm"),
-    "latent": ("ddim", "dpm++2m", "x0", "ddpm"),
+    "ensemble": ("x0", "ddim", "dpm++2m", "ddpm", "euler"),
+    "latent": ("ddim", "dpm++2m", "euler", "x0", "ddpm"),
 }
 
 
@@ -191,7 +193,8 @@ class MethodConfig:
         )
 
     def resolve(
-        self, *, num_train_timesteps: int, noise: str, input_shape: Sequence[int]
+        self, *, num_train_timesteps: int, noise: str, input_shape: Sequence[int],
+        prediction_type: str = "epsilon",
     ) -> MethodConfig:
         """Fill in the defaults for a checkpoint.
 
@@ -200,6 +203,8 @@ class MethodConfig:
             noise: the checkpoint's training noise (used when ``noise`` is None).
             input_shape: the spatial shape the network sees (a slice ``(X, Y)`` or a
                 volume / window ``(X, Y, Z)``); sets the default patch.
+            prediction_type: the checkpoint's; a rectified-flow model (``"flow"``) takes
+                the ``"euler"`` sampler where the method's default is a diffusion sampler.
 
         Returns:
             A resolved copy.
@@ -209,7 +214,7 @@ class MethodConfig:
                 than the input.
         """
         default_t, default_sampler, default_steps = _DEFAULTS[self.method]
-        sampler = self.sampler or default_sampler
+        sampler = sampler_for(prediction_type, self.sampler, default_sampler)
         if self.method == "ensemble":
             starts = self.t_starts or _ENSEMBLE_STARTS
             t_start = None
@@ -431,7 +436,8 @@ def _patched(
         eps = sample_noise(
             noise_spec, tuple(x0.shape), seeds=chunk_seeds, device=x0.device, dtype=x0.dtype
         )
-        x_t = torch.where(inside, q_sample(schedule.to(x0.device), x0, t, eps), x0)
+        noised = forward_noise(schedule.to(x0.device), x0, t, eps, prediction_type=prediction_type)
+        x_t = torch.where(inside, noised, x0)
         pred = denoise(
             model_fn,
             schedule,

@@ -4,8 +4,9 @@
   q(x_t | x_0);
 - :mod:`~medidiff.diffusion.noise`: Gaussian and simplex noise, seeded per sample;
 - :mod:`~medidiff.diffusion.prediction`: prediction types (eps, v, x_0) and how to read them;
+- :mod:`~medidiff.diffusion.flow`: rectified flow (straight path, velocity target, Euler);
 - :mod:`~medidiff.diffusion.samplers`: one object per reverse sampler (DDPM, DDIM,
-  DPM-Solver++(2M), x0) behind one registry;
+  DPM-Solver++(2M), x0, rectified-flow Euler) behind one registry;
 - :mod:`~medidiff.diffusion.sampling`: the sampling loop (``sample``, ``denoise``,
   ``partial_reconstruction``) and its network-evaluation count;
 - :mod:`~medidiff.diffusion.guidance`: class conditioning and classifier-free guidance.
@@ -26,6 +27,9 @@ from medidiff.diffusion.prediction import (
     PARAMETERISATIONS,
     PREDICTION_TYPES,
     Parameterisation,
+    forward_noise,
+    is_flow,
+    path_coefficients,
     predict_eps,
     predict_x0,
     training_target,
@@ -37,14 +41,17 @@ from medidiff.diffusion.samplers import (
     DDIMSampler,
     DDPMSampler,
     DPMSolver2MSampler,
+    EulerSampler,
     Sampler,
     StepResult,
     X0Sampler,
     ddim_step,
     ddpm_step,
     dpm_solver_2m_step,
+    euler_step,
     inference_timesteps,
     make_sampler,
+    sampler_for,
 )
 from medidiff.diffusion.sampling import (
     GAUSSIAN_NOISE,
@@ -69,12 +76,14 @@ from medidiff.diffusion.schedules import (
 )
 
 __all__ = [
-    "BETA_SCHEDULES", "DDIMSampler", "DDPMSampler", "DPMSolver2MSampler", "GAUSSIAN_NOISE",
+    "BETA_SCHEDULES", "DDIMSampler", "DDPMSampler", "DPMSolver2MSampler", "EulerSampler",
+    "GAUSSIAN_NOISE",
     "Gaussian", "ModelFn", "NOISE_KINDS", "NoiseSchedule", "NoiseSpec", "PARAMETERISATIONS",
     "PREDICTION_TYPES", "Parameterisation", "Reconstruction", "SAMPLERS", "SAMPLER_CLASSES",
     "SCHEDULES", "SPACINGS", "SampleResult", "Sampler", "SamplingOptions", "StepResult",
     "X0Sampler", "alpha_bar_at", "class_embeddings", "conditional_model_fn", "ddim_step",
-    "ddpm_step", "denoise", "dpm_solver_2m_step", "drop_labels", "extract", "guided_model_fn",
+    "ddpm_step", "denoise", "dpm_solver_2m_step", "drop_labels", "euler_step", "extract",
+    "forward_noise", "guided_model_fn", "is_flow", "path_coefficients", "sampler_for",
     "inference_timesteps", "make_sampler", "null_class_index", "partial_reconstruction",
     "per_sample_generators", "predict_eps", "predict_x0", "q_mean_variance",
     "q_posterior_mean_variance", "q_sample", "resolve_null_label", "sample", "sample_noise",

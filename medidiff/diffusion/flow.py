@@ -13,8 +13,15 @@ and trains the network to predict the constant velocity along it, pointing to th
 Sampling integrates dx/ds = -u_theta from s = 1 (pure noise) to s = 0 with Euler steps,
 x_{s'} = x_s + (s - s') u_theta(x_s, s); the x_0 estimate at any point is
 x_s + s u_theta(x_s, s), so one step from a partially noised scan (REFLECT) already gives
-a reconstruction. The network sees ``s * num_train_timesteps`` as its timestep, the same
-convention (and velocity sign) as MONAI's :class:`~monai.networks.schedulers.RFlowScheduler`.
+a reconstruction. The velocity has the sign of MONAI's
+:class:`~monai.networks.schedulers.RFlowScheduler` (pointing from noise to data).
+
+Time convention (so that medidiff's integer-timestep sampling loop drives flow models
+unchanged): the loop's timestep ``t`` in ``{0 .. T-1}`` (T = ``num_train_timesteps``) is the
+flow time ``s = (t + 1) / T`` (:func:`flow_time`), and ``t = -1`` is ``s = 0``, clean data;
+so ``t = T - 1`` is pure noise, as for the diffusion samplers. The network's timestep input
+is ``s T - 1`` (:func:`flow_timestep`): a float during training, where s is drawn
+continuously by :func:`sample_flow_time`, and exactly the loop's integer ``t`` at sampling.
 
 Large inputs keep more signal at a given s, so the time grid can be shifted towards the
 noise end (Esser et al. 2024, Sec. 5.3.2): s' = a s / (1 + (a - 1) s) with
@@ -37,6 +44,8 @@ from torch import Tensor
 
 __all__ = [
     "flow_interpolate",
+    "flow_time",
+    "flow_timestep",
     "flow_target",
     "sample_flow_time",
     "shift_time",
@@ -46,7 +55,21 @@ __all__ = [
 ]
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
-"""``u_theta(x_s, timesteps)`` with ``timesteps = s * num_train_timesteps``, shape ``(B,)``."""
+"""``u_theta(x_s, timesteps)`` with ``timesteps = flow_timestep(s, T)``, shape ``(B,)``."""
+
+
+def flow_time(t: float | Tensor, num_train_timesteps: int) -> Tensor:
+    """The flow time ``s = (t + 1) / T`` of the loop's timestep ``t`` (``t = -1``: s = 0).
+
+    Returns a float64 tensor shaped like ``t`` (0-d for a number).
+    """
+    t = torch.as_tensor(t).to(torch.float64)
+    return (t + 1.0) / num_train_timesteps
+
+
+def flow_timestep(s: Tensor, num_train_timesteps: int) -> Tensor:
+    """The network's timestep input ``s T - 1`` at flow time ``s`` (inverse of :func:`flow_time`)."""
+    return s * num_train_timesteps - 1.0
 
 
 def _expand(s: Tensor, like: Tensor) -> Tensor:
@@ -109,7 +132,7 @@ def flow_euler(
     """Integrate from ``times[0]`` to ``times[-1]`` with Euler steps.
 
     Args:
-        velocity_fn: the network, ``u_theta(x_s, s * num_train_timesteps)``.
+        velocity_fn: the network, ``u_theta(x_s, flow_timestep(s, num_train_timesteps))``.
         x_start: ``x`` at ``times[0]``: pure noise for sampling, or a partially noised scan
             (``flow_interpolate(x0, eps, s0)``) for reconstruction.
         times: decreasing times (see :func:`flow_times`); ``len(times) - 1`` network
@@ -123,7 +146,7 @@ def flow_euler(
     x = x_start
     b = x.shape[0]
     for s, s_next in zip(times[:-1].tolist(), times[1:].tolist()):
-        t = torch.full((b,), s * num_train_timesteps, device=x.device, dtype=x.dtype)
+        t = torch.full((b,), s * num_train_timesteps - 1.0, device=x.device, dtype=x.dtype)
         u = velocity_fn(x, t)
         x = x + (s - s_next) * u.to(x.dtype)
     return x

@@ -9,7 +9,13 @@ a new entry, not a new branch in the loop:
 - :class:`DDPMSampler`: ancestral DDPM (Ho et al. 2020), strided when steps < T;
 - :class:`DDIMSampler`: DDIM (Song et al. 2021), deterministic at eta = 0;
 - :class:`DPMSolver2MSampler`: DPM-Solver++(2M) (Lu et al. 2022), multistep, deterministic;
-- :class:`X0Sampler`: one network evaluation, x_0 predicted straight from x_t.
+- :class:`X0Sampler`: one network evaluation, x_0 predicted straight from x_t (any model);
+- :class:`EulerSampler`: Euler steps along a rectified-flow model's straight path
+  (Liu et al. 2023), deterministic; the generative sampler of ``prediction_type: flow``.
+
+Diffusion samplers (DDPM, DDIM, DPM-Solver++) read the diffusion schedule and refuse flow
+models; the Euler sampler refuses diffusion models (:meth:`Sampler.check_prediction_type`);
+:func:`sampler_for` picks a model's sampler when the user named none.
 
 The step functions are written here rather than taken from MONAI's schedulers because the
 samplers need things those do not offer: a step between any pair of timesteps t -> t_prev
@@ -36,7 +42,8 @@ import torch
 from torch import Tensor
 
 from medidiff.constants import SAMPLERS, SPACINGS
-from medidiff.diffusion.prediction import predict_x0, x0_and_eps
+from medidiff.diffusion.flow import flow_time
+from medidiff.diffusion.prediction import is_flow, predict_x0, x0_and_eps
 from medidiff.diffusion.schedules import (
     NoiseSchedule,
     alpha_bar_at,
@@ -53,15 +60,18 @@ __all__ = [
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolver2MSampler",
+    "EulerSampler",
     "Sampler",
     "StepResult",
     "X0Sampler",
     "ddim_step",
     "ddpm_step",
     "dpm_solver_2m_step",
+    "euler_step",
     "inference_timesteps",
     "make_sampler",
     "sampler_class",
+    "sampler_for",
 ]
 
 
@@ -302,6 +312,58 @@ def dpm_solver_2m_step(
     return StepResult(prev_sample=prev, pred_x0=x0)
 
 
+def euler_step(
+    schedule: NoiseSchedule,
+    model_output: Tensor,
+    x_t: Tensor,
+    t: int | Tensor,
+    t_prev: int | Tensor,
+    *,
+    prediction_type: str = "flow",
+    clip_range: tuple[float, float] | None = None,
+) -> StepResult:
+    """Euler step of a rectified-flow model (Liu et al. 2023) from flow time s to s'.
+
+    With s = (t + 1) / T and s' = (t_prev + 1) / T (:func:`~medidiff.diffusion.flow.flow_time`;
+    ``t_prev = -1`` is s' = 0, clean data) and the velocity u = ``model_output``:
+
+        x_{s'} = x_s + (s - s') u,        x_0_hat = x_s + s u.
+
+    The step lands on x_0_hat when s' = 0. With ``clip_range`` the x_0 estimate is clamped
+    and the step is written as x_{s'} = (1 - s') x_0_hat + s' eps_hat with
+    eps_hat = (x_s - (1 - s) x_0_hat) / s (the same update when nothing is clamped; DDIM's
+    eta = 0 step on the straight path).
+
+    Args:
+        schedule: the noise schedule (only its T is used).
+        model_output: the velocity u at (x_s, t).
+        x_t: current sample x_s, ``(B, C, H, W[, D])``.
+        t: current timesteps, an int or ``(B,)`` long.
+        t_prev: target timesteps, ``-1 <= t_prev < t``.
+        prediction_type: must be ``"flow"``.
+        clip_range: clamp the x_0 estimate to ``(low, high)``; ``None`` disables.
+
+    Returns:
+        x_{t_prev} and the x_0 estimate.
+
+    Raises:
+        ConfigError: a prediction type other than ``"flow"``.
+    """
+    EulerSampler.check_prediction_type(prediction_type)
+    batch, device = x_t.shape[0], x_t.device
+    t = batch_timesteps(t, batch, device)
+    t_prev = batch_timesteps(t_prev, batch, device)
+    T = schedule.num_train_timesteps
+    s, s_prev = flow_time(t, T), flow_time(t_prev, T)
+    x0, eps = x0_and_eps(schedule, model_output, x_t, t, prediction_type, clip_range)
+    if clip_range is None:
+        prev = x_t + expand((s - s_prev).to(x_t.dtype), x_t) * model_output
+    else:
+        s_prev = expand(s_prev.to(x_t.dtype), x_t)
+        prev = (1 - s_prev) * x0 + s_prev * eps
+    return StepResult(prev_sample=prev, pred_x0=x0)
+
+
 # --------------------------------------------------------------------------------------------
 # One object per sampler
 # --------------------------------------------------------------------------------------------
@@ -325,6 +387,9 @@ class Sampler:
     name: ClassVar[str] = ""
     #: the most network evaluations this sampler can make (``None``: any)
     max_steps: ClassVar[int | None] = None
+    #: the models it samples: ``False`` diffusion models only, ``True`` rectified-flow
+    #: models (``prediction_type: flow``) only, ``None`` both
+    for_flow: ClassVar[bool | None] = False
 
     def __init__(
         self,
@@ -348,6 +413,28 @@ class Sampler:
                 if cls.max_steps == 1
                 else f"the {cls.name!r} sampler takes at most {cls.max_steps} steps; got steps={steps}"
             )
+
+    @classmethod
+    def accepts(cls, prediction_type: str) -> bool:
+        """Whether this sampler can sample a model of ``prediction_type``."""
+        return cls.for_flow is None or cls.for_flow == is_flow(prediction_type)
+
+    @classmethod
+    def check_prediction_type(cls, prediction_type: str) -> None:
+        """Raise ConfigError, naming the samplers that fit, when this one cannot sample a
+        model of ``prediction_type``."""
+        if cls.accepts(prediction_type):
+            return
+        fits = ", ".join(n for n, c in SAMPLER_CLASSES.items() if c.accepts(prediction_type))
+        if is_flow(prediction_type):
+            raise ConfigError(
+                f"sampler {cls.name!r} cannot sample a rectified-flow model (prediction_type "
+                f"'flow'); use {fits}"
+            )
+        raise ConfigError(
+            f"sampler {cls.name!r} integrates rectified-flow models (prediction_type 'flow'); "
+            f"this model predicts {prediction_type!r}: use {fits}"
+        )
 
     def timesteps(self, t_start: int, steps: int | None, spacing: str = "trailing") -> list[int]:
         """The timesteps visited from ``t_start``, noisiest first (``steps=None``: every one).
@@ -439,10 +526,12 @@ class DPMSolver2MSampler(Sampler):
 
 
 class X0Sampler(Sampler):
-    """One shot: x_0 predicted straight from x_t (one network evaluation)."""
+    """One shot: x_0 predicted straight from x_t (one network evaluation); for a flow model
+    x_0 = x_s + s u, REFLECT's one-step reconstruction."""
 
     name = "x0"
     max_steps = 1
+    for_flow = None
 
     def step(self, model_output, x_t, t, t_prev, noise):  # noqa: D102 - see Sampler.step
         x0 = predict_x0(self.schedule, model_output, x_t, t, prediction_type=self.prediction_type)
@@ -451,9 +540,21 @@ class X0Sampler(Sampler):
         return StepResult(prev_sample=x0, pred_x0=x0)
 
 
+class EulerSampler(Sampler):
+    """Rectified flow: Euler steps x_{s'} = x_s + (s - s') u (see :func:`euler_step`);
+    deterministic, no step noise. MAISI-v2 generates CT with 30 such steps."""
+
+    name = "euler"
+    for_flow = True
+
+    def step(self, model_output, x_t, t, t_prev, noise):  # noqa: D102 - see Sampler.step
+        return euler_step(self.schedule, model_output, x_t, t, t_prev, **self._read)
+
+
 #: Every sampler of :data:`medidiff.constants.SAMPLERS`, by name.
 SAMPLER_CLASSES: dict[str, type[Sampler]] = {
-    cls.name: cls for cls in (DDPMSampler, DDIMSampler, DPMSolver2MSampler, X0Sampler)
+    cls.name: cls
+    for cls in (DDPMSampler, DDIMSampler, DPMSolver2MSampler, X0Sampler, EulerSampler)
 }
 
 
@@ -471,3 +572,25 @@ def sampler_class(name: str) -> type[Sampler]:
 def make_sampler(name: str, schedule: NoiseSchedule, **kwargs) -> Sampler:
     """A fresh :class:`Sampler` called ``name`` (keyword arguments as :class:`Sampler`)."""
     return sampler_class(name)(schedule, **kwargs)
+
+
+def sampler_for(prediction_type: str, requested: str | None = None, default: str = "ddim") -> str:
+    """The sampler to use for a model of ``prediction_type``.
+
+    ``requested`` (what the user asked for) is returned when it fits the model; ``None``
+    takes ``default`` (a caller's usual sampler, e.g. ``"ddim"``) when it fits, else the
+    model's generative sampler: ``"euler"`` for rectified-flow models, ``"ddim"`` otherwise.
+
+    Example:
+        >>> sampler_for("flow"), sampler_for("flow", default="x0"), sampler_for("epsilon")
+        ('euler', 'x0', 'ddim')
+
+    Raises:
+        ConfigError: an unknown name, or a requested sampler that cannot sample this model.
+    """
+    if requested is not None:
+        sampler_class(requested).check_prediction_type(prediction_type)
+        return requested
+    if sampler_class(default).accepts(prediction_type):
+        return default
+    return "euler" if is_flow(prediction_type) else "ddim"

@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 
 from medidiff.diffusion.noise import NoiseSpec, per_sample_generators, sample_noise
-from medidiff.diffusion.prediction import check_prediction_type
+from medidiff.diffusion.prediction import check_prediction_type, forward_noise
 from medidiff.diffusion.samplers import Sampler, make_sampler, sampler_class
-from medidiff.diffusion.schedules import NoiseSchedule, q_sample
+from medidiff.diffusion.schedules import NoiseSchedule
 from medidiff.errors import ConfigError
 
 __all__ = [
@@ -95,6 +95,7 @@ class SamplingOptions:
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf:
             raise ConfigError(f"eta must be a number >= 0, got {eta!r}")
         check_prediction_type(self.prediction_type)
+        sampler_class(self.sampler).check_prediction_type(self.prediction_type)
         if clip_range is not None and (len(clip_range) != 2 or not clip_range[0] < clip_range[1]):
             raise ConfigError(
                 f"clip_range must be (low, high) with low < high, got {clip_range!r}"
@@ -283,7 +284,8 @@ def sample(
             :func:`guided_model_fn`.
         schedule: the noise schedule the model was trained with.
         shape: ``(B, C, H, W[, D])``.
-        sampler: ``"ddim"``, ``"dpm++2m"``, ``"ddpm"`` or ``"x0"`` (one-shot x_0 prediction).
+        sampler: ``"ddim"``, ``"dpm++2m"``, ``"ddpm"`` or ``"x0"`` (one-shot x_0 prediction);
+            ``"euler"`` for a rectified-flow model (``prediction_type="flow"``).
         steps: number of network evaluations, ``1 .. T``; ``None`` visits all T timesteps.
         seeds: ``B`` per-sample seeds; default: drawn from torch's global generator.
         noise_spec: the kind of the initial and step noise.
@@ -350,7 +352,8 @@ def denoise(
         schedule: the noise schedule the model was trained with.
         x_t: noisy input at ``t_start``, ``(B, C, H, W[, D])``; its device is used throughout.
         t_start: the timestep of ``x_t``, ``0 .. T-1``.
-        sampler: ``"ddim"``, ``"dpm++2m"``, ``"ddpm"`` or ``"x0"``.
+        sampler: ``"ddim"``, ``"dpm++2m"``, ``"ddpm"`` or ``"x0"``; ``"euler"`` for a
+            rectified-flow model.
         steps: number of evaluations, ``1 .. t_start + 1``, or ``None`` (every timestep).
         seeds: ``B`` per-sample seeds for the step noise; default: torch's global generator.
         noise_spec: the kind of the step noise.
@@ -393,8 +396,10 @@ def partial_reconstruction(
 ) -> Reconstruction:
     """Noise ``x0`` to ``t_start``, then denoise it back (partial diffusion, AnoDDPM style).
 
-    x_{t_start} = q_sample(x0, t_start, eps) with eps of ``noise_spec``'s kind, then the
-    reverse process of :func:`denoise`. Network evaluations (``nfe``, counted):
+    x_{t_start} = q_sample(x0, t_start, eps) with eps of ``noise_spec``'s kind (for a
+    rectified-flow model x_s = (1 - s) x0 + s eps at s = (t_start + 1) / T, see
+    :func:`~medidiff.diffusion.prediction.forward_noise`), then the reverse process of
+    :func:`denoise`. Network evaluations (``nfe``, counted):
 
     - ``"ddpm"`` with ``steps=None``: the full ancestral chain t_start, t_start-1, ..., 0,
       i.e. ``t_start + 1`` evaluations (index t is the paper's step t + 1). Its step noise
@@ -403,6 +408,7 @@ def partial_reconstruction(
       evaluations over :func:`inference_timesteps` ``(t_start, K)``; ``steps=None`` visits
       every timestep like the full DDPM chain.
     - ``"x0"``: one evaluation, x_0 predicted directly from x_{t_start}.
+    - ``"euler"`` (flow models): ``steps`` Euler steps from s = (t_start + 1) / T to 0.
 
     Sample ``b``'s forward noise and step noises come from one generator seeded with
     ``seeds[b]``, so a scan's reconstruction does not depend on its batch.
@@ -412,7 +418,8 @@ def partial_reconstruction(
         schedule: the noise schedule the model was trained with.
         x0: the input scan(s), ``(B, C, H, W[, D])``; its device is used throughout.
         t_start: how far to noise, ``0 .. T-1`` (AnoDDPM: about 250 of 1000).
-        sampler: ``"ddpm"``, ``"ddim"``, ``"dpm++2m"`` or ``"x0"``.
+        sampler: ``"ddpm"``, ``"ddim"``, ``"dpm++2m"`` or ``"x0"``; ``"euler"`` for a
+            rectified-flow model.
         steps: number of evaluations, ``1 .. t_start + 1``, or ``None`` (every timestep).
         noise_spec: the noise kind for the forward noising and the stochastic steps.
         seeds: ``B`` per-sample seeds; default: drawn from torch's global generator.
@@ -434,5 +441,5 @@ def partial_reconstruction(
         progress=progress,
     )
     noise = sample_noise(noise_spec, x0.shape, generator=generators, device=x0.device, dtype=x0.dtype)
-    x_t = q_sample(schedule, x0, t_start, noise)
+    x_t = forward_noise(schedule, x0, t_start, noise, prediction_type=options.prediction_type)
     return _reverse(model_fn, schedule, x_t, t_start, generators, options)

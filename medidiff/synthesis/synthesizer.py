@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from medidiff.constants import GENERATIVE_SAMPLERS, SYNTHESIS_DEFAULT_STEPS
+from medidiff.diffusion.samplers import sampler_for
 from medidiff.errors import CheckpointError, ConfigError
 from medidiff.io.volume import Volume
 
@@ -76,7 +77,8 @@ __all__ = [
 SAMPLERS = GENERATIVE_SAMPLERS
 
 #: Network evaluations per sample when ``steps`` is not given
-#: (:data:`medidiff.constants.SYNTHESIS_DEFAULT_STEPS`: DDPM all T, DDIM 50, DPM-Solver++ 20).
+#: (:data:`medidiff.constants.SYNTHESIS_DEFAULT_STEPS`: DDPM all T, DDIM 50, DPM-Solver++ 20,
+#: Euler 30).
 DEFAULT_STEPS = SYNTHESIS_DEFAULT_STEPS
 
 #: What a sample is, by the model's ``spatial_dims``.
@@ -173,10 +175,12 @@ class Synthesizer:
             :class:`~medidiff.models.loaded.LoadedModel`.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a
             :class:`torch.device`.
-        sampler: ``"ddim"`` (deterministic, eta = 0), ``"dpm++2m"`` (DPM-Solver++(2M)) or
-            ``"ddpm"`` (ancestral; its step noise has the training noise's kind).
+        sampler: ``"ddim"`` (deterministic, eta = 0), ``"dpm++2m"`` (DPM-Solver++(2M)),
+            ``"ddpm"`` (ancestral; its step noise has the training noise's kind) or
+            ``"euler"`` (rectified-flow models); ``None`` (default): ``"ddim"``, or
+            ``"euler"`` for a rectified-flow model.
         steps: network evaluations per sample, ``1 .. T``; ``None`` takes the sampler's
-            default (:data:`DEFAULT_STEPS`: DDPM all T, DDIM 50, DPM-Solver++ 20).
+            default (:data:`DEFAULT_STEPS`: DDPM all T, DDIM 50, DPM-Solver++ 20, Euler 30).
         batch_size: samples generated together (memory/speed only: samples do not
             depend on it).
         label: for a class-conditional model, the class to generate: a name from the
@@ -198,7 +202,7 @@ class Synthesizer:
         checkpoint: str | os.PathLike | Any,
         *,
         device: str | torch.device = "auto",
-        sampler: str = "ddim",
+        sampler: str | None = None,
         steps: int | None = 50,
         batch_size: int = 4,
         label: str | int | None = None,
@@ -233,6 +237,8 @@ class Synthesizer:
         self.schedule = loaded.schedule
         self.prediction_type = loaded.prediction_type
         self.noise_spec = loaded.noise_spec
+        if sampler is None or sampler in SAMPLERS:
+            sampler = sampler_for(self.prediction_type, sampler, "ddim")
         self.sampler, self.steps, self.batch_size = _sampling_args(
             sampler, steps, batch_size, self.schedule.num_train_timesteps
         )

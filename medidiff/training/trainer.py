@@ -6,6 +6,12 @@ One optimisation step (Ho et al. 2020, Algorithm 1):
     x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps        # medidiff.diffusion.schedules.q_sample
     loss = || target - f_theta(x_t, t) ||^2                         # target: eps, v or x_0
 
+A rectified-flow model (``diffusion.prediction_type: flow``; Liu et al. 2023, see
+:mod:`medidiff.diffusion.flow`) instead draws a flow time s in (0, 1) (logit-normal by
+default, Esser et al. 2024) and learns the velocity of the straight path:
+
+    x_s = (1 - s) x_0 + s eps,   loss = || (x_0 - eps) - f_theta(x_s, s T - 1) ||^2
+
 with AdamW, linear warm-up then cosine decay of the learning rate, gradient clipping, an
 exponential moving average (EMA) of the weights that is used for previews and saved as the
 inference weights, AMP on CUDA (bf16 where supported, else fp16 with a GradScaler) and
@@ -248,10 +254,13 @@ class Trainer:
             x0 = x0.contiguous(memory_format=torch.channels_last if x0.ndim == 4 else torch.channels_last_3d)
         g = step_generator(c.train.seed, self.info.rank, step, self.device)
         b = x0.shape[0]
-        t = torch.randint(0, c.diffusion.num_train_timesteps, (b,), device=self.device, generator=g)
-        noise = sample_noise(self.noise_spec, tuple(x0.shape), generator=g, device=self.device)
-        x_t = q_sample(self.schedule, x0, t, noise)
-        target = training_target(self.schedule, x0, t, noise, prediction_type=c.diffusion.prediction_type)
+        if c.diffusion.prediction_type == "flow":
+            x_t, t, target = self._flow_inputs(x0, g)
+        else:
+            t = torch.randint(0, c.diffusion.num_train_timesteps, (b,), device=self.device, generator=g)
+            noise = sample_noise(self.noise_spec, tuple(x0.shape), generator=g, device=self.device)
+            x_t = q_sample(self.schedule, x0, t, noise)
+            target = training_target(self.schedule, x0, t, noise, prediction_type=c.diffusion.prediction_type)
         labels = batch.get("class_label")
         if labels is not None and c.model.num_class_embeds:
             labels = labels.to(self.device).long()
@@ -262,6 +271,26 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             pred = self.ddp_model(x_t, timesteps=t, class_labels=labels)
         return F.mse_loss(pred.float(), target.float())
+
+    def _flow_inputs(
+        self, x0: torch.Tensor, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A rectified-flow training input: ``(x_s, timesteps, target)`` with s drawn per
+        sample (``diffusion.flow_time_sampling``), x_s = (1 - s) x_0 + s eps, the network
+        timestep s T - 1 (float, ``(B,)``) and the velocity target x_0 - eps."""
+        from medidiff.diffusion.flow import (
+            flow_interpolate,
+            flow_target,
+            flow_timestep,
+            sample_flow_time,
+        )
+        from medidiff.diffusion.noise import sample_noise
+
+        d = self.config.diffusion
+        s = sample_flow_time(x0.shape[0], method=d.flow_time_sampling, generator=g, device=self.device)
+        noise = sample_noise(self.noise_spec, tuple(x0.shape), generator=g, device=self.device)
+        timesteps = flow_timestep(s, d.num_train_timesteps)
+        return flow_interpolate(x0, noise, s), timesteps, flow_target(x0, noise)
 
     def _optim_step(self, loss: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
@@ -384,10 +413,12 @@ class Trainer:
 
     # ---- previews and logs -------------------------------------------------------------
     def preview(self) -> Path | None:
-        """A PNG grid of a few samples from the EMA weights (DDIM, few steps)."""
+        """A PNG grid of a few samples from the EMA weights (DDIM, or Euler for a
+        rectified-flow model; few steps)."""
         c = self.config.train
         if not self.info.is_main or c.preview_samples == 0:
             return None
+        from medidiff.diffusion.samplers import sampler_for
         from medidiff.diffusion.sampling import sample
         from medidiff.models.unet import build_model_from_kwargs
         from medidiff.io.images import save_image_grid
@@ -405,7 +436,8 @@ class Trainer:
         with torch.no_grad():
             result = sample(
                 model_fn,
-                self.schedule, shape, sampler="ddim", steps=c.preview_steps,
+                self.schedule, shape, steps=c.preview_steps,
+                sampler=sampler_for(self.config.diffusion.prediction_type, None, "ddim"),
                 seeds=list(range(c.preview_samples)), device=self.device, noise_spec=self.noise_spec,
                 prediction_type=self.config.diffusion.prediction_type,
             )

@@ -48,8 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "brain_mri_3d (default: 3D volumes at 5 mm) or brain_mri_2d (2D slices)")
     p.add_argument("--num", type=int, required=True, help="number of samples the folder should hold")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--sampler", default="ddim", choices=GENERATIVE_SAMPLERS,
-                   help="ddim (default, deterministic), dpm++2m (DPM-Solver++ 2M) or ddpm (ancestral)")
+    p.add_argument("--sampler", default=None, choices=GENERATIVE_SAMPLERS,
+                   help="ddim (default, deterministic), dpm++2m (DPM-Solver++ 2M), ddpm (ancestral) "
+                        "or euler (rectified-flow models; their default)")
     p.add_argument("--steps", type=int, default=None,
                    help="network evaluations per sample (default: "
                         + ", ".join(f"{name} {'all T' if k is None else k}"
