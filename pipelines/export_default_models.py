@@ -2,20 +2,32 @@
 """Export a training run as a default model shipped inside the package.
 
 Reads ``RUN/model.safetensors`` (EMA weights, written by ``medidiff train``), stores it as
-fp16 in ``medidiff/weights/<name>.safetensors`` (same metadata: config, preprocessing,
-training step), checks that fp16 changes the network's output by a negligible amount, and
-writes the model card: ``<name>.json`` (facts), ``<name>_loss.png`` (loss curve from
-``RUN/metrics.csv``) and ``<name>.md``. Metrics measured elsewhere (the anomaly benchmark,
+fp16 in ``medidiff/weights/<name>.safetensors`` (same network and metadata: config,
+preprocessing, training step, and for a latent model both stages and the latent record),
+checks that fp16 changes the network's output by a negligible amount (a latent model: the
+U-Net on a random latent and the decoder's image of a random latent), and writes the model
+card: ``<name>.json`` (facts), ``<name>_loss.png`` (loss curve from ``RUN/metrics.csv``),
+``<name>_samples.png`` (``--samples`` samples with the model's default sampler and steps,
+fixed seeds 0.., each as its middle axial, coronal and sagittal slice) and ``<name>.md``.
+
+A latent model (``stage: latent``) holds its autoencoder; ``--autoencoder-run`` names the
+autoencoder's training run, whose ``model.safetensors`` must be the one the latent model
+was trained on (same sha256), so the card gives the autoencoder's steps, wall time and loss
+and the total wall time of both stages. Metrics measured elsewhere (the anomaly benchmark,
 the demo, the synthesis benchmark) enter the card with ``--metrics FILE.json``: a JSON
 object ``{"title": ..., "command": ..., "date": ..., "machine": ..., "table": markdown or
-"rows": {...}}`` stored verbatim under ``metrics``.
+"rows": {...}}`` stored verbatim under ``metrics``. ``--card-only`` rewrites the card of the
+shipped file (name and description from :data:`medidiff.models.pretrained.MODELS`, metrics,
+note, samples) without touching its weights.
 
 Usage (what made the shipped models):
 
     python pipelines/export_default_models.py --run runs/brain_mri_2d --name brain_mri_2d \\
         --config configs/brain_mri_2d.yaml --machine "2-core x86_64 CPU (AVX2), 1 thread"
-    python pipelines/export_default_models.py --run runs/brain_mri_3d --name brain_mri_3d \\
-        --config configs/brain_mri_3d.yaml --machine "..."
+    python pipelines/export_default_models.py --run runs/brain_mri_3d_latent --name brain_mri_3d \\
+        --config configs/brain_mri_3d_latent.yaml --autoencoder-run runs/brain_mri_3d_autoencoder \\
+        --machine "..."
+    python pipelines/export_default_models.py --name brain_mri_3d_5mm --card-only   # after a rename
 """
 
 from __future__ import annotations
@@ -51,26 +63,89 @@ def wall_time(rows: list[dict[str, float]]) -> float:
     return total + last
 
 
-def fp16_error(fp32_path: Path, fp16_path: Path) -> float:
-    """Largest |eps_fp16 - eps_fp32| of the network on a fixed random input (float32 compute)."""
+def fp16_errors(fp32_path: Path, fp16_path: Path) -> dict[str, float]:
+    """Largest |out_fp16 - out_fp32| of the networks on fixed random inputs (float32 compute).
+
+    ``"network"``: the diffusion U-Net on ``(2, C, *input_shape)`` noise at t = 100 and 600
+    (a latent model's U-Net at the latent shape and channels; a 2D model's on a slice; a 3D
+    pixel model's on its training input). A latent model adds ``"decoder"``: the decoded
+    image of one random scaled latent (what synthesis writes, before clipping).
+    """
     import torch
 
-    from medidiff.models.checkpoint import build_model_from_checkpoint
+    from medidiff.models.loaded import load_model
 
-    loaded = build_model_from_checkpoint(fp32_path)
-    a = loaded.model.eval()
-    b = build_model_from_checkpoint(fp16_path).model.eval()
-    prep = loaded.checkpoint.preprocessing
-    dims = int(loaded.checkpoint.model_kwargs["spatial_dims"])
-    shape = tuple(prep["shape"][:2]) if dims == 2 else tuple(prep["shape"])
+    a, b = load_model(fp32_path), load_model(fp16_path)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn((2, 1, *shape), generator=g)
+    x = torch.randn((2, a.channels, *a.input_shape), generator=g)
     t = torch.tensor([100, 600])
+    errors = {}
     with torch.no_grad():
         extra = {}
-        if getattr(a, "num_class_embeds", None):
-            extra["class_labels"] = torch.tensor([a.num_class_embeds - 1] * 2)
-        return float((a(x, t, **extra) - b(x, t, **extra)).abs().max())
+        if getattr(a.model, "num_class_embeds", None):
+            extra["class_labels"] = torch.tensor([a.model.num_class_embeds - 1] * 2)
+        errors["network"] = float((a.model.eval()(x, t, **extra) - b.model.eval()(x, t, **extra)).abs().max())
+        if a.is_latent:
+            z = torch.randn((1, *a.autoencoder.latent_shape(a.image_shape)), generator=g)
+            errors["decoder"] = float((a.autoencoder.decode(z) - b.autoencoder.decode(z)).abs().max())
+    return errors
+
+
+def fp16_error(fp32_path: Path, fp16_path: Path) -> float:
+    """The largest of :func:`fp16_errors`."""
+    return max(fp16_errors(fp32_path, fp16_path).values())
+
+
+def samples_png(weights: Path, out: Path, num: int, *, seed: int = 0) -> dict:
+    """``num`` samples of the model with its default sampler and steps, seeds ``seed + i``,
+    drawn as one PNG: a row per sample with its middle axial, coronal and sagittal slices
+    (3D), or a row of slices (2D), on the model's [0, 1] scale.
+
+    Returns:
+        The card's record: file name, number, sampler, steps, seeds, seconds per sample.
+    """
+    import time
+
+    import numpy as np
+
+    from medidiff.io.images import display_view, new_figure, save_figure
+    from medidiff.synthesis.synthesizer import Synthesizer
+
+    synth = Synthesizer(weights, device="cpu", sampler=None, steps=None, batch_size=1)
+    began = time.perf_counter()
+    arrays = [s.array for s in synth.generate(range(num), seed=seed)]
+    seconds = (time.perf_counter() - began) / max(1, num)
+    sx, sy, sz = (float(v) for v in synth.preprocessing.spacing)
+    if synth.spatial_dims == 3:
+        views = [("axial", lambda v: v[:, :, v.shape[2] // 2], sy / sx),
+                 ("coronal", lambda v: v[:, v.shape[1] // 2, :], sz / sx),
+                 ("sagittal", lambda v: v[v.shape[0] // 2, :, :], sz / sy)]
+        fig, axes = new_figure(num, 3, (6.0, 2.2 * num + 0.4))
+        for i, volume in enumerate(arrays):
+            for j, (title, cut, aspect) in enumerate(views):
+                ax = axes[i, j]
+                ax.imshow(display_view(cut(volume)), cmap="gray", vmin=0.0, vmax=1.0,
+                          interpolation="nearest", aspect=aspect)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(title, fontsize=9)
+                if j == 0:
+                    ax.set_ylabel(f"seed {seed + i}", fontsize=8)
+    else:
+        fig, axes = new_figure(1, num, (1.8 * num, 2.4))
+        for i, image in enumerate(arrays):
+            ax = axes[0, i]
+            ax.imshow(display_view(np.asarray(image)), cmap="gray", vmin=0.0, vmax=1.0,
+                      interpolation="nearest", aspect=sy / sx)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"seed {seed + i}", fontsize=8)
+    fig.suptitle(f"{synth.kind} samples, {synth.sampler} {synth.steps} steps", fontsize=9)
+    save_figure(fig, out, dpi=100)
+    return {"file": out.name, "num": num, "sampler": synth.sampler, "steps": synth.steps,
+            "seeds": [seed + i for i in range(num)], "seconds_per_sample": round(seconds, 2),
+            "kind": synth.kind}
 
 
 def loss_curve_png(metrics_csv: Path, out: Path) -> None:
@@ -115,8 +190,74 @@ def demo_card_metrics(path: Path) -> dict:
     }
 
 
+def _hours(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds / 3600:.2f} h"
+
+
+def _wall_time_row(facts: dict) -> str:
+    """The card's wall-time cell: both stages of a latent model, their sum first."""
+    machine = facts["machine"]
+    ae = facts.get("autoencoder")
+    if not ae:
+        return f"{_hours(facts['wall_time_s'])} on {machine}"
+    diffusion = facts.get("diffusion_wall_time_s", facts["wall_time_s"])
+    if ae.get("wall_time_s") is None:
+        return (f"{_hours(diffusion)} for the diffusion stage on {machine}; the autoencoder "
+                "stage's time is not recorded (export with --autoencoder-run)")
+    return (f"{_hours(facts['wall_time_s'])} in all on {machine}: autoencoder "
+            f"{_hours(ae['wall_time_s'])} + diffusion {_hours(diffusion)}")
+
+
+def _autoencoder_row(ae: dict) -> str:
+    shape = " x ".join(str(v) for v in ae["latent_shape"])
+    text = (f"MONAI AutoencoderKL, preset '{ae['preset']}', channels {tuple(ae['channels'])}, "
+            f"{ae['latent_channels']} latent channels, {ae['factor']}x per axis ({shape} latent), "
+            f"latent scale factor {ae['scale_factor']:.4g}, {ae['parameters'] / 1e6:.2f} M "
+            f"parameters; trained {ae['steps']} steps")
+    if ae.get("batch_size"):
+        text += f", batch {ae['batch_size']}, lr {ae['lr']:g}"
+    if ae.get("final_loss") is not None:
+        text += f", final loss {ae['final_loss']:.4f}"
+    if ae.get("config"):
+        text += f", config `{ae['config']}`"
+    return text + "; frozen while the diffusion stage trained on its latents"
+
+
+def _retrain_lines(facts: dict) -> list[str]:
+    n, config = facts["name"], facts["config"]
+    run = facts.get("run") or f"runs/{n}"
+    ae = facts.get("autoencoder")
+    if not ae:
+        return [f"medidiff train --config {config} --out {run}",
+                f"python pipelines/export_default_models.py --run {run} --name {n} --config {config}"]
+    ae_run = ae.get("run") or "runs/AUTOENCODER_RUN"
+    return [f"medidiff train --config {ae.get('config') or 'AUTOENCODER_CONFIG'} --out {ae_run}",
+            f"medidiff train --config {config} --out {run}   # autoencoder.checkpoint: {ae_run}/model.safetensors",
+            f"python pipelines/export_default_models.py --run {run} --name {n} --config {config} "
+            f"--autoencoder-run {ae_run}"]
+
+
+def _samples_lines(facts: dict) -> list[str]:
+    s = facts.get("samples")
+    if not s:
+        return []
+    seeds = s["seeds"]
+    views = ("middle axial, coronal and sagittal slice of each volume" if s.get("kind") == "3d-volume"
+             else "one axial slice each")
+    return [f"![samples]({s['file']})", "",
+            f"{s['num']} samples (seeds {seeds[0]}..{seeds[-1]}), {s['sampler']} {s['steps']} steps "
+            f"(the model's default), {views}, on the model's [0, 1] scale; "
+            f"{s['seconds_per_sample']:.1f} s per sample on the exporting machine's CPU.", ""]
+
+
 def card_markdown(facts: dict) -> str:
     n = facts["name"]
+    fp16 = facts.get("fp16_errors") or {"network": facts["fp16_max_abs_error"]}
+    fp16_text = f"max abs change of the network output {fp16['network']:.2e} on a random input"
+    if "decoder" in fp16:
+        fp16_text = (f"max abs change of the U-Net output {fp16['network']:.2e} on a random latent, "
+                     f"of the decoded image {fp16['decoder']:.2e} on a random latent")
+    ae = facts.get("autoencoder")
     lines = [
         f"# Model card: {n}",
         "",
@@ -125,24 +266,25 @@ def card_markdown(facts: dict) -> str:
         "| | |",
         "|---|---|",
         f"| file | `medidiff/weights/{n}.safetensors` ({facts['size_bytes'] / 1e6:.1f} MB, fp16; sha256 `{facts['sha256'][:16]}...`) |",
-        f"| network | {facts['network']} ({facts['parameters'] / 1e6:.2f} M parameters) |",
+        f"| network | {facts['network']} ({facts['parameters'] / 1e6:.2f} M parameters{' in both stages' if ae else ''}) |",
+        *([f"| autoencoder | {_autoencoder_row(ae)} |"] if ae else []),
         f"| data | {facts['data']} |",
         f"| preprocessing | {facts['preprocessing']} |",
         f"| diffusion | {facts['diffusion']} |",
-        f"| training | {facts['steps']} steps, batch {facts['batch_size']}, lr {facts['lr']:g} (warm-up + cosine), EMA {facts['ema_decay']} |",
-        f"| wall time | {facts['wall_time_s'] / 3600:.2f} h on {facts['machine']} |",
+        f"| training | {facts['steps']} steps{' (diffusion stage)' if ae else ''}, batch {facts['batch_size']}, lr {facts['lr']:g} (warm-up + cosine), EMA {facts['ema_decay']} |",
+        f"| wall time | {_wall_time_row(facts)} |",
         f"| final loss | {facts['final_loss']:.4f} (mean of the last 10 logged values) |",
-        f"| fp16 export | max abs change of the network output {facts['fp16_max_abs_error']:.2e} on a random input |",
+        f"| fp16 export | {fp16_text} |",
         f"| trained | {facts['trained_on']}, config `{facts['config']}` |",
         *([f"| note | {facts['note']} |"] if facts.get("note") else []),
         "",
         f"![loss curve]({n}_loss.png)",
         "",
+        *_samples_lines(facts),
         "Retrain and re-export:",
         "",
         "```",
-        f"medidiff train --config {facts['config']} --out runs/{n}",
-        f"python pipelines/export_default_models.py --run runs/{n} --name {n} --config {facts['config']}",
+        *_retrain_lines(facts),
         "```",
         "",
         "## Metrics",
@@ -181,9 +323,11 @@ def card_metrics(a: argparse.Namespace) -> list[dict]:
 
 
 def rewrite_card(a: argparse.Namespace) -> int:
-    """``--card-only``: new metrics and note in the existing card; weights untouched."""
+    """``--card-only``: name, description, metrics, note and samples of the existing card
+    rewritten; weights untouched."""
     from medidiff.models.checkpoint import file_sha256
     from medidiff.io import write_json_atomic, write_text_atomic
+    from medidiff.models.pretrained import MODELS
 
     facts_path = a.out / f"{a.name}.json"
     facts = json.loads(facts_path.read_text(encoding="utf-8"))
@@ -191,102 +335,208 @@ def rewrite_card(a: argparse.Namespace) -> int:
     if file_sha256(weights) != facts.get("sha256"):
         raise SystemExit(f"{weights} is not the file its card describes (sha256 differs); "
                          "export it again without --card-only")
+    facts["name"], facts["description"] = a.name, MODELS[a.name]
     if a.metrics or a.demo_metrics:
         facts["metrics"] = card_metrics(a)
     if a.note:
         facts["note"] = a.note
+    if a.samples > 0:
+        facts["samples"] = samples_png(weights, a.out / f"{a.name}_samples.png", a.samples)
     write_json_atomic(facts_path, facts)
     write_text_atomic(a.out / f"{a.name}.md", card_markdown(facts))
     print(f"card {a.out / (a.name + '.md')} rewritten; weights unchanged (sha256 {facts['sha256'][:12]})")
     return 0
 
 
+def _shown(path: Path) -> str:
+    """A path as the card shows it: relative to the repository when inside it."""
+    try:
+        return Path(path).resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _final_loss(rows: list[dict[str, float]]) -> float:
+    last = [r["loss"] for r in rows[-10:] if "loss" in r]
+    return sum(last) / max(1, len(last))
+
+
+def _run_rows(run: Path, step: int | None) -> tuple[list[dict[str, float]], int]:
+    """The run's metrics.csv rows up to ``step`` (the exported weights' step) and that step."""
+    rows = read_metrics(run / "metrics.csv")
+    step = int(step if step is not None else (rows[-1]["step"] if rows else 0))
+    return [r for r in rows if r["step"] <= step], step
+
+
+def diffusion_text(cfg: object) -> str:
+    """The diffusion process in one line (a rectified-flow model has no beta schedule)."""
+    d = cfg.diffusion
+    if d.prediction_type == "flow":
+        return (f"rectified flow (Liu et al. 2023): flow prediction (the velocity x_0 - eps on the "
+                f"straight path x_s = (1 - s) x_0 + s eps), {d.noise} noise, T = "
+                f"{d.num_train_timesteps}, {d.flow_time_sampling} training times; sampled with euler")
+    return (f"{d.num_train_timesteps} steps, {d.schedule} ({d.beta_start:g} .. {d.beta_end:g}), "
+            f"{d.prediction_type} prediction, {d.noise} noise")
+
+
+def autoencoder_facts(ckpt: object, ae_run: Path | None, ae_config: str | None) -> dict:
+    """The autoencoder stage of a latent checkpoint: architecture and latent record from the
+    file; steps, wall time, loss, batch and lr from its training run when given.
+
+    Raises:
+        SystemExit: the run's ``model.safetensors`` is not the autoencoder the file holds.
+    """
+    from medidiff.models.autoencoder import AUTOENCODER_PRESETS
+    from medidiff.models.checkpoint import load_inference
+
+    kw = ckpt.model_kwargs["autoencoder"]
+    latent = ckpt.extra.get("latent") or {}
+    record = latent.get("autoencoder") or {}
+    preset = next((name for name, p in AUTOENCODER_PRESETS.items()
+                   if list(p.channels) == list(kw["channels"]) and p.latent_channels == kw["latent_channels"]
+                   and p.num_res_blocks == kw["num_res_blocks"]), "custom")
+    facts = {
+        "preset": preset, "channels": list(kw["channels"]), "latent_channels": int(kw["latent_channels"]),
+        "factor": int(latent.get("factor", 2 ** (len(kw["channels"]) - 1))),
+        "latent_shape": list(latent.get("latent_shape", [])), "scale_factor": float(latent["scale_factor"]),
+        "parameters": int(sum(v.numel() for k, v in ckpt.state_dict.items() if k.startswith("autoencoder."))),
+        "steps": record.get("step"), "sha256": record.get("sha256"),
+        "wall_time_s": None, "final_loss": None, "config": ae_config, "run": None,
+    }
+    if ae_run is None:
+        return facts
+    ae = load_inference(ae_run / "model.safetensors")
+    if record.get("sha256") and ae.sha256 != record["sha256"]:
+        raise SystemExit(f"--autoencoder-run {ae_run}: its model.safetensors (sha256 {ae.sha256[:12]}) is not "
+                         f"the autoencoder this latent model was trained on (sha256 {record['sha256'][:12]})")
+    rows, step = _run_rows(ae_run, ae.extra.get("step"))
+    cfg = ae.config
+    if ae_config is None and cfg.get("name") and (ROOT / "configs" / f"{cfg['name']}.yaml").is_file():
+        ae_config = f"configs/{cfg['name']}.yaml"
+    facts.update({
+        "preset": (cfg.get("autoencoder") or {}).get("preset", preset), "steps": step,
+        "wall_time_s": round(wall_time(rows), 1), "final_loss": _final_loss(rows),
+        "batch_size": (cfg.get("train") or {}).get("batch_size"), "lr": (cfg.get("train") or {}).get("lr"),
+        "config": ae_config, "run": _shown(ae_run),
+    })
+    return facts
+
+
 def main(argv: list[str] | None = None) -> int:
+    from medidiff.models.pretrained import MODELS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, type=Path, help="training run folder")
-    p.add_argument("--name", required=True, choices=["brain_mri_2d", "brain_mri_3d"])
-    p.add_argument("--config", required=True, help="the config file the run used (recorded)")
+    p.add_argument("--run", type=Path, default=None, help="training run folder (not with --card-only)")
+    p.add_argument("--name", required=True, choices=sorted(MODELS))
+    p.add_argument("--config", default=None, help="the config file the run used (recorded)")
+    p.add_argument("--autoencoder-run", type=Path, default=None,
+                   help="a latent model's autoencoder training run: its steps, wall time and loss "
+                   "go into the card (its model.safetensors must be the one the model holds)")
+    p.add_argument("--autoencoder-config", default=None,
+                   help="the autoencoder run's config file (default: configs/<its name>.yaml when present)")
     p.add_argument("--machine", default=None, help="where it trained (default: this machine, described)")
     p.add_argument("--metrics", type=Path, action="append", default=[],
                    help="JSON results to put in the card (repeatable)")
     p.add_argument("--demo-metrics", type=Path, default=None,
                    help="a `medidiff demo` metrics.json: its anomaly results go into the card")
     p.add_argument("--note", default="", help="a sentence on how the run went (stopped early, resumed, ...)")
+    p.add_argument("--samples", type=int, default=4,
+                   help="samples in <name>_samples.png (seeds 0.., the model's default sampler and "
+                   "steps; 0: none)")
     p.add_argument("--out", type=Path, default=ROOT / "medidiff" / "weights")
     p.add_argument("--card-only", action="store_true",
                    help="keep the shipped weights (and their sha256, which thresholds are tied "
-                   "to); rewrite only the card's metrics (--metrics/--demo-metrics) and note")
+                   "to); rewrite only the card: name and description, metrics (--metrics/"
+                   "--demo-metrics), note and samples")
     a = p.parse_args(argv)
+    if a.samples < 0:
+        p.error("--samples must be >= 0")
     if a.card_only:
         return rewrite_card(a)
+    if a.run is None or a.config is None:
+        p.error("--run and --config are required (unless --card-only)")
 
     import torch
 
     from medidiff.models.checkpoint import file_sha256, load_inference, save_inference
     from medidiff.config import Config
     from medidiff.io import write_json_atomic, write_text_atomic
-    from medidiff.models.pretrained import MODELS
 
     src = a.run / "model.safetensors"
     ckpt = load_inference(src)
+    latent = ckpt.network == "latent_diffusion"
+    if a.autoencoder_run is not None and not latent:
+        raise SystemExit(f"--autoencoder-run: {src} is a {ckpt.network} model, not a latent model")
     cfg = Config.from_dict(ckpt.config)
     a.out.mkdir(parents=True, exist_ok=True)
     dst = a.out / f"{a.name}.safetensors"
     save_inference(dst, ckpt.state_dict, model_kwargs=ckpt.model_kwargs, config=ckpt.config,
-                   preprocessing=ckpt.preprocessing, extra=ckpt.extra, half=True)
+                   preprocessing=ckpt.preprocessing, extra=ckpt.extra, half=True,
+                   network=ckpt.network)
     size = dst.stat().st_size
     if size > MAX_BYTES:
         raise SystemExit(f"{dst}: {size / 1e6:.1f} MB exceeds the 20 MB limit for a shipped model")
-    err = fp16_error(src, dst)
+    errors = fp16_errors(src, dst)
 
-    rows = read_metrics(a.run / "metrics.csv")
-    step = int(ckpt.extra.get("step", rows[-1]["step"] if rows else 0))
-    rows = [r for r in rows if r["step"] <= step]
-    last = [r["loss"] for r in rows[-10:]]
+    rows, step = _run_rows(a.run, ckpt.extra.get("step"))
     prep = ckpt.preprocessing
-    d, t, m = cfg.diffusion, cfg.train, cfg.model
-    kw = ckpt.model_kwargs
+    t, m = cfg.train, cfg.model
+    kw = ckpt.model_kwargs["unet"] if latent else ckpt.model_kwargs
     params = sum(v.numel() for v in ckpt.state_dict.values())
     machine = a.machine or (
         f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, {platform.system()}"
     )
+    network = (
+        f"MONAI DiffusionModelUNet {kw['spatial_dims']}D, preset '{m.preset}', channels "
+        f"{tuple(kw['channels'])}, attention {tuple(kw['attention_levels'])}"
+    )
+    ae = autoencoder_facts(ckpt, a.autoencoder_run, a.autoencoder_config) if latent else None
+    diffusion_wall = round(wall_time(rows), 1)
+    if ae:
+        shape = " x ".join(str(v) for v in ae["latent_shape"])
+        network = f"latent diffusion: {network}, on {shape} latents of the autoencoder below"
     facts = {
         "name": a.name,
         "description": MODELS[a.name],
         "config": a.config,
+        "run": _shown(a.run),
+        "stage": "latent" if latent else "pixel",
         "data": f"sample_data '{cfg.data.split}' split (24 healthy T1 volumes, 2 mm)",
         "preprocessing": (
             f"{prep.get('modality')} resampled to {' x '.join(f'{s:g}' for s in prep['spacing'])} mm, "
             f"RAS grid {' x '.join(str(s) for s in prep['shape'])}, intensities to [0, 1] by the "
             f"{prep.get('lower_percentile', 1):g}-{prep.get('upper_percentile', 99):g} percentiles"
         ),
-        "network": (
-            f"MONAI DiffusionModelUNet {kw['spatial_dims']}D, preset '{m.preset}', channels "
-            f"{tuple(kw['channels'])}, attention {tuple(kw['attention_levels'])}"
-        ),
-        "diffusion": (
-            f"{d.num_train_timesteps} steps, {d.schedule} ({d.beta_start:g} .. {d.beta_end:g}), "
-            f"{d.prediction_type} prediction, {d.noise} noise"
-        ),
+        "network": network,
+        "diffusion": diffusion_text(cfg),
+        "prediction_type": cfg.diffusion.prediction_type,
         "parameters": int(params),
         "steps": step,
         "batch_size": t.batch_size,
         "lr": t.lr,
         "ema_decay": t.ema_decay,
-        "wall_time_s": round(wall_time(rows), 1),
+        # a latent model: both stages (the autoencoder's when its run is given)
+        "wall_time_s": round(diffusion_wall + ((ae or {}).get("wall_time_s") or 0.0), 1),
         "machine": machine,
-        "final_loss": sum(last) / max(1, len(last)),
-        "fp16_max_abs_error": err,
+        "final_loss": _final_loss(rows),
+        "fp16_max_abs_error": max(errors.values()),
+        "fp16_errors": errors,
         "trained_on": _dt.date.today().isoformat(),
         "sha256": file_sha256(dst),
         "size_bytes": size,
         "metrics": card_metrics(a),
         "note": a.note,
     }
+    if ae:
+        facts["autoencoder"] = ae
+        facts["diffusion_wall_time_s"] = diffusion_wall
     loss_curve_png(a.run / "metrics.csv", a.out / f"{a.name}_loss.png")
+    if a.samples > 0:
+        facts["samples"] = samples_png(dst, a.out / f"{a.name}_samples.png", a.samples)
     write_json_atomic(a.out / f"{a.name}.json", facts)
     write_text_atomic(a.out / f"{a.name}.md", card_markdown(facts))
-    print(f"{dst} ({size / 1e6:.2f} MB, step {step}, fp16 max abs error {err:.2e}); card {a.out / (a.name + '.md')}")
+    print(f"{dst} ({size / 1e6:.2f} MB, step {step}, fp16 max abs error {facts['fp16_max_abs_error']:.2e}); "
+          f"card {a.out / (a.name + '.md')}")
     return 0
 
 

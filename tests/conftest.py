@@ -136,6 +136,35 @@ def tiny_checkpoint_2d_conditional(tmp_path_factory: pytest.TempPathFactory) -> 
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_latent_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``(autoencoder run, latent run)``: a tiny autoencoder trained 3 steps, then a tiny
+    rectified-flow latent model trained 3 steps on its latents (6 mm grid 32x40x32, latent
+    3 x 16 x 20 x 16), from the shipped configs of the latent model."""
+    if not (_ROOT / "sample_data" / "dataset.json").exists():
+        pytest.skip("sample_data not built")
+    from medidiff.config import Config
+    from medidiff.training import build_trainer
+
+    root = tmp_path_factory.mktemp("tinylatent")
+    common = ["data.preprocessing.spacing=[6,6,6]", "data.preprocessing.shape=[32,40,32]",
+              "train.batch_size=2", "train.log_every=1", "train.max_steps=3",
+              "train.checkpoint_every=0", "train.preview_every=0"]
+    runs = []
+    for name, overrides in (
+        ("brain_mri_3d_autoencoder", ["data.patch_size=[16,16,16]", "autoencoder.preset=tiny",
+                                      "autoencoder.scale_batches=2"]),
+        ("brain_mri_3d_latent", ["model.preset=tiny",
+                                 f"autoencoder.checkpoint={root / 'ae' / 'model.safetensors'}"]),
+    ):
+        cfg_path = _ROOT / "configs" / f"{name}.yaml"
+        out = root / ("ae" if "autoencoder" in name else "ldm")
+        cfg = Config.from_yaml(cfg_path, [*common, *overrides])
+        build_trainer(cfg, out, progress=False, config_dir=cfg_path.parent).fit()
+        runs.append(out)
+    return runs[0], runs[1]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tests use tiny networks, which run fastest on one thread; two threads fighting for

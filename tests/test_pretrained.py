@@ -16,22 +16,34 @@ from medidiff.errors import CheckpointError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _skip_unexported(name: str) -> None:
+    """The 5 mm pixel model takes its name when the latent model replaces it as
+    brain_mri_3d; until that export its file is absent."""
+    if name == pretrained.PIXEL_3D_5MM and not (pretrained.WEIGHTS_DIR / f"{name}.safetensors").exists():
+        pytest.skip(f"{name} not exported yet (the shipped 5 mm model is still brain_mri_3d)")
+
+
 @pytest.mark.parametrize("name", sorted(pretrained.MODELS))
 def test_shipped_model_loads_and_matches_its_config(name):
+    _skip_unexported(name)
     path = pretrained.pretrained_path(name)
     assert path.parent == pretrained.WEIGHTS_DIR and path.stat().st_size <= 20 * 1024 * 1024
     loaded = build_model_from_checkpoint(path)
     assert loaded.checkpoint.stored_dtype == "float16"
-    cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    # the config the card says it was trained with (configs/<name>.yaml without a card)
+    config = pretrained.model_card_facts(name).get("config") or f"configs/{name}.yaml"
+    cfg = yaml.safe_load((ROOT / config).read_text())
     prep = loaded.checkpoint.preprocessing
     assert list(prep["shape"]) == list(cfg["data"]["preprocessing"]["shape"])
     assert list(prep["spacing"]) == list(cfg["data"]["preprocessing"]["spacing"])
-    assert loaded.checkpoint.model_kwargs["spatial_dims"] == cfg["model"]["spatial_dims"]
-    assert loaded.checkpoint.config["diffusion"]["noise"] == cfg["diffusion"]["noise"]
+    assert loaded.spatial_dims == cfg["model"]["spatial_dims"]
+    assert loaded.checkpoint.config["diffusion"]["noise"] == cfg["diffusion"].get("noise", "gaussian")
+    assert loaded.is_latent == (cfg.get("stage") == "latent")
 
 
 @pytest.mark.parametrize("name", sorted(pretrained.MODELS))
 def test_model_card_describes_the_shipped_file(name):
+    _skip_unexported(name)
     facts = pretrained.model_card_facts(name)
     assert facts, f"{name}: the shipped model has no model card facts ({name}.json)"
     assert facts["sha256"] == file_sha256(pretrained.pretrained_path(name))
@@ -39,6 +51,9 @@ def test_model_card_describes_the_shipped_file(name):
     card = pretrained.model_card_path(name).read_text(encoding="utf-8")
     assert name in card and "wall time" in card
     assert (pretrained.WEIGHTS_DIR / f"{name}_loss.png").is_file()
+    if facts.get("samples"):
+        assert (pretrained.WEIGHTS_DIR / facts["samples"]["file"]).is_file()
+        assert f"]({facts['samples']['file']})" in card
 
 
 def test_resolve_checkpoint_defaults_names_and_paths(tmp_path):

@@ -27,14 +27,20 @@ from medidiff.errors import CheckpointError
 
 #: the default 2D brain MRI model (anomaly detection, slice synthesis)
 DEFAULT_2D = "brain_mri_2d"
-#: the default small 3D brain MRI model (whole-volume synthesis at 5 mm)
+#: the default 3D brain MRI model (whole-volume synthesis and 3D anomaly scoring at 2 mm:
+#: a latent model)
 DEFAULT_3D = "brain_mri_3d"
+#: the small pixel-space 3D model at 5 mm (the earlier 3D default)
+PIXEL_3D_5MM = "brain_mri_3d_5mm"
 #: every shipped model, with a one-line description
 MODELS: dict[str, str] = {
     DEFAULT_2D: "2D axial slices of brain T1 MRI at 2.5 mm (64x80), simplex noise; the default "
     "for anomaly detection",
-    DEFAULT_3D: "3D brain T1 MRI volumes at 5 mm (32x40x36), Gaussian noise, v-prediction; the "
-    "default for whole-volume synthesis",
+    DEFAULT_3D: "3D brain T1 MRI whole volumes at 2 mm (96x112x96), latent diffusion "
+    "(autoencoder 4x per axis, 4 x 24 x 28 x 24 latent), rectified flow; the default for "
+    "whole-volume synthesis and 3D anomaly scoring",
+    PIXEL_3D_5MM: "3D brain T1 MRI volumes at 5 mm (32x40x36), pixel-space diffusion, Gaussian "
+    "noise, v-prediction; small and fast whole-volume synthesis at a coarse resolution",
 }
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -52,7 +58,8 @@ def pretrained_path(name: str = DEFAULT_2D) -> Path:
     """The inference file of a shipped default model.
 
     Args:
-        name: a key of :data:`MODELS` (``"brain_mri_2d"`` or ``"brain_mri_3d"``).
+        name: a key of :data:`MODELS` (``"brain_mri_2d"``, ``"brain_mri_3d"``,
+            ``"brain_mri_3d_5mm"``).
 
     Returns:
         ``medidiff/weights/<name>.safetensors``.
@@ -100,7 +107,7 @@ def resolve_checkpoint(
 
     Args:
         arg: ``--checkpoint`` as given (``None`` or empty: use the default), a path, or the
-            name of a shipped model (``"brain_mri_2d"``, ``"brain_mri_3d"``).
+            name of a shipped model (a key of :data:`MODELS`).
         kind: the shipped model to fall back to.
 
     Returns:

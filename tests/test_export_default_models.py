@@ -1,0 +1,101 @@
+"""pipelines/export_default_models.py: fp16 export, fp16 check, samples montage and model card
+of pixel (2D, 3D) and latent models, and --card-only."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def export():
+    spec = importlib.util.spec_from_file_location("export_default_models",
+                                                  ROOT / "pipelines" / "export_default_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_latent_model_export_card_and_card_only(export, tiny_latent_run, tmp_path):
+    from medidiff.models.checkpoint import checkpoint_network, file_sha256, load_inference
+    from medidiff.models.loaded import load_model
+    from medidiff.models.pretrained import MODELS
+
+    ae_run, run = tiny_latent_run
+    out = tmp_path / "weights"
+    assert export.main(["--run", str(run), "--name", "brain_mri_3d", "--config",
+                        "configs/brain_mri_3d_latent.yaml", "--autoencoder-run", str(ae_run),
+                        "--samples", "2", "--out", str(out)]) == 0
+    weights = out / "brain_mri_3d.safetensors"
+    assert checkpoint_network(weights) == "latent_diffusion"
+    loaded = load_model(weights)
+    assert loaded.is_latent and loaded.checkpoint.stored_dtype == "float16"
+    assert loaded.checkpoint.extra["latent"] == load_inference(run / "model.safetensors").extra["latent"]
+
+    facts = json.loads((out / "brain_mri_3d.json").read_text())
+    assert facts["description"] == MODELS["brain_mri_3d"] and facts["stage"] == "latent"
+    assert facts["sha256"] == file_sha256(weights) and facts["steps"] == 3
+    assert facts["prediction_type"] == "flow" and "rectified flow" in facts["diffusion"]
+    # the fp16 check ran the U-Net on latents and the decoder; both change little
+    assert set(facts["fp16_errors"]) == {"network", "decoder"}
+    assert 0 < facts["fp16_max_abs_error"] == max(facts["fp16_errors"].values()) < 0.05
+    ae = facts["autoencoder"]
+    assert ae["preset"] == "tiny" and ae["channels"] == [8, 16] and ae["latent_channels"] == 3
+    assert ae["factor"] == 2 and ae["latent_shape"] == [3, 16, 20, 16] and ae["steps"] == 3
+    assert ae["config"] == "configs/brain_mri_3d_autoencoder.yaml"
+    assert ae["wall_time_s"] > 0 and facts["diffusion_wall_time_s"] > 0
+    assert facts["wall_time_s"] == pytest.approx(ae["wall_time_s"] + facts["diffusion_wall_time_s"], abs=0.11)
+    # the sample montage: the model's default sampler and steps (euler 30 for flow)
+    assert facts["samples"]["sampler"] == "euler" and facts["samples"]["steps"] == 30
+    assert facts["samples"]["seeds"] == [0, 1] and _png(out / "brain_mri_3d_samples.png")
+    assert _png(out / "brain_mri_3d_loss.png")
+    card = (out / "brain_mri_3d.md").read_text()
+    for text in ("![samples](brain_mri_3d_samples.png)", "![loss curve](brain_mri_3d_loss.png)",
+                 "| autoencoder | MONAI AutoencoderKL, preset 'tiny'", "autoencoder", "in all on",
+                 "decoded image", f"--autoencoder-run {ae_run}"):
+        assert text in card, text
+
+    # --card-only: a new note, the samples kept; the weights untouched
+    before = weights.read_bytes()
+    assert export.main(["--name", "brain_mri_3d", "--card-only", "--samples", "0", "--note",
+                        "a test export", "--out", str(out)]) == 0
+    assert weights.read_bytes() == before
+    card = (out / "brain_mri_3d.md").read_text()
+    assert "| note | a test export |" in card and "brain_mri_3d_samples.png" in card
+
+    # an autoencoder run that is not the model's autoencoder is refused
+    with pytest.raises(SystemExit, match="not the autoencoder this latent model was trained on"):
+        export.main(["--run", str(run), "--name", "brain_mri_3d", "--config", "c.yaml",
+                     "--autoencoder-run", str(run), "--samples", "0", "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("fixture, kind", [("tiny_checkpoint_2d", "2d-slice"),
+                                           ("tiny_checkpoint_3d", "3d-volume")])
+def test_pixel_model_export(export, request, tmp_path, fixture, kind):
+    from medidiff.models.loaded import load_model
+
+    run = request.getfixturevalue(fixture).parent
+    out = tmp_path / "weights"
+    assert export.main(["--run", str(run), "--name", "brain_mri_3d_5mm", "--config", "configs/x.yaml",
+                        "--samples", "2", "--out", str(out)]) == 0
+    loaded = load_model(out / "brain_mri_3d_5mm.safetensors")
+    assert not loaded.is_latent and loaded.checkpoint.stored_dtype == "float16"
+    facts = json.loads((out / "brain_mri_3d_5mm.json").read_text())
+    assert facts["stage"] == "pixel" and "autoencoder" not in facts
+    assert list(facts["fp16_errors"]) == ["network"] and facts["fp16_errors"]["network"] < 0.05
+    assert facts["samples"]["kind"] == kind and facts["samples"]["sampler"] == "ddim"
+    assert _png(out / "brain_mri_3d_5mm_samples.png")
+    card = (out / "brain_mri_3d_5mm.md").read_text()
+    assert "max abs change of the network output" in card and "| autoencoder |" not in card
+    with pytest.raises(SystemExit, match="not a latent model"):
+        export.main(["--run", str(run), "--name", "brain_mri_3d", "--config", "c.yaml",
+                     "--autoencoder-run", str(run), "--out", str(tmp_path / "x")])
