@@ -204,6 +204,12 @@ def test_demo_end_to_end(run_cli, tiny_checkpoint_2d, tiny_checkpoint_3d, tmp_pa
     assert {"load", "calibrate", "score", "baseline", "evaluate", "synthesis_2d",
             "synthesis_3d", "figures"} <= set(m["timings"])
     assert m["synthesis"]["2d"]["num"] == 2 and m["synthesis"]["3d"]["num"] == 2
+    assert (m["synthesis"]["3d"]["sampler"], m["synthesis"]["3d"]["steps"]) == ("dpm++2m", 20)
+    # a pixel-space 3D model: no 3D latent scoring, and the report says why
+    assert m["anomaly_3d"]["ran"] is False and "pixel-space model" in m["anomaly_3d"]["reason"]
+    assert "anomaly_3d" not in m["timings"] and not (out / "anomaly_3d").exists()
+    assert "3D latent anomaly scoring" in page and "not run: the 3D model" in page
+    assert "[6/10] 3D latent anomaly scoring: skipped" not in r.out  # --no-progress: quiet
 
     # thresholds as 'medidiff calibrate' writes them; scores.csv one row per scan
     thresholds = Thresholds.load(out / "thresholds.json")
@@ -280,3 +286,47 @@ def _check_metrics_recomputed_from_the_written_maps(out: Path, m: dict, threshol
     assert [s["baseline_score"] for s in m["scans"]] == [baseline[s["name"]] for s in m["scans"]]
     assert [s["score"] for s in m["scans"]] == [scores[s["name"]] for s in m["scans"]]
 
+
+
+def test_demo_with_a_latent_3d_model(tiny_checkpoint_2d, tiny_latent_run, tmp_path):
+    """A latent 3D model: synthesis with its own sampler (rectified flow: euler 30) and the
+    3D latent anomaly scoring next to the 2D default, in its folder, metrics.json and the
+    report."""
+    import csv
+
+    from medidiff.anomaly.thresholds import Thresholds
+    from medidiff.cli.demo import run_demo
+
+    _, latent = tiny_latent_run
+    out = tmp_path / "demo"
+    result = run_demo(out, checkpoint_2d=tiny_checkpoint_2d,
+                      checkpoint_3d=latent / "model.safetensors", limit=2, num_synth=1,
+                      progress=False, workers=1)
+    m = _strict_json(result.metrics)
+    assert (m["synthesis"]["3d"]["sampler"], m["synthesis"]["3d"]["steps"]) == ("euler", 30)
+    assert m["synthesis"]["3d"]["shape"] == [32, 40, 32]
+    a = m["anomaly_3d"]
+    assert a["ran"] is True and a["method"]["method"] == "latent" and "anomaly_3d" in m["timings"]
+    thresholds = Thresholds.load(out / "thresholds_3d.json")
+    assert thresholds.fpr == 0.05 and thresholds.num_scans == 6
+    assert thresholds.method["method"] == "latent" and a["thresholds"]["voxel_threshold"] == \
+        thresholds.voxel_threshold
+    with open(out / "anomaly_3d" / "scores.csv", newline="") as f:
+        names = [row["name"] for row in csv.DictReader(f)]
+    assert names == [s["name"] for s in m["data"]["test_scans"]] == [s["name"] for s in a["scans"]]
+    for name in names:
+        for suffix in ("anomaly.nii.gz", "recon.nii.gz", "seg.nii.gz", "overlay.png"):
+            assert (out / "anomaly_3d" / f"{name}_{suffix}").is_file(), (name, suffix)
+    # per kind: the 3D numbers beside the 2D default's own
+    assert set(a["per_kind"]) == set(m["per_kind"])
+    for kind, row in a["per_kind"].items():
+        assert row["default_2d"] == m["per_kind"][kind]["default"]
+        assert kind == "healthy" or 0.0 <= row["latent_3d"]["voxel_auroc"] <= 1.0
+    assert a["per_kind"]["all"]["latent_3d"]["n_scans"] == 2
+    for who in ("latent_3d", "default_2d"):
+        assert a["cost"][who]["nfe_per_volume"] > 0 and a["cost"][who]["seconds_per_volume"] > 0
+    assert any("thresholds_3d.json" in c and "--method latent" in c for c in m["commands"])
+    assert any("--sampler euler --steps 30" in c for c in m["commands"])
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert 'id="anomaly3d"' in page and "AUROC 3D latent" in page and "seconds per volume" in page
+    assert "not run:" not in page

@@ -16,17 +16,26 @@ to end, on the repository's ``sample_data/`` and writes one folder with an HTML 
    (:func:`medidiff.anomaly.metrics.evaluate_cases`, grouped by kind), for the default method and
    for the no-network intensity baseline (:mod:`medidiff.anomaly.baseline`, calibrated the same
    way) side by side;
-5. synthesises a few axial slices with the 2D model and a few volumes with the 3D model
-   (DPM-Solver++(2M), 20 steps) -> ``DIR/synthesis_2d``, ``DIR/synthesis_3d``;
-6. draws the "how it works" strips (:func:`medidiff.viz.figures.save_how_it_works_figures`)
+5. when the 3D model is a latent model (the shipped ``brain_mri_3d``): 3D latent anomaly
+   scoring, the ``latent`` method (:class:`~medidiff.anomaly.reconstructor.LatentReconstructor`)
+   calibrated on the same healthy scans at the same FPR -> ``DIR/thresholds_3d.json``, the
+   test scans scored -> ``DIR/anomaly_3d/`` (the files of ``DIR/anomaly/``) and evaluated the
+   same way, next to the 2D default (per-kind voxel AUROC/AUPRC, Dice at the calibrated
+   threshold, network evaluations and seconds per volume); skipped, with the reason in the
+   report, for a pixel-space 3D model;
+6. synthesises a few axial slices with the 2D model and a few volumes with the 3D model
+   (DPM-Solver++(2M), 20 steps; a rectified-flow model its own Euler, 30 steps) ->
+   ``DIR/synthesis_2d``, ``DIR/synthesis_3d``;
+7. draws the "how it works" strips (:func:`medidiff.viz.figures.save_how_it_works_figures`)
    -> ``DIR/figures``;
-7. writes ``DIR/metrics.json`` (method, thresholds, both evaluations, the per-kind table,
-   quality bars, stage timings, model facts, versions) and ``DIR/report.html``
-   (:mod:`medidiff.viz.report`).
+8. writes ``DIR/metrics.json`` (method, thresholds, both evaluations, the per-kind table,
+   quality bars, the 3D latent scoring, stage timings, model facts, versions) and
+   ``DIR/report.html`` (:mod:`medidiff.viz.report`).
 
 The quality bars the report states plainly (pass or fail): the default method's voxel
 AUROC over all test scans against the baseline's, and, for every lesion kind, the default
-method's voxel AUPRC against the baseline's.
+method's voxel AUPRC against the baseline's (the 2D default's; the 3D latent scoring is
+shown beside it, not barred).
 
 Example:
     >>> from medidiff.cli.demo import run_demo  # doctest: +SKIP
@@ -54,10 +63,10 @@ import medidiff
 from medidiff.cli.demo_metrics import (
     FPR,
     LESION_KINDS,
-    SYNTH_SAMPLER,
-    SYNTH_STEPS,
     QualityCheck,
+    anomaly_3d_per_kind,
     checkpoint_facts,
+    cost_per_volume,
     jsonable,
     machine_facts,
     per_kind_table,
@@ -66,6 +75,7 @@ from medidiff.cli.demo_metrics import (
     reproduce_commands,
     scan_rows,
     shipped_name,
+    synthesis_settings,
 )
 from medidiff.errors import DataError, OutputError
 
@@ -87,8 +97,9 @@ DEMO_MARKER = ".medidiff-demo"
 FIGURE_CASE = "tumor-000"
 #: what the demo writes into its folder (removed by ``overwrite`` before a new run)
 OUTPUT_NAMES = (
-    "anomaly", "baseline", "synthesis_2d", "synthesis_3d", "figures", "thresholds.json",
-    "thresholds_baseline.json", "metrics.json", "report.html",
+    "anomaly", "baseline", "anomaly_3d", "synthesis_2d", "synthesis_3d", "figures",
+    "thresholds.json", "thresholds_baseline.json", "thresholds_3d.json", "metrics.json",
+    "report.html",
 )
 #: the wall-time budget the demo aims at on 2 CPU cores (seconds)
 TIME_BUDGET_S = 300.0
@@ -203,6 +214,12 @@ class _Stages:
             self.seconds[key] = time.perf_counter() - start
             if self.verbose:
                 print(f"      {key}: {self.seconds[key]:.1f} s", flush=True)
+
+    def skip(self, title: str, reason: str) -> None:
+        """A stage that does not run (not timed)."""
+        self._index += 1
+        if self.verbose:
+            print(f"[{self._index}/{self.total}] {title}: skipped ({reason})", flush=True)
 
 
 def _load_splits(sample_data: Path, limit: int | None) -> tuple[list[Any], list[Any]]:
@@ -324,8 +341,8 @@ def run_demo(
             are removed first; other files are left alone).
         checkpoint_2d: the 2D model for anomaly detection and slice synthesis (default:
             the shipped ``brain_mri_2d``, :func:`medidiff.models.pretrained.resolve_checkpoint`).
-        checkpoint_3d: the 3D model for volume synthesis (default: the shipped
-            ``brain_mri_3d``).
+        checkpoint_3d: the 3D model for volume synthesis and, when it is a latent model,
+            3D latent anomaly scoring (default: the shipped ``brain_mri_3d``).
         sample_data: the folder holding ``dataset.json`` (default
             :func:`default_sample_data`).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
@@ -356,11 +373,12 @@ def run_demo(
                  overwrite, progress, seed, batch_size, workers)
     out, paths = run.out, run.checkpoints
     anomaly = _anomaly_stages(run)
+    anomaly_3d = _anomaly_3d_stage(run, anomaly)
     synthesis = _synthesis_stages(
         run, {"2d": anomaly["loaded"].checkpoint, "3d": anomaly["ckpt3d"]}, num_synth)
     figures, notes = _figures_stage(run, anomaly)
     with run.stages.stage("report", f"writing {out / 'metrics.json'} and {out / 'report.html'}"):
-        metrics = _metrics(run, anomaly, synthesis, figures, notes, limit=limit,
+        metrics = _metrics(run, anomaly, anomaly_3d, synthesis, figures, notes, limit=limit,
                            num_synth=num_synth, argv=argv,
                            shipped={"2d": shipped_name(checkpoint_2d, paths["2d"], DEFAULT_2D),
                                     "3d": shipped_name(checkpoint_3d, paths["3d"], DEFAULT_3D)})
@@ -401,7 +419,7 @@ def _start(out: str | os.PathLike, checkpoint_2d: Any, checkpoint_3d: Any, sampl
         raise ConfigError(f"--workers must be an integer >= 1; got {workers!r}")
     _prepare_out_dir(out, overwrite)
     return _DemoRun(out, sample, paths, dev, healthy, test, seed, batch_size, workers, progress,
-                    _Stages(9, progress))
+                    _Stages(10, progress))
 
 
 @dataclass(frozen=True)
@@ -468,17 +486,19 @@ def _anomaly_stages(run: _DemoRun) -> dict[str, Any]:
 
 def _synthesis_stages(run: _DemoRun, checkpoints: Mapping[str, Any], num_synth: int
                       ) -> dict[str, Any]:
-    """A few 2D slices and 3D volumes with the fast sampler."""
+    """A few 2D slices and 3D volumes with the fast sampler (DPM-Solver++(2M), 20 steps), or
+    a rectified-flow model's own (Euler, 30 steps): :func:`synthesis_settings`."""
     from medidiff.synthesis.folder import synthesize_to_folder
     from medidiff.synthesis.synthesizer import Synthesizer
 
     synthesis: dict[str, Any] = {}
     for key, kind in (("2d", "slices"), ("3d", "volumes")):
+        ckpt = checkpoints[key]
+        sampler, steps = synthesis_settings(_prediction_type(ckpt))
         with run.stages.stage(f"synthesis_{key}", f"synthesising {num_synth} {key.upper()} "
-                              f"{kind} ({SYNTH_SAMPLER}, {SYNTH_STEPS} steps)"):
-            ckpt = checkpoints[key]
-            synth = Synthesizer(ckpt, device=run.device, sampler=SYNTH_SAMPLER,
-                                steps=SYNTH_STEPS, batch_size=min(num_synth, 8))
+                              f"{kind} ({sampler}, {steps} steps)"):
+            synth = Synthesizer(ckpt, device=run.device, sampler=sampler,
+                                steps=steps, batch_size=min(num_synth, 8))
             summary = synthesize_to_folder(synth, run.out / f"synthesis_{key}", num_synth,
                                            seed=run.seed, overwrite=True, progress=run.progress)
             synthesis[key] = {
@@ -489,6 +509,61 @@ def _synthesis_stages(run: _DemoRun, checkpoints: Mapping[str, Any], num_synth: 
                 "checkpoint": str(ckpt.path),
             }
     return synthesis
+
+
+def _prediction_type(ckpt: Any) -> str:
+    """What a checkpoint's network predicts (``epsilon`` when its config says nothing)."""
+    return str((ckpt.config.get("diffusion") or {}).get("prediction_type", "epsilon"))
+
+
+def _anomaly_3d_stage(run: _DemoRun, anomaly: Mapping[str, Any]) -> dict[str, Any]:
+    """The 3D latent anomaly scoring: the ``latent`` method of a latent 3D model calibrated on
+    the healthy validation scans at the same FPR, the test scans scored into
+    ``DIR/anomaly_3d`` and evaluated as the 2D default is; skipped (with the reason) for a
+    pixel-space 3D model."""
+    ckpt3d = anomaly["ckpt3d"]
+    title = "3D latent anomaly scoring"
+    if ckpt3d.network != "latent_diffusion":
+        reason = (f"the 3D model {Path(ckpt3d.path).name} is a pixel-space model; the latent "
+                  "method needs a latent model (stage: latent), like the shipped brain_mri_3d")
+        run.stages.skip(title, reason)
+        return {"ran": False, "reason": reason}
+    from medidiff.anomaly.detector import AnomalyDetector
+    from medidiff.anomaly.methods import MethodConfig
+    from medidiff.anomaly.metrics import evaluate_cases
+    from medidiff.anomaly.runner import calibrate
+    from medidiff.models.loaded import load_model
+
+    out, common = run.out, {"workers": run.workers, "progress": run.progress}
+    with run.stages.stage("anomaly_3d", f"{title}: the latent method of the 3D model, calibrated "
+                          f"on the healthy validation scans at {FPR:.0%} FPR, on {len(run.test)} "
+                          f"test scans -> {out / 'anomaly_3d'}"):
+        detector = AnomalyDetector(load_model(ckpt3d, run.device), MethodConfig("latent"),
+                                   device=run.device, batch_size=run.batch_size, seed=run.seed)
+        thresholds = calibrate(detector, run.healthy, fpr=FPR, **common)
+        thresholds_path = thresholds.save(out / "thresholds_3d.json")
+        scored = _score_test(detector, run.test, thresholds, thresholds_path,
+                             out / "anomaly_3d", **common)
+        evaluation = evaluate_cases([s.case for s in scored],
+                                    voxel_threshold=thresholds.voxel_threshold)
+    scans = [{"name": s.name, "kind": s.kind, "score": s.row["score"],
+              "flagged": s.row["flagged"] == 1,
+              "dice": case.dice if case.has_lesion else None,
+              "network_evaluations": s.row["network_evaluations"], "seconds": s.row["seconds"],
+              "files": {k: rel_path(v, out) for k, v in s.files.items()}}
+             for s, case in zip(scored, evaluation.cases)]
+    return {
+        "ran": True, "reason": None, "checkpoint": str(ckpt3d.path),
+        "method": detector.method.to_dict(), "postprocess": detector.postprocess.to_dict(),
+        "nfe_per_input": detector.nfe_per_input,
+        "thresholds": thresholds.to_dict(), "thresholds_file": rel_path(thresholds_path, out),
+        "folder": rel_path(out / "anomaly_3d", out),
+        "evaluation": evaluation.to_dict(),
+        "per_kind": anomaly_3d_per_kind(evaluation, anomaly["per_kind"]),
+        "cost": {"latent_3d": cost_per_volume(scored),
+                 "default_2d": cost_per_volume(anomaly["scored"])},
+        "scans": scans,
+    }
 
 
 def _figures_stage(run: _DemoRun, anomaly: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -517,7 +592,8 @@ def _figures_stage(run: _DemoRun, anomaly: Mapping[str, Any]) -> tuple[dict[str,
     return figures, notes
 
 
-def _metrics(run: _DemoRun, anomaly: Mapping[str, Any], synthesis: Mapping[str, Any],
+def _metrics(run: _DemoRun, anomaly: Mapping[str, Any], anomaly_3d: Mapping[str, Any],
+             synthesis: Mapping[str, Any],
              figures: Mapping[str, Any], notes: Sequence[str], *, limit: int | None,
              num_synth: int, argv: Sequence[str] | None,
              shipped: Mapping[str, str | None]) -> dict[str, Any]:
@@ -547,14 +623,17 @@ def _metrics(run: _DemoRun, anomaly: Mapping[str, Any], synthesis: Mapping[str, 
         "per_kind": anomaly["per_kind"],
         "quality": [q.to_dict() for q in anomaly["quality"]],
         "scans": scan_rows(anomaly["scored"], evaluation, base_evaluation, out),
+        "anomaly_3d": dict(anomaly_3d),
         "synthesis": synthesis,
         "figures": figures,
         "models": {
             "2d": checkpoint_facts(anomaly["loaded"].checkpoint, shipped["2d"]),
             "3d": checkpoint_facts(anomaly["ckpt3d"], shipped["3d"]),
         },
-        "commands": reproduce_commands(out, run.sample, run.checkpoints["2d"], run.checkpoints["3d"],
-                              num_synth, limit, argv),
+        "commands": reproduce_commands(
+            out, run.sample, run.checkpoints["2d"], run.checkpoints["3d"], num_synth, limit, argv,
+            synthesis={k: (v["sampler"], v["steps"]) for k, v in synthesis.items()},
+            anomaly_3d=bool(anomaly_3d.get("ran"))),
         **machine_facts(run.device),
         "workers": run.workers,
         "timings": dict(run.stages.seconds),

@@ -28,7 +28,9 @@ __all__ = [
     "SYNTH_SAMPLER",
     "SYNTH_STEPS",
     "QualityCheck",
+    "anomaly_3d_per_kind",
     "checkpoint_facts",
+    "cost_per_volume",
     "finite_or_none",
     "jsonable",
     "machine_facts",
@@ -38,6 +40,7 @@ __all__ = [
     "reproduce_commands",
     "scan_rows",
     "shipped_name",
+    "synthesis_settings",
 ]
 
 #: the lesion kinds of sample_data whose AUPRC is a quality bar
@@ -46,8 +49,25 @@ LESION_KINDS = ("tumor", "ms", "stroke")
 AUROC_BAR = 0.90
 #: the calibration false-positive rate (voxels and scans)
 FPR = 0.05
-#: the fast synthesis sampler (Lu et al. 2022: good samples at 10-20 steps)
+#: the fast synthesis sampler (Lu et al. 2022: good samples at 10-20 steps); a rectified-flow
+#: model, which it cannot sample, takes its own (see :func:`synthesis_settings`)
 SYNTH_SAMPLER, SYNTH_STEPS = "dpm++2m", 20
+
+
+def synthesis_settings(prediction_type: str) -> tuple[str, int]:
+    """The demo's ``(sampler, steps)`` for a model of ``prediction_type``: DPM-Solver++(2M)
+    with 20 steps where it fits, else the model's own default sampler with its default
+    steps (rectified flow: Euler, 30 steps; :func:`medidiff.diffusion.samplers.sampler_for`).
+
+    Example:
+        >>> synthesis_settings("v_prediction"), synthesis_settings("flow")
+        (('dpm++2m', 20), ('euler', 30))
+    """
+    from medidiff.constants import SYNTHESIS_DEFAULT_STEPS
+    from medidiff.diffusion.samplers import sampler_for
+
+    sampler = sampler_for(prediction_type, None, SYNTH_SAMPLER)
+    return sampler, SYNTH_STEPS if sampler == SYNTH_SAMPLER else int(SYNTHESIS_DEFAULT_STEPS[sampler])
 
 
 @dataclass(frozen=True)
@@ -195,6 +215,24 @@ def scan_rows(scored: Sequence[Any], evaluation: Any, base_evaluation: Any,
     return rows
 
 
+def anomaly_3d_per_kind(latent: Any, per_kind: Mapping[str, Mapping[str, Any]]
+                        ) -> dict[str, dict[str, Any]]:
+    """kind -> {"latent_3d": numbers of the 3D latent method, "default_2d": the 2D default
+    method's numbers}, in the order of ``per_kind`` (the 2D table), "all" last."""
+    groups = {**latent.groups, "all": latent.overall}
+    return {k: {"latent_3d": group_numbers(groups[k]), "default_2d": dict(row["default"])}
+            for k, row in per_kind.items() if k in groups}
+
+
+def cost_per_volume(scored: Sequence[Any]) -> dict[str, float | None]:
+    """Mean network evaluations and seconds per scored volume (scan)."""
+    rows = [s.row for s in scored]
+    if not rows:
+        return {"nfe_per_volume": None, "seconds_per_volume": None}
+    return {"nfe_per_volume": float(np.mean([r["network_evaluations"] for r in rows])),
+            "seconds_per_volume": float(np.mean([r["seconds"] for r in rows]))}
+
+
 # --------------------------------------------------------------------------------------------
 # facts for the report
 # --------------------------------------------------------------------------------------------
@@ -272,8 +310,18 @@ def machine_facts(device: Any) -> dict[str, Any]:
 
 
 def reproduce_commands(out: Path, sample_data: Path, ckpt2d: Path, ckpt3d: Path, num_synth: int,
-              limit: int | None, argv: Sequence[str] | None) -> list[str]:
-    """The shell commands that reproduce the report's numbers step by step."""
+              limit: int | None, argv: Sequence[str] | None, *,
+              synthesis: Mapping[str, tuple[str, int]] | None = None,
+              anomaly_3d: bool = False) -> list[str]:
+    """The shell commands that reproduce the report's numbers step by step.
+
+    Args:
+        synthesis: ``(sampler, steps)`` per model key (``"2d"``, ``"3d"``; default
+            :data:`SYNTH_SAMPLER`, :data:`SYNTH_STEPS`).
+        anomaly_3d: add the 3D latent anomaly scoring (calibrate, anomaly, evaluate).
+    """
+    settings = {"2d": (SYNTH_SAMPLER, SYNTH_STEPS), "3d": (SYNTH_SAMPLER, SYNTH_STEPS),
+                **(synthesis or {})}
     q = shlex.quote
     data = q(str(sample_data / "dataset.json"))
     if argv:
@@ -291,9 +339,21 @@ def reproduce_commands(out: Path, sample_data: Path, ckpt2d: Path, ckpt3d: Path,
         f"medidiff evaluate --pred {q(str(out / 'anomaly'))} --truth {data} "
         f"--thresholds {q(str(out / 'thresholds.json'))}",
         f"medidiff synthesize --checkpoint {q(str(ckpt2d))} --num {num_synth} "
-        f"--sampler {SYNTH_SAMPLER} --steps {SYNTH_STEPS} --out {q(str(out / 'synthesis_2d'))}",
+        f"--sampler {settings['2d'][0]} --steps {settings['2d'][1]} --out {q(str(out / 'synthesis_2d'))}",
         f"medidiff synthesize --checkpoint {q(str(ckpt3d))} --num {num_synth} "
-        f"--sampler {SYNTH_SAMPLER} --steps {SYNTH_STEPS} --out {q(str(out / 'synthesis_3d'))}",
+        f"--sampler {settings['3d'][0]} --steps {settings['3d'][1]} --out {q(str(out / 'synthesis_3d'))}",
+    ]
+    if anomaly_3d:
+        lines += [
+            "# 3D latent anomaly scoring with the 3D model:",
+            f"medidiff calibrate --checkpoint {q(str(ckpt3d))} --method latent --healthy {data} "
+            f"--split validation --fpr {FPR:g} --out {q(str(out / 'thresholds_3d.json'))}",
+            f"medidiff anomaly --checkpoint {q(str(ckpt3d))} --method latent --input {data} --split test "
+            f"--thresholds {q(str(out / 'thresholds_3d.json'))} --out {q(str(out / 'anomaly_3d'))}",
+            f"medidiff evaluate --pred {q(str(out / 'anomaly_3d'))} --truth {data} "
+            f"--thresholds {q(str(out / 'thresholds_3d.json'))}",
+        ]
+    lines += [
         "# every anomaly method and the baseline side by side:",
         f"python pipelines/benchmark_anomaly.py --checkpoint {q(str(ckpt2d))}",
     ]

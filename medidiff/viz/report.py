@@ -126,6 +126,7 @@ def write_html(path: str | os.PathLike, text: str) -> Path:
 _SECTIONS = (
     ("summary", "Summary"),
     ("kinds", "Per lesion kind"),
+    ("anomaly3d", "3D latent"),
     ("scans", "Per scan"),
     ("how", "How it works"),
     ("synthesis", "Synthesis"),
@@ -220,6 +221,48 @@ def _kinds(m: Mapping[str, Any]) -> Table:
     return Table.of(header, rows, row_classes=classes)
 
 
+def _anomaly_3d(m: Mapping[str, Any]) -> dict[str, Any]:
+    """The 3D latent anomaly scoring next to the 2D default: per-kind numbers and cost, or
+    why it did not run (an older metrics.json without it: not run, no reason)."""
+    a = m.get("anomaly_3d") or {}
+    if not a.get("ran"):
+        return {"ran": False, "reason": a.get("reason") or "not part of this run"}
+    header = ["kind", "scans", "AUROC 2D default", "AUROC 3D latent", "AUPRC 2D default",
+              "AUPRC 3D latent", "Dice 2D default", "Dice 3D latent", "voxel FPR 2D default",
+              "voxel FPR 3D latent"]
+    rows, classes = [], []
+    for kind, row in a["per_kind"].items():
+        d, z = row["default_2d"], row["latent_3d"]
+        rows.append([kind, z["n_scans"], d["voxel_auroc"], _compare(z["voxel_auroc"], d["voxel_auroc"]),
+                     d["voxel_auprc"], _compare(z["voxel_auprc"], d["voxel_auprc"]),
+                     d["dice_dataset_wise"], _compare(z["dice_dataset_wise"], d["dice_dataset_wise"]),
+                     d["voxel_fpr"], z["voxel_fpr"]])
+        classes.append("total" if kind == "all" else None)
+    cost = a.get("cost", {})
+    th2, th3 = m["thresholds"]["default"], a["thresholds"]
+    cost_rows = [
+        ["2D default (" + _method_text(m["method"]) + ")",
+         cost.get("default_2d", {}).get("nfe_per_volume"),
+         cost.get("default_2d", {}).get("seconds_per_volume"),
+         th2["voxel_threshold"], th2["scan_threshold"]],
+        ["3D latent (" + _method_text(a["method"]) + ")",
+         cost.get("latent_3d", {}).get("nfe_per_volume"),
+         cost.get("latent_3d", {}).get("seconds_per_volume"),
+         th3["voxel_threshold"], th3["scan_threshold"]],
+    ]
+    return {
+        "ran": True,
+        "checkpoint": a.get("checkpoint"),
+        "folder": a.get("folder") or "anomaly_3d",
+        "thresholds_file": a.get("thresholds_file") or "thresholds_3d.json",
+        "fpr": th3.get("fpr"),
+        "table": Table.of(header, rows, row_classes=classes),
+        "cost": Table.of(["method", "network evaluations per volume", "seconds per volume",
+                          "voxel threshold", "scan threshold"], cost_rows,
+                         digits=[3, 0, 1, 4, 4]),
+    }
+
+
 def _scans(m: Mapping[str, Any]) -> dict[str, Any]:
     header = ["scan", "kind", "lesion voxels", "score", "flagged", "voxels over threshold",
               "Dice", "Dice baseline", "score baseline", "network evaluations", "time (s)"]
@@ -307,8 +350,10 @@ def _model_facts(info: Mapping[str, Any]) -> list[tuple[Any, Any]]:
 
 def _models(m: Mapping[str, Any]) -> list[dict[str, Any]]:
     models = []
+    latent = bool((m.get("anomaly_3d") or {}).get("ran"))
     for key, label in (("2d", "2D model (anomaly detection, slice synthesis)"),
-                       ("3d", "3D model (volume synthesis)")):
+                       ("3d", "3D model (volume synthesis, 3D latent anomaly scoring)" if latent
+                        else "3D model (volume synthesis)")):
         info = m.get("models", {}).get(key)
         if not info:
             continue
@@ -355,6 +400,7 @@ def render_demo_report(metrics: Mapping[str, Any]) -> str:
         footer=f"metrics.json holds every number of this page; written by medidiff {version}.",
         summary=_summary(metrics),
         kinds=_kinds(metrics),
+        anomaly3d=_anomaly_3d(metrics),
         scans=_scans(metrics),
         how=_how(metrics),
         synthesis=_synthesis(metrics),

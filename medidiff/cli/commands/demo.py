@@ -12,10 +12,13 @@ Steps (each timed, with progress):
      post-processing and calibration) -> DIR/baseline/scores.csv
   5. evaluate both against the lesion masks inside the brain masks (voxel AUROC/AUPRC,
      Dice at the calibrated threshold, per lesion kind)
-  6. synthesise a few slices (2D model) and volumes (3D model) with DPM-Solver++(2M),
-     20 steps -> DIR/synthesis_2d/, DIR/synthesis_3d/
-  7. draw the "how it works" strips -> DIR/figures/
-  8. write DIR/metrics.json and DIR/report.html (summary with the quality bars stated as
+  6. when the 3D model is a latent model: 3D latent anomaly scoring (method latent,
+     calibrated the same way -> DIR/thresholds_3d.json; test scans -> DIR/anomaly_3d/),
+     evaluated next to the 2D default; skipped for a pixel-space 3D model
+  7. synthesise a few slices (2D model) and volumes (3D model) with DPM-Solver++(2M),
+     20 steps (a rectified-flow model: Euler, 30 steps) -> DIR/synthesis_2d/, DIR/synthesis_3d/
+  8. draw the "how it works" strips -> DIR/figures/
+  9. write DIR/metrics.json and DIR/report.html (summary with the quality bars stated as
      pass/fail, per-kind and per-scan tables, overlays, synthesis montages, model cards,
      the commands to reproduce, versions and timings)
 
@@ -40,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="2D model for anomaly detection and slice synthesis (default: the "
                    "shipped brain_mri_2d)")
     p.add_argument("--checkpoint-3d", default=None, metavar="CKPT",
-                   help="3D model for volume synthesis (default: the shipped brain_mri_3d)")
+                   help="3D model for volume synthesis and, if a latent model, 3D anomaly "
+                   "scoring (default: the shipped brain_mri_3d)")
     p.add_argument("--sample-data", default=None, metavar="DIR",
                    help="folder holding dataset.json (default: the repository's sample_data)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
