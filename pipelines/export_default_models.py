@@ -163,19 +163,35 @@ def demo_card_metrics(path: Path) -> dict:
     def f(v: object) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
+    latent = m.get("anomaly_3d") or {}
+    labels = {"default": "default method", "baseline": "intensity baseline"}
+    if latent.get("ran"):  # the demo's 3D model is a latent model: its scoring beside the 2D
+        ev = {**ev, "latent_3d": latent["evaluation"]}
+        labels = {"default": "2D default method", "latent_3d": "3D latent method",
+                  "baseline": "intensity baseline"}
+    n = len(m.get("data", {}).get("test_scans", [])) or 16
     rows = ["| scans | method | voxel AUROC | voxel AUPRC | Dice @ 5 % FPR (dataset-wise) | oracle Dice | scan AUROC |",
             "|---|---|---|---|---|---|---|"]
     for group in ["overall", "tumor", "ms", "stroke"]:
-        for who in ("default", "baseline"):
+        for who, label in labels.items():
             g = ev[who]["overall"] if group == "overall" else ev[who]["groups"].get(group)
             if not g:
                 continue
             oracle = g.get("oracle_dice_dataset_wise", g.get("oracle_dice"))
-            rows.append(f"| {'all 16' if group == 'overall' else group} | "
-                        f"{'default method' if who == 'default' else 'intensity baseline'} | "
+            rows.append(f"| {f'all {n}' if group == 'overall' else group} | {label} | "
                         f"{f(g['voxel_auroc'])} | {f(g['voxel_auprc'])} | {f(g['dice_dataset_wise'])} | "
                         f"{f(oracle)} | {f(g.get('scan_auroc'))} |")
     meth = m["method"]
+    notes = ""
+    if latent.get("ran"):
+        lm, cost = latent["method"], latent.get("cost", {})
+        per = {k: (v or {}) for k, v in cost.items()}
+        notes = (f" The 3D latent method: {lm.get('method')} (t = {lm.get('t_start')}, {lm.get('steps')} "
+                 f"{lm.get('sampler')} steps) of the 3D model, calibrated the same way; per volume "
+                 f"{f(per.get('latent_3d', {}).get('nfe_per_volume'))} network evaluations and "
+                 f"{f(per.get('latent_3d', {}).get('seconds_per_volume'))} s, against "
+                 f"{f(per.get('default_2d', {}).get('nfe_per_volume'))} and "
+                 f"{f(per.get('default_2d', {}).get('seconds_per_volume'))} s for the 2D default.")
     return {
         "title": "Anomaly detection on sample_data (medidiff demo)",
         "date": m.get("created", ""),
@@ -186,7 +202,7 @@ def demo_card_metrics(path: Path) -> dict:
                   f"post-processing {m.get('postprocess')}; thresholds calibrated on the 6 healthy "
                   "validation scans at 5 % FPR; metrics on each scan's native grid inside its brain "
                   "mask. The method's t, K and post-processing were tuned on 4 of these 16 test "
-                  "scans (benchmarks/RESULTS.md)."),
+                  "scans (benchmarks/RESULTS.md)." + notes),
     }
 
 
@@ -330,11 +346,14 @@ def rewrite_card(a: argparse.Namespace) -> int:
     from medidiff.models.pretrained import MODELS
 
     facts_path = a.out / f"{a.name}.json"
+    if not facts_path.is_file():
+        raise SystemExit(f"{facts_path}: no card facts to rewrite; export {a.name} without --card-only")
     facts = json.loads(facts_path.read_text(encoding="utf-8"))
     weights = a.out / f"{a.name}.safetensors"
     if file_sha256(weights) != facts.get("sha256"):
         raise SystemExit(f"{weights} is not the file its card describes (sha256 differs); "
                          "export it again without --card-only")
+    facts.setdefault("run", f"runs/{facts.get('name', a.name)}")  # a renamed model keeps its run
     facts["name"], facts["description"] = a.name, MODELS[a.name]
     if a.metrics or a.demo_metrics:
         facts["metrics"] = card_metrics(a)

@@ -99,3 +99,29 @@ def test_pixel_model_export(export, request, tmp_path, fixture, kind):
     with pytest.raises(SystemExit, match="not a latent model"):
         export.main(["--run", str(run), "--name", "brain_mri_3d", "--config", "c.yaml",
                      "--autoencoder-run", str(run), "--out", str(tmp_path / "x")])
+
+
+def test_demo_metrics_card_section_shows_the_3d_latent_rows(export, tmp_path):
+    def group(auroc):
+        return {"voxel_auroc": auroc, "voxel_auprc": 0.5, "dice_dataset_wise": 0.25,
+                "oracle_dice_dataset_wise": 0.5, "scan_auroc": None}
+
+    def evaluation(auroc):
+        return {"overall": group(auroc), "groups": {"tumor": group(auroc)}}
+
+    metrics = {"evaluation": {"default": evaluation(0.9), "baseline": evaluation(0.7)},
+               "method": {"method": "ddim", "t_start": 50, "steps": 3}, "postprocess": {},
+               "data": {"test_scans": [{"name": "a", "kind": "tumor"}]}}
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(metrics))
+    table = export.demo_card_metrics(path)["table"]
+    assert "| all 1 | default method | 0.900 |" in table and "3D latent" not in table
+    metrics["anomaly_3d"] = {"ran": True, "evaluation": evaluation(0.8),
+                             "method": {"method": "latent", "t_start": 250, "steps": 5, "sampler": "euler"},
+                             "cost": {"latent_3d": {"nfe_per_volume": 5.0, "seconds_per_volume": 2.0},
+                                      "default_2d": {"nfe_per_volume": 80.0, "seconds_per_volume": 3.0}}}
+    path.write_text(json.dumps(metrics))
+    section = export.demo_card_metrics(path)
+    assert "| tumor | 3D latent method | 0.800 |" in section["table"]
+    assert "| tumor | 2D default method | 0.900 |" in section["table"]
+    assert "latent (t = 250, 5 euler steps)" in section["notes"]
