@@ -89,13 +89,16 @@ def test_resume_reuses_cached_latents_and_refuses_another_autoencoder(latent_run
     assert res.rc == 1 and "'autoencoder' section differs" in res.err
 
 
-def test_refuses_missing_or_wrong_autoencoder(run_cli, tmp_path, tiny_checkpoint_3d):
+def test_refuses_missing_or_wrong_autoencoder(run_cli, tmp_path, tiny_checkpoint_3d, latent_run):
     base = ["train", "--config", LATENT_CONFIG, "--out", tmp_path / "x", "--no-progress",
             *_sets([*GRID, "model.preset=tiny", "train.max_steps=1"])]
     res = run_cli([*base, "--set", f"autoencoder.checkpoint={tmp_path / 'none.safetensors'}"])
     assert res.rc == 1 and "autoencoder.checkpoint not found" in res.err
     res = run_cli([*base, "--set", f"autoencoder.checkpoint={tiny_checkpoint_3d}"])
     assert res.rc == 1 and "not an autoencoder" in res.err
+    ae = latent_run[0] / "model.safetensors"  # trained on a 32 x 40 x 32 grid
+    res = run_cli([*base, "--set", f"autoencoder.checkpoint={ae}", "--set", "data.preprocessing.shape=[32,48,32]"])
+    assert res.rc == 1 and "a latent model uses its autoencoder's grid" in res.err
     assert not (tmp_path / "x" / "model.safetensors").exists()
 
 
