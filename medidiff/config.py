@@ -26,7 +26,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
-from medidiff.constants import AUTOENCODER_KINDS, FLOW_TIME_SAMPLINGS, NOISE_KINDS, PREDICTION_TYPES, SCHEDULES, STAGES
+from medidiff.constants import (
+    AUTOENCODER_KINDS,
+    FLOW_TIME_SAMPLINGS,
+    NOISE_KINDS,
+    PREDICTION_TYPES,
+    SCHEDULES,
+    STAGES,
+)
 from medidiff.errors import ConfigError
 
 #: The ``data.cache`` choices.

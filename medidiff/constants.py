@@ -18,8 +18,8 @@ from __future__ import annotations
 
 __all__ = [
     "ANOMALY_DEFAULTS",
-    "AUTOENCODER_KINDS",
     "ANOMALY_METHODS",
+    "AUTOENCODER_KINDS",
     "ENSEMBLE_STARTS",
     "FLOW_TIME_SAMPLINGS",
     "GENERATIVE_SAMPLERS",

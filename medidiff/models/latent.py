@@ -142,7 +142,11 @@ class LatentCodec:
         self.scale_factor = float(scale_factor)
         self.tile = tile
         self.overlap = float(overlap)
-        from medidiff.models.autoencoder import network_factor, network_kind, network_latent_channels
+        from medidiff.models.autoencoder import (
+            network_factor,
+            network_kind,
+            network_latent_channels,
+        )
 
         self.kind = network_kind(autoencoder)
         self.factor = network_factor(autoencoder)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -279,7 +280,7 @@ class AutoencoderTrainer(Trainer):
         return kwargs, build_autoencoder(kwargs, self.kind)
 
     #: config keys of the ``autoencoder`` section -> the network argument they override
-    _overrides = {k: k for k in ("channels", "latent_channels", "num_res_blocks", "norm_num_groups")}
+    _overrides: ClassVar[dict[str, str]] = {k: k for k in ("channels", "latent_channels", "num_res_blocks", "norm_num_groups")}
 
     def _build_process(self) -> None:
         a = self.config.autoencoder
@@ -404,8 +405,9 @@ class VQAutoencoderTrainer(AutoencoderTrainer):
     network_name = "autoencoder_vq"
     kind = "vq"
 
-    _overrides = {"channels": "channels", "latent_channels": "embedding_dim",
-                  "num_res_blocks": "num_res_layers", "num_embeddings": "num_embeddings"}
+    _overrides: ClassVar[dict[str, str]] = {"channels": "channels", "latent_channels": "embedding_dim",
+                                             "num_res_blocks": "num_res_layers",
+                                             "num_embeddings": "num_embeddings"}
 
     def _loss(self, batch: dict, step: int) -> torch.Tensor:
         x = batch["image"].to(self.device, non_blocking=True)
