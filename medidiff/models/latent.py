@@ -138,16 +138,16 @@ class LatentCodec:
         tile: int | Sequence[int] | None = None,
         overlap: float = 0.25,
     ) -> None:
-        self.autoencoder = autoencoder.eval()
-        self.scale_factor = float(scale_factor)
-        self.tile = tile
-        self.overlap = float(overlap)
         from medidiff.models.autoencoder import (
             network_factor,
             network_kind,
             network_latent_channels,
         )
 
+        self.autoencoder = autoencoder.eval()
+        self.scale_factor = float(scale_factor)
+        self.tile = tile
+        self.overlap = float(overlap)
         self.kind = network_kind(autoencoder)
         self.factor = network_factor(autoencoder)
         self.latent_channels = network_latent_channels(autoencoder)
