@@ -174,7 +174,7 @@ def test_vq_latent_model_trains_synthesises_and_scores(run_cli, tmp_path):
     res = run_cli(["synthesize", "--checkpoint", latent / "model.safetensors", "--out", out, "--num", "1",
                    "--steps", "2", "--device", "cpu", "--seed", "0"])
     assert res.rc == 0, res.err
-    assert nib.load(sorted(out.glob("*.nii.gz"))[0]).shape == (32, 40, 32)
+    assert nib.load(min(out.glob("*.nii.gz"))).shape == (32, 40, 32)
     scores = tmp_path / "scores"
     res = run_cli(["anomaly", "--checkpoint", latent / "model.safetensors", "--input", SCAN, "--out", scores,
                    "--device", "cpu", "--no-overlay", "--method", "latent", "--t-start", "100", "--steps", "2"])
