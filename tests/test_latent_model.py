@@ -65,6 +65,17 @@ def test_latent_kwargs_must_agree():
         latent_model_kwargs(model_kwargs(2, "tiny", in_channels=3, out_channels=3), ae)
     with pytest.raises(ConfigError, match="'unet' and 'autoencoder'"):
         build_latent_network({"unet": {}})
+    unet = model_kwargs(3, "tiny", in_channels=3, out_channels=3)
+    with pytest.raises(ConfigError, match="unknown autoencoder kind"):
+        latent_model_kwargs(unet, ae, kind="vqgan")
+    vq = autoencoder_kwargs(3, "tiny", kind="vq")
+    kwargs = latent_model_kwargs(unet, vq, kind="vq")
+    assert kwargs["autoencoder_kind"] == "vq"
+    codec = LatentCodec(build_latent_network(kwargs).autoencoder, scale_factor=1.0)
+    assert codec.kind == "vq" and codec.factor == 4 and codec.latent_channels == 3
+    # files written before the kind was stored hold KL autoencoders
+    old = {k: v for k, v in latent_model_kwargs(unet, ae).items() if k != "autoencoder_kind"}
+    assert LatentCodec(build_latent_network(old).autoencoder, scale_factor=1.0).kind == "kl"
 
 
 def test_2d_latent_model_synthesises_and_scores(tmp_path):
