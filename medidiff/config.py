@@ -26,7 +26,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
-from medidiff.constants import FLOW_TIME_SAMPLINGS, NOISE_KINDS, PREDICTION_TYPES, SCHEDULES, STAGES
+from medidiff.constants import (
+    AUTOENCODER_KINDS,
+    FLOW_TIME_SAMPLINGS,
+    NOISE_KINDS,
+    PREDICTION_TYPES,
+    SCHEDULES,
+    STAGES,
+)
 from medidiff.errors import ConfigError
 
 #: The ``data.cache`` choices.
@@ -152,10 +159,17 @@ class AutoencoderConfig:
     (from ``checkpoint``) when ``stage: latent``.
 
     Attributes:
+        kind: ``kl`` (MONAI ``AutoencoderKL``) or ``vq`` (MONAI ``VQVAE``, a vector-quantised
+            autoencoder whose pre-quantisation latent the diffusion model learns; see
+            :mod:`medidiff.models.autoencoder`).
         preset: a preset of :mod:`medidiff.models.autoencoder` (``tiny``, ``small``, ``base``).
-        channels, latent_channels, num_res_blocks, norm_num_groups: overrides of the preset.
-        kl_weight: weight of the KL term, relative to the summed reconstruction error
-            (Rombach et al. 2022's 1e-6; see :mod:`medidiff.training.autoencoder`).
+        channels, latent_channels, num_res_blocks, norm_num_groups: overrides of the preset
+            (for ``vq``: ``latent_channels`` is the codebook vectors' dimension,
+            ``num_res_blocks`` the residual units per level; ``norm_num_groups`` does not apply).
+        num_embeddings: ``vq`` only: codebook size (overrides the preset).
+        kl_weight: ``kl`` only: weight of the KL term, relative to the summed reconstruction
+            error (Rombach et al. 2022's 1e-6; see :mod:`medidiff.training.autoencoder`).
+        quantization_weight: ``vq`` only: weight of the quantiser's commitment loss.
         adversarial_weight: weight of the patch-adversarial term (0: no discriminator).
         adversarial_start: step from which the adversarial term is used.
         discriminator_channels: channels of the first PatchDiscriminator layer.
@@ -171,12 +185,15 @@ class AutoencoderConfig:
         overlap: fraction of a window shared with its neighbour when tiling.
     """
 
+    kind: str = "kl"
     preset: str = "small"
     channels: Union[list[int], None] = None
     latent_channels: Union[int, None] = None
     num_res_blocks: Union[int, None] = None
     norm_num_groups: Union[int, None] = None
+    num_embeddings: Union[int, None] = None
     kl_weight: float = 1e-6
+    quantization_weight: float = 1.0
     adversarial_weight: float = 0.0
     adversarial_start: int = 0
     discriminator_channels: int = 16
@@ -363,7 +380,14 @@ def _check_values(cfg: Config) -> None:
                 "preview_every", "preview_samples", "preview_steps"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
     a = cfg.autoencoder
-    for key in ("kl_weight", "adversarial_weight", "adversarial_start"):
+    _choice("autoencoder.kind", a.kind, AUTOENCODER_KINDS)
+    if a.kind == "vq" and a.norm_num_groups is not None:
+        raise ConfigError("config key 'autoencoder.norm_num_groups' does not apply to autoencoder.kind: vq (no norm layers)")
+    if a.kind != "vq" and a.num_embeddings is not None:
+        raise ConfigError("config key 'autoencoder.num_embeddings' applies to autoencoder.kind: vq only")
+    if a.num_embeddings is not None:
+        _positive("autoencoder.num_embeddings", a.num_embeddings)
+    for key in ("kl_weight", "quantization_weight", "adversarial_weight", "adversarial_start"):
         _positive(f"autoencoder.{key}", getattr(a, key), allow_zero=True)
     for key in ("discriminator_channels", "discriminator_layers", "discriminator_lr", "scale_batches"):
         _positive(f"autoencoder.{key}", getattr(a, key))

@@ -19,6 +19,7 @@ from __future__ import annotations
 __all__ = [
     "ANOMALY_DEFAULTS",
     "ANOMALY_METHODS",
+    "AUTOENCODER_KINDS",
     "ENSEMBLE_STARTS",
     "FLOW_TIME_SAMPLINGS",
     "GENERATIVE_SAMPLERS",
@@ -35,6 +36,11 @@ __all__ = [
 #: the first stage of a latent model, or the latent model's diffusion U-Net on the latents
 #: of a trained (frozen) autoencoder.
 STAGES = ("diffusion", "autoencoder", "latent")
+
+#: The autoencoders of a latent model (``autoencoder.kind``): KL-regularised (MONAI
+#: ``AutoencoderKL``) or vector-quantised (MONAI ``VQVAE``); Rombach et al. 2022's "KL-reg."
+#: and "VQ-reg." first stages (see :mod:`medidiff.models.autoencoder`).
+AUTOENCODER_KINDS = ("kl", "vq")
 
 #: Noise schedules (MONAI's names, ``monai.networks.schedulers.NoiseSchedules``).
 SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")

@@ -141,7 +141,7 @@ def anomaly(args: argparse.Namespace, latent_path: Path, pixel_path: Path) -> li
     bench = argparse.Namespace(anoddpm_t=None, anoddpm_calib_limit=None, calib_limit=None,
                                device=device, batch_size=args.batch_size, seed=args.seed, fpr=args.fpr)
     rows = []
-    for label, method, path in (("latent (3D, 2 mm latent model)", "latent", latent_path),
+    for label, method, path in (("latent (3D latent model)", "latent", latent_path),
                                 ("ddim (2D default)", "ddim", pixel_path),
                                 ("baseline (no network)", "baseline", pixel_path)):
         loaded = load_model(path, device)

@@ -12,6 +12,10 @@ Model-grid metrics are for ranking settings only; the numbers to report come fro
 ``pipelines/benchmark_anomaly.py`` / ``medidiff demo`` on the native grid.
 
     python pipelines/tune_anomaly.py --t 150 250 400 --steps 10 --limit 8 --cache /tmp/tune
+    python pipelines/tune_anomaly.py --checkpoint brain_mri_3d --method latent --t 100 250 400 --steps 1 5
+
+Settings are tuned on the labelled ``validation_lesions`` split by default; the test split
+(``--split test``) is for reporting only.
 """
 
 from __future__ import annotations
@@ -34,14 +38,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="default: the shipped brain_mri_2d model")
     p.add_argument("--data", default=str(ROOT / "sample_data" / "dataset.json"))
-    p.add_argument("--method", default="ddim", choices=["ddim", "anoddpm", "x0", "patched"])
+    p.add_argument("--method", default="ddim", choices=["ddim", "anoddpm", "x0", "patched", "latent"])
+    p.add_argument("--split", default="validation_lesions",
+                   help="labelled split to tune on (default validation_lesions; the test split is "
+                   "for reporting, not tuning)")
     p.add_argument("--t", type=int, nargs="+", default=[250])
     p.add_argument("--steps", type=int, nargs="+", default=[10])
     p.add_argument("--eta", type=float, nargs="+", default=[0.0], help="DDIM stochasticity (ddim only)")
     p.add_argument("--medians", type=int, nargs="+", default=[1, 3, 5, 7])
     p.add_argument("--erodes", type=int, nargs="+", default=[0, 2, 3])
     p.add_argument("--residuals", nargs="+", default=["l1", "l2"])
-    p.add_argument("--limit", type=int, default=None, help="test scans (stratified by kind)")
+    p.add_argument("--limit", type=int, default=None, help="scans of --split (stratified by kind)")
     p.add_argument("--cache", type=Path, default=Path("/tmp/medidiff_tune"))
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
@@ -131,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     ckpt = resolve_checkpoint(a.checkpoint)
     loaded = build_model_from_checkpoint(ckpt)
-    tests = stratified_by_kind(load_datalist(a.data, split="test"), a.limit)
+    tests = stratified_by_kind(load_datalist(a.data, split=a.split), a.limit)
     a.cache.mkdir(parents=True, exist_ok=True)
     scans = model_grid_scans(loaded, tests)
     rows, kinds = score_rows(a, scans, reconstructions(a, loaded, scans))
     head = ["t", "K", "residual", "median", "erode", "auroc", "auprc"] + [f"auprc_{k}" for k in kinds]
-    print(f"checkpoint {ckpt} (step {loaded.checkpoint.extra.get('step')}), {len(scans)} test scans, model grid")
+    print(f"checkpoint {ckpt} (step {loaded.checkpoint.extra.get('step')}), {len(scans)} {a.split} scans, model grid")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:

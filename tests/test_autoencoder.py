@@ -15,6 +15,9 @@ from medidiff.models.autoencoder import (
     encode_tiled,
     latent_scale_factor,
     latent_shape,
+    network_factor,
+    network_kind,
+    network_latent_channels,
 )
 
 
@@ -42,6 +45,42 @@ def test_unknown_preset_and_bad_kwargs_are_config_errors():
         autoencoder_kwargs(3, "huge")
     with pytest.raises(ConfigError, match="cannot build"):
         build_autoencoder({**autoencoder_kwargs(3, "tiny"), "norm_num_groups": 5})
+
+
+def test_vq_kwargs_are_json_and_the_latent_is_z_e_quantised_on_decode():
+    import json
+
+    kwargs = autoencoder_kwargs(3, "tiny", kind="vq")
+    assert json.loads(json.dumps(kwargs)) == kwargs
+    torch.manual_seed(0)
+    ae = build_autoencoder(kwargs, "vq").eval()
+    assert network_kind(ae) == "vq" and network_factor(ae) == downsample_factor(kwargs) == 4
+    assert network_latent_channels(ae) == 3
+    x = torch.rand(1, 1, 16, 24, 8)
+    z = encode_tiled(ae, x)
+    assert tuple(z.shape) == (1, *latent_shape(kwargs, (16, 24, 8))) == (1, 3, 4, 6, 2)
+    with torch.no_grad():
+        assert torch.equal(z, ae.encode(x))  # the continuous latent, before quantisation
+        quantised = ae.quantize(z)[0]
+        unquantised = ae.decode(z)
+    decoded = decode_tiled(ae, z)
+    assert decoded.shape == x.shape
+    assert torch.allclose(decoded, decode_tiled(ae, quantised), atol=1e-6)  # decoding quantises
+    assert not torch.allclose(decoded, unquantised, atol=1e-4)
+    assert decode_tiled(ae, z, tile=2, overlap=0.5).shape == x.shape  # tiles decode too
+
+
+def test_vq_small_preset_has_the_kl_small_latent_and_kinds_are_checked():
+    grid = (96, 112, 96)
+    vq = autoencoder_kwargs(3, "small", kind="vq")
+    assert latent_shape(vq, grid) == latent_shape(autoencoder_kwargs(3, "small"), grid) == (4, 24, 28, 24)
+    assert downsample_factor(autoencoder_kwargs(2, "tiny", kind="vq", channels=[8, 8, 16])) == 8
+    with pytest.raises(ConfigError, match="unknown autoencoder kind 'vqgan'"):
+        autoencoder_kwargs(3, "tiny", kind="vqgan")
+    with pytest.raises(ConfigError, match="unknown autoencoder kind"):
+        build_autoencoder(vq, "gan")
+    with pytest.raises(ConfigError, match="cannot build the vq autoencoder"):
+        build_autoencoder({**vq, "num_res_channels": [8]}, "vq")
 
 
 class _LocalCodec(nn.Module):

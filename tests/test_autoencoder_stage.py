@@ -77,3 +77,24 @@ def test_adversarial_term_trains_a_discriminator(tmp_path):
 
     state = load_training_state(out / "checkpoints" / "last.pt")
     assert "discriminator" in state and state["disc_optimizer"]["state"]
+
+
+def test_vq_autoencoder_trains_and_loads(tmp_path):
+    out = tmp_path / "vq"
+    assert _train(out, 3, "autoencoder.kind=vq", "autoencoder.num_embeddings=8",
+                  "autoencoder.quantization_weight=0.5") == 0
+    ckpt = load_inference(out / "model.safetensors")
+    assert ckpt.network == "autoencoder_vq" and ckpt.model_kwargs["num_embeddings"] == 8
+    assert ckpt.extra["step"] == 3 and ckpt.extra["downsample_factor"] == 4
+    assert 0 < ckpt.extra["scale_factor"] < 100
+    usage = ckpt.extra["codebook"]
+    assert usage["num_embeddings"] == 8 and 1 <= usage["codes_used"] <= 8
+    assert 1 <= usage["perplexity"] <= 8 + 1e-6
+    assert (out / "previews" / "step_0000002.png").is_file()
+    ae = load_autoencoder(out / "model.safetensors")
+    assert ae.kind == "vq" and ae.downsample_factor == 4 and ae.latent_channels == 3
+    x = torch.rand(1, 1, 32, 40, 32)
+    with torch.no_grad():
+        assert ae.network(x)[0].shape == x.shape
+    with pytest.raises(CheckpointError, match="holds an autoencoder"):
+        load_model(out / "model.safetensors")

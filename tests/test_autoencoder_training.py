@@ -8,9 +8,11 @@ import torch
 from medidiff.training.autoencoder import (
     AutoencoderLossWeights,
     build_discriminator,
+    codebook_usage,
     discriminator_loss,
     generator_loss,
     kl_divergence,
+    vq_generator_loss,
 )
 
 
@@ -53,3 +55,24 @@ def test_discriminator_learns_real_from_fake():
         discriminator_loss(disc, real, fake).backward()
         opt.step()
     assert discriminator_loss(disc, real, fake).item() < 0.5 * first
+
+
+def test_vq_loss_adds_the_weighted_quantisation_term():
+    x = torch.rand(2, 1, 8, 8)
+    weights = AutoencoderLossWeights(quantization=2.0)
+    loss, terms = vq_generator_loss(x, x + 0.25, torch.tensor(0.1), weights, step=0)
+    assert set(terms) == {"l1", "quantization"}
+    assert loss.item() == pytest.approx(0.25 + 2.0 * 0.1, rel=1e-5)
+
+
+def test_codebook_usage_counts_codes_and_perplexity():
+    from medidiff.models.autoencoder import autoencoder_kwargs, build_autoencoder
+
+    ae = build_autoencoder(autoencoder_kwargs(2, "tiny", kind="vq"), "vq").eval()
+    book = ae.quantizer.quantizer.embedding.weight.detach()  # (16, 3)
+    # two codebook vectors, each at half of the 4 x 4 latent positions
+    z = torch.stack([book[3]] * 8 + [book[5]] * 8, dim=1).reshape(1, 3, 4, 4)
+    usage = codebook_usage(ae, [z])
+    assert usage["num_embeddings"] == 16 and usage["codes_used"] == 2
+    assert usage["fraction_used"] == pytest.approx(2 / 16)
+    assert usage["perplexity"] == pytest.approx(2.0, rel=1e-6)

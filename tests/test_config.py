@@ -28,6 +28,11 @@ def test_defaults_and_overrides():
         ({"bogus": {}}, "bogus"),
         ({"train": {"ema_decay": 1.5}}, "train.ema_decay"),
         ({"data": {"patch_size": [8, "x", 8]}}, "data.patch_size"),
+        ({"autoencoder": {"kind": "vqgan"}}, "autoencoder.kind"),
+        ({"autoencoder": {"kind": "vq", "norm_num_groups": 8}}, "autoencoder.norm_num_groups"),
+        ({"autoencoder": {"num_embeddings": 64}}, "autoencoder.num_embeddings"),
+        ({"autoencoder": {"kind": "vq", "num_embeddings": 0}}, "autoencoder.num_embeddings"),
+        ({"autoencoder": {"quantization_weight": -1.0}}, "autoencoder.quantization_weight"),
     ],
 )
 def test_bad_values_name_the_key(raw, key):

@@ -63,6 +63,33 @@ def test_every_prediction_type_and_noise_kind_is_implemented_and_accepted():
         assert sample_noise(NoiseSpec(kind), (1, 1, 8, 8), seeds=[0]).shape == (1, 1, 8, 8)
 
 
+def test_every_autoencoder_kind_has_a_network_a_preset_set_and_a_trainer(tmp_path):
+    from medidiff.models.autoencoder import (
+        AUTOENCODER_NETWORKS,
+        autoencoder_kwargs,
+        build_autoencoder,
+        network_kind,
+    )
+    from medidiff.models.checkpoint import NETWORK_BUILDERS
+    from medidiff.models.loaded import _AUTOENCODER_NETWORKS
+    from medidiff.training import build_trainer
+
+    assert tuple(AUTOENCODER_NETWORKS) == constants.AUTOENCODER_KINDS
+    assert {v: k for k, v in AUTOENCODER_NETWORKS.items()} == _AUTOENCODER_NETWORKS
+    assert set(AUTOENCODER_NETWORKS.values()) <= set(NETWORK_BUILDERS)
+    data = [torch.rand(1, 16, 16) for _ in range(2)]
+    for kind in constants.AUTOENCODER_KINDS:
+        cfg = Config.from_dict({"stage": "autoencoder", "model": {"spatial_dims": 2},
+                                "autoencoder": {"kind": kind, "preset": "tiny"}})
+        for preset in ("tiny", "small", "base"):
+            autoencoder_kwargs(2, preset, kind=cfg.autoencoder.kind)
+        network = NETWORK_BUILDERS[AUTOENCODER_NETWORKS[kind]](autoencoder_kwargs(2, "tiny", kind=kind))
+        assert network_kind(network) == kind
+        assert network_kind(build_autoencoder(autoencoder_kwargs(2, "tiny", kind=kind), kind)) == kind
+        trainer = build_trainer(cfg, tmp_path / kind, dataset=data, progress=False, device="cpu")
+        assert trainer.kind == kind and trainer.network_name == AUTOENCODER_NETWORKS[kind]
+
+
 def test_every_anomaly_method_resolves():
     from medidiff.anomaly.methods import METHODS, MethodConfig
 

@@ -89,13 +89,16 @@ def test_resume_reuses_cached_latents_and_refuses_another_autoencoder(latent_run
     assert res.rc == 1 and "'autoencoder' section differs" in res.err
 
 
-def test_refuses_missing_or_wrong_autoencoder(run_cli, tmp_path, tiny_checkpoint_3d):
+def test_refuses_missing_or_wrong_autoencoder(run_cli, tmp_path, tiny_checkpoint_3d, latent_run):
     base = ["train", "--config", LATENT_CONFIG, "--out", tmp_path / "x", "--no-progress",
             *_sets([*GRID, "model.preset=tiny", "train.max_steps=1"])]
     res = run_cli([*base, "--set", f"autoencoder.checkpoint={tmp_path / 'none.safetensors'}"])
     assert res.rc == 1 and "autoencoder.checkpoint not found" in res.err
     res = run_cli([*base, "--set", f"autoencoder.checkpoint={tiny_checkpoint_3d}"])
     assert res.rc == 1 and "not an autoencoder" in res.err
+    ae = latent_run[0] / "model.safetensors"  # trained on a 32 x 40 x 32 grid
+    res = run_cli([*base, "--set", f"autoencoder.checkpoint={ae}", "--set", "data.preprocessing.shape=[32,48,32]"])
+    assert res.rc == 1 and "a latent model uses its autoencoder's grid" in res.err
     assert not (tmp_path / "x" / "model.safetensors").exists()
 
 
@@ -148,3 +151,33 @@ def test_latent_method_needs_a_latent_model(run_cli, tiny_checkpoint_3d, tmp_pat
     res = run_cli(["anomaly", "--checkpoint", tiny_checkpoint_3d, "--input", SCAN, "--out", tmp_path / "o",
                    "--method", "latent", "--device", "cpu"])
     assert res.rc == 1 and "needs a latent model" in res.err
+
+
+def test_vq_latent_model_trains_synthesises_and_scores(run_cli, tmp_path):
+    """A latent model on a VQ autoencoder's pre-quantisation latents (4x: 8 x 10 x 8)."""
+    ae, latent = tmp_path / "vq", tmp_path / "ldm"
+    res = run_cli(["train", "--config", AE_CONFIG, "--out", ae, "--no-progress", "--device", "cpu",
+                   *_sets([*GRID, *TRAIN, "data.patch_size=[16,16,16]", "autoencoder.kind=vq",
+                           "autoencoder.preset=tiny", "autoencoder.scale_batches=2", "train.max_steps=2",
+                           "train.checkpoint_every=0", "train.preview_every=0"])])
+    assert res.rc == 0, res.err
+    res = run_cli(["train", "--config", LATENT_CONFIG, "--out", latent, "--no-progress", "--device", "cpu",
+                   *_sets([*GRID, *TRAIN, "model.preset=tiny", f"autoencoder.checkpoint={ae / 'model.safetensors'}",
+                           "train.max_steps=2", "train.checkpoint_every=0", "train.preview_every=0"])])
+    assert res.rc == 0, res.err
+    ckpt = load_inference(latent / "model.safetensors")
+    assert ckpt.model_kwargs["autoencoder_kind"] == "vq"
+    assert ckpt.extra["latent"]["kind"] == "vq" and ckpt.extra["latent"]["latent_shape"] == [3, 8, 10, 8]
+    loaded = load_model(latent / "model.safetensors")
+    assert loaded.autoencoder.kind == "vq" and loaded.input_shape == (8, 10, 8)
+    out = tmp_path / "synth"
+    res = run_cli(["synthesize", "--checkpoint", latent / "model.safetensors", "--out", out, "--num", "1",
+                   "--steps", "2", "--device", "cpu", "--seed", "0"])
+    assert res.rc == 0, res.err
+    assert nib.load(min(out.glob("*.nii.gz"))).shape == (32, 40, 32)
+    scores = tmp_path / "scores"
+    res = run_cli(["anomaly", "--checkpoint", latent / "model.safetensors", "--input", SCAN, "--out", scores,
+                   "--device", "cpu", "--no-overlay", "--method", "latent", "--t-start", "100", "--steps", "2"])
+    assert res.rc == 0, res.err
+    amap = nib.load(scores / "tumor-000_anomaly.nii.gz")
+    assert amap.shape == nib.load(SCAN).shape and np.isfinite(np.asarray(amap.dataobj)).all()

@@ -89,8 +89,9 @@ class InferenceCheckpoint:
             exact weights.
         stored_dtype: ``"float16"`` when saved with ``half=True``, else ``"float32"``.
         network: which MONAI network ``model_kwargs`` build (a key of
-            :data:`NETWORK_BUILDERS`: ``diffusion_unet``, ``autoencoder_kl`` or
-            ``latent_diffusion``, the U-Net and autoencoder of a latent model); files
+            :data:`NETWORK_BUILDERS`: ``diffusion_unet``, ``autoencoder_kl``,
+            ``autoencoder_vq`` or ``latent_diffusion``, the U-Net and autoencoder of a
+            latent model); files
             written before networks were named hold diffusion U-Nets.
     """
 
@@ -115,7 +116,13 @@ def _build_diffusion_unet(kwargs: Mapping[str, Any]) -> nn.Module:
 def _build_autoencoder_kl(kwargs: Mapping[str, Any]) -> nn.Module:
     from medidiff.models.autoencoder import build_autoencoder
 
-    return build_autoencoder(kwargs)
+    return build_autoencoder(kwargs, "kl")
+
+
+def _build_autoencoder_vq(kwargs: Mapping[str, Any]) -> nn.Module:
+    from medidiff.models.autoencoder import build_autoencoder
+
+    return build_autoencoder(kwargs, "vq")
 
 
 def _build_latent_diffusion(kwargs: Mapping[str, Any]) -> nn.Module:
@@ -127,6 +134,7 @@ def _build_latent_diffusion(kwargs: Mapping[str, Any]) -> nn.Module:
 NETWORK_BUILDERS = {
     "diffusion_unet": _build_diffusion_unet,
     "autoencoder_kl": _build_autoencoder_kl,
+    "autoencoder_vq": _build_autoencoder_vq,
     "latent_diffusion": _build_latent_diffusion,
 }
 """The networks an inference file may hold, by the name stored in its metadata."""

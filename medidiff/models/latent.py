@@ -2,11 +2,14 @@
 
 A latent diffusion model (Rombach et al. 2022, https://arxiv.org/abs/2112.10752; the brain
 LDM of Pinaya et al. 2022, https://arxiv.org/abs/2209.07162; MAISI for CT) runs its
-diffusion process on ``z = scale_factor * mu(x)``, the scaled posterior mean of an
-autoencoder, and decodes samples back to images. medidiff keeps both stages in one
+diffusion process on ``z = scale_factor * mu(x)``, the scaled posterior mean of a
+KL autoencoder (or the scaled pre-quantisation encoder output ``z_e(x)`` of a VQ one,
+Rombach et al.'s "VQ-reg." models, decoded through the quantiser), and decodes samples back
+to images. medidiff keeps both stages in one
 ``model.safetensors``: the network is a :class:`LatentDiffusionNetwork` holding the U-Net
 (state-dict keys ``unet.*``) and the autoencoder (``autoencoder.*``); its stored kwargs are
-``{"unet": ..., "autoencoder": ...}`` and the ``extra`` record carries the scale factor, the
+``{"unet": ..., "autoencoder": ..., "autoencoder_kind": "kl" | "vq"}`` (files without the
+kind hold KL autoencoders) and the ``extra`` record carries the scale factor, the
 down-sampling factor, the latent shape and the autoencoder file it came from. ``synthesize``,
 ``anomaly`` and ``calibrate`` take it like any checkpoint.
 
@@ -46,7 +49,7 @@ class LatentDiffusionNetwork(nn.Module):
 
     Attributes:
         unet: the ``DiffusionModelUNet`` that denoises latents.
-        autoencoder: the frozen ``AutoencoderKL``.
+        autoencoder: the frozen ``AutoencoderKL`` or ``VQVAE``.
     """
 
     def __init__(self, unet: nn.Module, autoencoder: nn.Module) -> None:
@@ -59,14 +62,26 @@ class LatentDiffusionNetwork(nn.Module):
         return self.unet(*args, **kwargs)
 
 
-def latent_model_kwargs(unet_kwargs: Mapping[str, Any], autoencoder_kwargs: Mapping[str, Any]) -> dict:
+def latent_model_kwargs(
+    unet_kwargs: Mapping[str, Any], autoencoder_kwargs: Mapping[str, Any], kind: str = "kl"
+) -> dict:
     """The stored kwargs of a latent model, checked for agreement of the two stages.
+
+    Args:
+        unet_kwargs: the ``DiffusionModelUNet`` kwargs.
+        autoencoder_kwargs: the autoencoder's kwargs.
+        kind: the autoencoder's kind, ``"kl"`` or ``"vq"``.
 
     Raises:
         ConfigError: the U-Net's channels differ from the latent channels, or the spatial
-            dimensions differ.
+            dimensions differ, or the kind is unknown.
     """
-    latent = int(autoencoder_kwargs["latent_channels"])
+    from medidiff.constants import AUTOENCODER_KINDS
+    from medidiff.models.autoencoder import latent_channels
+
+    if kind not in AUTOENCODER_KINDS:
+        raise ConfigError(f"unknown autoencoder kind {kind!r}; choose one of {', '.join(AUTOENCODER_KINDS)}")
+    latent = latent_channels(autoencoder_kwargs)
     if int(unet_kwargs["in_channels"]) != latent or int(unet_kwargs["out_channels"]) != latent:
         raise ConfigError(
             f"the latent U-Net must take and return {latent} channels (the autoencoder's latent "
@@ -77,7 +92,7 @@ def latent_model_kwargs(unet_kwargs: Mapping[str, Any], autoencoder_kwargs: Mapp
             f"the U-Net is {unet_kwargs['spatial_dims']}D but the autoencoder "
             f"{autoencoder_kwargs['spatial_dims']}D; model.spatial_dims must match the autoencoder's"
         )
-    return {"unet": dict(unet_kwargs), "autoencoder": dict(autoencoder_kwargs)}
+    return {"unet": dict(unet_kwargs), "autoencoder": dict(autoencoder_kwargs), "autoencoder_kind": kind}
 
 
 def build_latent_network(kwargs: Mapping[str, Any]) -> LatentDiffusionNetwork:
@@ -92,7 +107,8 @@ def build_latent_network(kwargs: Mapping[str, Any]) -> LatentDiffusionNetwork:
     if not isinstance(kwargs, Mapping) or not {"unet", "autoencoder"} <= set(kwargs):
         raise ConfigError("a latent model's kwargs need 'unet' and 'autoencoder' entries")
     return LatentDiffusionNetwork(
-        build_model_from_kwargs(kwargs["unet"]), build_autoencoder(kwargs["autoencoder"])
+        build_model_from_kwargs(kwargs["unet"]),
+        build_autoencoder(kwargs["autoencoder"], kwargs.get("autoencoder_kind", "kl")),
     )
 
 
@@ -100,14 +116,17 @@ class LatentCodec:
     """Image <-> scaled latent with a frozen autoencoder, optionally in tiles.
 
     Args:
-        autoencoder: an ``AutoencoderKL`` (put in eval mode here).
-        scale_factor: multiplies the posterior mean (1 / std of the training latents).
+        autoencoder: an ``AutoencoderKL`` or ``VQVAE`` (put in eval mode here).
+        scale_factor: multiplies the latent (the posterior mean, or ``z_e`` before
+            quantisation; see :func:`medidiff.models.autoencoder.to_latent`): 1 / std of
+            the training latents.
         tile: encoder window in image voxels (one int or one per axis); ``None`` encodes
             and decodes whole inputs. The decoder's window is ``tile / f`` latent voxels.
         overlap: fraction of a window shared with its neighbour (Gaussian blending).
 
     Attributes:
-        factor: the down-sampling factor per axis (``2 ** (levels - 1)``).
+        kind: ``"kl"`` or ``"vq"``.
+        factor: the down-sampling factor per axis.
         latent_channels: channels of the latent.
     """
 
@@ -119,12 +138,19 @@ class LatentCodec:
         tile: int | Sequence[int] | None = None,
         overlap: float = 0.25,
     ) -> None:
+        from medidiff.models.autoencoder import (
+            network_factor,
+            network_kind,
+            network_latent_channels,
+        )
+
         self.autoencoder = autoencoder.eval()
         self.scale_factor = float(scale_factor)
         self.tile = tile
         self.overlap = float(overlap)
-        self.factor = 2 ** (len(autoencoder.encoder.channels) - 1)
-        self.latent_channels = int(autoencoder.latent_channels)
+        self.kind = network_kind(autoencoder)
+        self.factor = network_factor(autoencoder)
+        self.latent_channels = network_latent_channels(autoencoder)
 
     def with_tile(self, tile: int | Sequence[int] | None, overlap: float | None = None) -> LatentCodec:
         """A codec on the same network with another tiling."""
@@ -160,7 +186,7 @@ class LatentCodec:
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """``scale_factor * mu(image)``: ``(B, 1, *spatial)`` -> ``(B, C, *spatial / f)``."""
+        """``scale_factor * mu(image)`` (``z_e`` for VQ): ``(B, 1, *spatial)`` -> ``(B, C, *spatial / f)``."""
         from medidiff.models.autoencoder import encode_tiled
 
         self.latent_shape(image.shape[2:])
@@ -171,7 +197,7 @@ class LatentCodec:
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """The image of a scaled latent: ``(B, C, *s)`` -> ``(B, 1, *s * f)``."""
+        """The image of a scaled latent (quantised first for VQ): ``(B, C, *s)`` -> ``(B, 1, *s * f)``."""
         from medidiff.models.autoencoder import decode_tiled
 
         z = latent.to(self.device, torch.float32)
@@ -183,5 +209,5 @@ class LatentCodec:
     def describe(self) -> dict[str, Any]:
         """JSON record (settings files, ``info``)."""
         tile = list(self.tile) if isinstance(self.tile, (list, tuple)) else self.tile
-        return {"scale_factor": self.scale_factor, "factor": self.factor,
+        return {"kind": self.kind, "scale_factor": self.scale_factor, "factor": self.factor,
                 "latent_channels": self.latent_channels, "tile": tile, "overlap": self.overlap}

@@ -204,7 +204,7 @@ def load_model(
             with the file).
     """
     checkpoint = _read(path_or_checkpoint)
-    if checkpoint.network == "autoencoder_kl":
+    if checkpoint.network in _AUTOENCODER_NETWORKS:
         raise CheckpointError(
             f"{checkpoint.path}: holds an autoencoder (the first stage of a latent model), not a "
             "diffusion model; give it as autoencoder.checkpoint of a latent-stage config"
@@ -286,15 +286,20 @@ def _read(path_or_checkpoint: str | os.PathLike | InferenceCheckpoint) -> Infere
     return load_inference(path_or_checkpoint)
 
 
+#: the network names of autoencoder files, by kind (see medidiff.models.autoencoder)
+_AUTOENCODER_NETWORKS = {"autoencoder_kl": "kl", "autoencoder_vq": "vq"}
+
+
 @dataclass(frozen=True, eq=False)
 class LoadedAutoencoder:
     """A trained autoencoder (the first stage of a latent model), loaded once.
 
     Attributes:
-        network: the MONAI ``AutoencoderKL`` in eval mode.
+        network: the MONAI ``AutoencoderKL`` or ``VQVAE`` in eval mode.
         checkpoint: the file it came from.
         preprocessing: the model grid its images live on.
-        scale_factor: multiplies the latent mean so training latents have unit variance.
+        scale_factor: multiplies the latent (mean, or ``z_e`` for VQ) so training latents
+            have unit variance.
         provenance: path, sha256, version and training step.
     """
 
@@ -303,6 +308,17 @@ class LoadedAutoencoder:
     preprocessing: Preprocessing
     scale_factor: float
     provenance: Provenance
+
+    @property
+    def kind(self) -> str:
+        """``"kl"`` (``AutoencoderKL``) or ``"vq"`` (``VQVAE``)."""
+        return _AUTOENCODER_NETWORKS[self.checkpoint.network]
+
+    @property
+    def latent_channels(self) -> int:
+        from medidiff.models.autoencoder import latent_channels
+
+        return latent_channels(self.checkpoint.model_kwargs)
 
     @property
     def downsample_factor(self) -> int:
@@ -314,13 +330,14 @@ class LoadedAutoencoder:
 def load_autoencoder(
     path_or_checkpoint: str | os.PathLike | InferenceCheckpoint, device: str | torch.device = "cpu"
 ) -> LoadedAutoencoder:
-    """Load an autoencoder checkpoint written by the autoencoder stage of ``medidiff train``.
+    """Load an autoencoder checkpoint (``autoencoder_kl`` or ``autoencoder_vq``) written by the
+    autoencoder stage of ``medidiff train``.
 
     Raises:
         CheckpointError: the file cannot be read, or holds another kind of network.
     """
     checkpoint = _read(path_or_checkpoint)
-    if checkpoint.network != "autoencoder_kl":
+    if checkpoint.network not in _AUTOENCODER_NETWORKS:
         raise CheckpointError(
             f"{checkpoint.path}: holds a {checkpoint.network} network, not an autoencoder; "
             "train one with a config whose stage is 'autoencoder'"

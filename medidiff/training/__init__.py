@@ -14,9 +14,10 @@ def build_trainer(config: Any, run_dir: Any, **kwargs: Any) -> Any:
     :class:`~medidiff.training.latent.LatentTrainer` for its diffusion U-Net on latents;
     ``kwargs`` go to its constructor."""
     if config.stage == "autoencoder":
-        from medidiff.training.autoencoder import AutoencoderTrainer
+        from medidiff.training.autoencoder import AutoencoderTrainer, VQAutoencoderTrainer
 
-        return AutoencoderTrainer(config, run_dir, **kwargs)
+        cls = VQAutoencoderTrainer if config.autoencoder.kind == "vq" else AutoencoderTrainer
+        return cls(config, run_dir, **kwargs)
     if config.stage == "latent":
         from medidiff.training.latent import LatentTrainer
 

@@ -2,8 +2,9 @@
 
 ``stage: latent`` in a config trains the second stage of a latent model (Rombach et al.
 2022; Pinaya et al. 2022's brain LDM): every training scan is encoded once by the frozen
-autoencoder of ``autoencoder.checkpoint`` (posterior mean, in tiles where
-``autoencoder.tile`` is set), scaled to unit variance (1 / std of these latents, Rombach
+autoencoder of ``autoencoder.checkpoint`` (posterior mean of a KL autoencoder, the
+pre-quantisation encoder output ``z_e`` of a VQ one; in tiles where ``autoencoder.tile`` is
+set; the kind is the file's, whatever ``autoencoder.kind`` says), scaled to unit variance (1 / std of these latents, Rombach
 et al. Sec. 4.3.2) and cached (:mod:`medidiff.training.latents`), so an epoch never
 re-encodes. The diffusion U-Net then trains on the cached latents with the loop, objective
 (eps / v / x0 / rectified flow), EMA, AMP, DDP and resume of the diffusion
@@ -172,7 +173,7 @@ class LatentTrainer(Trainer):
             for k in ("channels", "attention_levels", "num_res_blocks", "num_head_channels", "norm_num_groups")
             if getattr(m, k) is not None
         }
-        channels = int(self.autoencoder.checkpoint.model_kwargs["latent_channels"])
+        channels = self.autoencoder.latent_channels
         kwargs = model_kwargs(
             m.spatial_dims, m.preset, in_channels=channels, out_channels=channels,
             num_class_embeds=class_embeddings(m.num_class_embeds), **overrides,
@@ -237,6 +238,7 @@ class LatentTrainer(Trainer):
         a = self.config.autoencoder
         extra["latent"] = {
             "scale_factor": self.dataset.cache.scale_factor,
+            "kind": ae.kind,
             "factor": ae.downsample_factor,
             "latent_shape": list(self.dataset.cache.latents.shape[1:]),
             "tile": a.tile,
@@ -257,7 +259,9 @@ class LatentTrainer(Trainer):
             state.update({f"autoencoder.{k}": v for k, v in self.autoencoder.network.state_dict().items()})
             save_inference(
                 path, state,
-                model_kwargs=latent_model_kwargs(self.model_kwargs, self.autoencoder.checkpoint.model_kwargs),
+                model_kwargs=latent_model_kwargs(
+                    self.model_kwargs, self.autoencoder.checkpoint.model_kwargs, self.autoencoder.kind
+                ),
                 config=self.config.to_dict(), preprocessing=self.preprocessing,
                 extra=self._inference_extra(), network=self.network_name,
             )

@@ -1,7 +1,8 @@
 """Latents of a frozen autoencoder, computed once per training run (latent diffusion, stage 2).
 
 The diffusion U-Net of a latent model trains on ``z = scale_factor * mu(x)`` of every
-training volume. Encoding is the costly part of a step, and the autoencoder is frozen, so
+training volume (``z_e(x)``, before quantisation, for a VQ autoencoder; see
+:func:`medidiff.models.autoencoder.to_latent`). Encoding is the costly part of a step, and the autoencoder is frozen, so
 the latents are computed once, in tiles, and kept (in memory, and in
 ``RUN_DIR/cache/latents-<sha>.pt`` keyed by the autoencoder weights' hash and the list of
 scans, so a resumed run or a second run on the same autoencoder does not re-encode).
@@ -80,10 +81,11 @@ def encode_volumes(
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> LatentCache:
-    """Encode model-grid volumes ``(1, *spatial)`` with the autoencoder's posterior mean.
+    """Encode model-grid volumes ``(1, *spatial)`` with the autoencoder's posterior mean
+    (``z_e`` for a VQ autoencoder).
 
     Args:
-        autoencoder: a frozen ``AutoencoderKL``.
+        autoencoder: a frozen ``AutoencoderKL`` or ``VQVAE``.
         volumes: one ``(C, *spatial)`` tensor per scan.
         names: a name per scan (for the cache and error messages).
         scale_factor: the latent scale; ``None``: measured here as 1 / std.

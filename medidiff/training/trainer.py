@@ -155,6 +155,12 @@ class Trainer:
         progress: bool = True,
         config_dir: str | os.PathLike | None = None,
     ) -> None:
+        # What saving a checkpoint needs is imported now, not at the first save hours later:
+        # a package upgraded on disk while a run trains must not break its checkpoints.
+        import medidiff.models.checkpoint  # noqa: F401
+        import medidiff.models.latent  # noqa: F401
+        import medidiff.models.training_state  # noqa: F401
+
         self.config = config
         self.run_dir = Path(run_dir)
         self.config_dir = Path(config_dir) if config_dir else None
