@@ -226,7 +226,8 @@ def _wall_time_row(facts: dict) -> str:
 
 def _autoencoder_row(ae: dict) -> str:
     shape = " x ".join(str(v) for v in ae["latent_shape"])
-    text = (f"MONAI AutoencoderKL, preset '{ae['preset']}', channels {tuple(ae['channels'])}, "
+    network = "VQVAE (vector-quantised)" if ae.get("kind") == "vq" else "AutoencoderKL"
+    text = (f"MONAI {network}, preset '{ae['preset']}', channels {tuple(ae['channels'])}, "
             f"{ae['latent_channels']} latent channels, {ae['factor']}x per axis ({shape} latent), "
             f"latent scale factor {ae['scale_factor']:.4g}, {ae['parameters'] / 1e6:.2f} M "
             f"parameters; trained {ae['steps']} steps")
@@ -405,18 +406,26 @@ def autoencoder_facts(ckpt: object, ae_run: Path | None, ae_config: str | None) 
     Raises:
         SystemExit: the run's ``model.safetensors`` is not the autoencoder the file holds.
     """
-    from medidiff.models.autoencoder import AUTOENCODER_PRESETS
+    from medidiff.models.autoencoder import (
+        AUTOENCODER_PRESETS,
+        VQ_AUTOENCODER_PRESETS,
+        downsample_factor,
+        latent_channels,
+    )
     from medidiff.models.checkpoint import load_inference
 
     kw = ckpt.model_kwargs["autoencoder"]
+    kind = str(ckpt.model_kwargs.get("autoencoder_kind", "kl"))
     latent = ckpt.extra.get("latent") or {}
     record = latent.get("autoencoder") or {}
-    preset = next((name for name, p in AUTOENCODER_PRESETS.items()
-                   if list(p.channels) == list(kw["channels"]) and p.latent_channels == kw["latent_channels"]
-                   and p.num_res_blocks == kw["num_res_blocks"]), "custom")
+    presets = VQ_AUTOENCODER_PRESETS if kind == "vq" else AUTOENCODER_PRESETS
+    preset = next((name for name, p in presets.items()
+                   if list(p.channels) == list(kw["channels"]) and
+                   all(kw.get(k) == v for k, v in vars(p).items() if k != "channels")), "custom")
     facts = {
-        "preset": preset, "channels": list(kw["channels"]), "latent_channels": int(kw["latent_channels"]),
-        "factor": int(latent.get("factor", 2 ** (len(kw["channels"]) - 1))),
+        "kind": kind, "preset": preset, "channels": list(kw["channels"]),
+        "latent_channels": latent_channels(kw),
+        "factor": int(latent.get("factor", downsample_factor(kw))),
         "latent_shape": list(latent.get("latent_shape", [])), "scale_factor": float(latent["scale_factor"]),
         "parameters": int(sum(v.numel() for k, v in ckpt.state_dict.items() if k.startswith("autoencoder."))),
         "steps": record.get("step"), "sha256": record.get("sha256"),
