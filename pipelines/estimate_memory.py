@@ -31,7 +31,8 @@ The CUDA column is an estimate, not a measurement:
 
 bf16 autocast halves the activations of convolutions and attention, but PyTorch's autocast
 runs GroupNorm in fp32, so real activations lie between 0.5x and 1x the fp32 figure; the
-presets keep this estimate at or below 70 % of the GPU's memory to cover that.
+presets keep this estimate at or below 70 % of the GPU's memory, and each would still fit
+with its activations at 1x.
 
 Examples:
     OMP_NUM_THREADS=1 python pipelines/estimate_memory.py configs/brain_mri_1mm_latent.yaml
@@ -61,27 +62,27 @@ PRESETS: dict[str, dict[int, list[str]]] = {
     "brain_mri_1mm_autoencoder.yaml": {
         24: ["data.patch_size=[112,112,112]", "train.batch_size=1", "train.amp=true"],
         48: ["data.patch_size=[144,144,144]", "train.batch_size=1", "train.amp=true"],
-        80: ["data.patch_size=[144,144,144]", "train.batch_size=2", "train.amp=true"],
+        80: ["data.patch_size=[160,160,160]", "train.batch_size=1", "train.amp=true"],
     },
     "brain_mri_1mm_latent.yaml": {
-        24: ["model.channels=[64,128,256,512]", "train.batch_size=4", "autoencoder.tile=[96,96,96]",
+        24: ["model.channels=[64,128,256,512]", "train.batch_size=8", "autoencoder.tile=[96,96,96]",
              "train.amp=true"],
-        48: ["model.channels=[128,256,256,512]", "train.batch_size=4", "autoencoder.tile=[128,128,128]",
+        48: ["model.channels=[128,256,256,512]", "train.batch_size=8", "autoencoder.tile=[128,128,128]",
              "train.amp=true"],
-        80: ["model.channels=[128,256,256,512]", "train.batch_size=8", "autoencoder.tile=[160,160,160]",
+        80: ["model.channels=[128,256,256,512]", "train.batch_size=16", "autoencoder.tile=[160,160,160]",
              "train.amp=true"],
     },
     "ct_autoencoder.yaml": {
         24: ["data.patch_size=[112,112,112]", "train.batch_size=1", "train.amp=true"],
         48: ["data.patch_size=[144,144,144]", "train.batch_size=1", "train.amp=true"],
-        80: ["data.patch_size=[144,144,144]", "train.batch_size=2", "train.amp=true"],
+        80: ["data.patch_size=[160,160,160]", "train.batch_size=1", "train.amp=true"],
     },
     "ct_latent.yaml": {
         24: ["model.channels=[64,128,256,256]", "train.batch_size=1", "autoencoder.tile=[96,96,96]",
              "train.amp=true"],
         48: ["model.channels=[64,128,256,512]", "train.batch_size=2", "autoencoder.tile=[128,128,128]",
              "train.amp=true"],
-        80: ["model.channels=[64,128,256,512]", "train.batch_size=4", "autoencoder.tile=[160,160,160]",
+        80: ["model.channels=[64,128,256,512]", "train.batch_size=3", "autoencoder.tile=[160,160,160]",
              "train.amp=true"],
     },
 }
@@ -247,6 +248,7 @@ class Row:
     """One estimated quantity: a training step or one tile of encoding/decoding."""
 
     config: str
+    preset: str
     stage: str
     input_shape: tuple[int, ...]  # (C, X, Y, Z) per sample
     batch: int
@@ -319,7 +321,8 @@ def _probe_shapes(shape: list[int], multiple: int, max_voxels: int) -> tuple[lis
     return small, big
 
 
-def estimate(name: str, cfg, *, probe_voxels: dict[str, int], timeout: float, log=print) -> list[Row]:
+def estimate(name: str, cfg, *, preset: str = "-", probe_voxels: dict[str, int], timeout: float,
+             log=print) -> list[Row]:
     """The rows of one config (each from two subprocess measurements)."""
     rows = []
     for spec in _specs(cfg):
@@ -330,7 +333,7 @@ def estimate(name: str, cfg, *, probe_voxels: dict[str, int], timeout: float, lo
         small, big = _probe_shapes(spec["shape"], spec["multiple"], limit)
         results = []
         for probe in (small, big):
-            log(f"  measuring {name} {spec['kind']} at 1 x {'x'.join(map(str, probe))} ...")
+            log(f"  {name}: {spec['kind']} at 1 x {'x'.join(map(str, probe))} ...")
             results.append(_measure({**spec, "shape": probe}, timeout))
         v1, v2 = math.prod(small), math.prod(big)
         p1, p2 = results[0]["peak_bytes"], results[1]["peak_bytes"]
@@ -347,7 +350,7 @@ def estimate(name: str, cfg, *, probe_voxels: dict[str, int], timeout: float, lo
         stage = {"autoencoder": "autoencoder train step", "latent": "latent train step",
                  "encode": "encode 1 tile", "decode": "decode 1 tile"}[spec["kind"]]
         rows.append(Row(
-            config=name, stage=stage, input_shape=(spec["channels"], *spec["shape"]), batch=b,
+            config=name, preset=preset, stage=stage, input_shape=(spec["channels"], *spec["shape"]), batch=b,
             params=r["trainable"] + r["frozen"] + r["discriminator"],
             measured_at=(tuple(small), tuple(big)), fixed_gb=fixed / GB, activations_gb=act / GB,
             cpu_fp32_gb=(fixed + act) / GB,
@@ -357,9 +360,9 @@ def estimate(name: str, cfg, *, probe_voxels: dict[str, int], timeout: float, lo
     return rows
 
 
-def _table(rows: list[Row], preset_of: dict[str, str]) -> str:
+def _table(rows: list[Row]) -> str:
     lines = [
-        ("| config | preset | stage | input (C x X x Y x Z) | batch | params (M) | measured at (batch 1) "
+        ("| config | preset | stage | input (C x X x Y x Z) | batch | params (M, all networks) | measured at (batch 1) "
          "| peak GB, fp32 CPU (extrapolated) | CUDA bf16 GB (estimate) |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -367,7 +370,7 @@ def _table(rows: list[Row], preset_of: dict[str, str]) -> str:
         shape = "x".join(map(str, r.input_shape))
         probes = " and ".join("x".join(map(str, p)) for p in r.measured_at)
         lines.append(
-            f"| {r.config} | {preset_of.get(r.config, '-')} | {r.stage} | {shape} | {r.batch} "
+            f"| {r.config} | {r.preset} | {r.stage} | {shape} | {r.batch} "
             f"| {r.params / 1e6:.1f} | {probes} | {r.cpu_fp32_gb:.1f} | {r.cuda_bf16_gb:.1f} |"
         )
     return "\n".join(lines)
@@ -408,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.all_presets:
         for fname, presets in PRESETS.items():
             for gb, over in presets.items():
-                jobs.append((f"{fname} @ {gb} GB", ROOT / "configs" / fname, over + args.overrides, f"{gb} GB"))
+                jobs.append((fname, ROOT / "configs" / fname, over + args.overrides, f"{gb} GB"))
     for path in args.configs:
         path = Path(path)
         over = list(args.overrides)
@@ -425,18 +428,14 @@ def main(argv: list[str] | None = None) -> int:
     probe = {"autoencoder": args.probe_voxels, "latent": args.probe_voxels,
              "encode": 4 * args.probe_voxels}
     rows: list[Row] = []
-    preset_of: dict[str, str] = {}
     status = 0
     for name, path, over, label in jobs:
         try:
             cfg = Config.from_yaml(path, over)
-            key = path.name if not args.all_presets else name
-            preset_of[key] = label
-            rows.extend(r.__class__(**{**r.__dict__, "config": key}) for r in
-                        estimate(key, cfg, probe_voxels=probe, timeout=args.timeout,
+            rows.extend(estimate(name, cfg, preset=label, probe_voxels=probe, timeout=args.timeout,
                                  log=lambda m: print(m, file=sys.stderr, flush=True)))
         except (MedidiffError, RuntimeError) as exc:
-            print(f"{name}: {exc}", file=sys.stderr)
+            print(f"{name} ({label}): {exc}", file=sys.stderr)
             status = 1
     print(f"Peak memory of one training step (forward, backward, AdamW, EMA), per config. Each row is "
           f"measured on the CPU at fp32, batch 1, on two reduced inputs ('measured at'), one fresh "
@@ -445,7 +444,14 @@ def main(argv: list[str] | None = None) -> int:
           f"estimate, not a measurement: 4 B x (5 x trainable + frozen + 4 x discriminator params) "
           f"+ {BF16_ACTIVATION_RATIO} x the fp32 activations + {CUDA_OVERHEAD_GB:.0f} GB; autocast "
           f"keeps GroupNorm in fp32, so keep it at or below {HEADROOM:.0%} of the GPU's memory.\n")
-    print(_table(rows, preset_of))
+    print(_table(rows))
+    checked = [r for r in rows if r.preset.endswith(" GB")]
+    over = [r for r in checked if r.cuda_bf16_gb > HEADROOM * float(r.preset.split()[0])]
+    for r in over:
+        print(f"\n{r.config} at {r.preset}: the {r.stage} estimate {r.cuda_bf16_gb:.1f} GB is above "
+              f"{HEADROOM:.0%} of {r.preset}")
+    if checked and not over:
+        print(f"\nEvery preset's estimate is within {HEADROOM:.0%} of its GPU's memory.")
     if args.json:
         Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2), encoding="utf-8")
     return status
