@@ -89,9 +89,13 @@ ANOMALY_DEFAULTS: dict[str, tuple[int | None, str, int | None]] = {
     "patched": (500, "x0", 1),
     "ensemble": (None, "x0", 1),
     # latent models only: partial diffusion of the autoencoder's latent, decoded, residual in
-    # image space (MAD-AD / REFLECT recipe in 3D). t = 250, 5 deterministic steps: a starting
-    # point, to be tuned with pipelines/tune_anomaly.py on validation scans
-    "latent": (250, "ddim", 5),
+    # image space (MAD-AD / REFLECT recipe, whole 3D volumes). t = 600, one step (one Euler
+    # step of a rectified-flow model, as REFLECT): chosen with pipelines/tune_anomaly.py on 6
+    # validation_lesions scans with the default brain_mri_3d model at step 2000 (model grid,
+    # median 9): t in {100, 250, 400, 600, 750, 900} x K in {1, 2, 5} -> AUPRC rises with t to
+    # 0.673 at t = 600, K = 1 (AUROC 0.948; t = 750 0.667 / 0.948; t = 900 0.511); K = 1 beat
+    # K = 2 and 5 at every t (benchmarks/RESULTS.md)
+    "latent": (600, "ddim", 1),
 }
 
 #: The noise levels the ``ensemble`` method averages by default.

@@ -21,8 +21,8 @@ patched     pDDPM (Behrendt et al. 2023, "Patched diffusion       number of patc
             pass, keep the patch, stitch (overlaps averaged)
 ensemble    t = 250 / 500 / 750, one-shot x_0 each, residuals    3
             averaged (cDDPM-style, Behrendt et al. 2025)
-latent      latent models only: encode, noise the latent to       K (default 5) on the latent
-            t = 250, K deterministic steps, decode; residual in   (plus one encode and one
+latent      latent models only: encode, noise the latent to       K (default 1) on the latent
+            t = 600, K deterministic steps, decode; residual in   (plus one encode and one
             image space (MAD-AD, IPMI 2025; REFLECT, MICCAI 2025)  decode)
 ==========  ====================================================  ============================
 

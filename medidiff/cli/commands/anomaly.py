@@ -10,6 +10,11 @@ residual between scan and reconstruction, post-processed on the model grid (brai
   patched   pDDPM: noise one patch at a time at t = 500, one-shot, stitched
             (--patch-size / --patch-stride in model voxels; default half the slice, 50 % overlap)
   ensemble  residuals averaged over --t-starts (250 500 750), one-shot each (cDDPM-style)
+  latent    latent models only [their default]: encode the volume, noise the latent to
+            --t-start (600), --steps steps (1), decode; residual in image space
+
+A rectified-flow model takes the euler sampler where a method's is ddim or ddpm; on a latent
+model every method but patched runs in latent space.
 
 The noise defaults to the one the checkpoint was trained with (--noise to override).
 
