@@ -45,7 +45,8 @@ from medidiff.constants import GENERATIVE_SAMPLERS, SYNTHESIS_DEFAULT_STEPS
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="model.safetensors written by `medidiff train`, or a shipped model's name: "
-                        "brain_mri_3d (default: 3D volumes at 5 mm) or brain_mri_2d (2D slices)")
+                        "brain_mri_3d (default: whole brains at 2 mm, latent rectified flow), brain_mri_3d_5mm "
+                        "(3D volumes at 5 mm) or brain_mri_2d (2D slices)")
     p.add_argument("--num", type=int, required=True, help="number of samples the folder should hold")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--sampler", default=None, choices=GENERATIVE_SAMPLERS,
