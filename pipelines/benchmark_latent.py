@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference", nargs="*", default=[], metavar="CHECKPOINT@SAMPLER:STEPS",
                    help="configurations of other checkpoints scored the same way (e.g. DDPM 1000)")
     p.add_argument("--num", type=int, default=8, help="volumes per configuration")
+    p.add_argument("--max-pairs", type=int, default=500,
+                   help="MS-SSIM pairs of the training set (3D pairs cost about a second each)")
     p.add_argument("--no-synthesis", action="store_true")
     p.add_argument("--no-anomaly", action="store_true")
     p.add_argument("--limit", type=int, default=None, help="test scans (stratified by kind)")
@@ -93,7 +95,7 @@ def synthesis(args: argparse.Namespace, latent_path: Path) -> tuple[list[dict], 
     prep = probe.preprocessing
     train = load_real_images(args.data, prep, spatial_dims=3, split="training")
     held = load_real_images(args.data, prep, spatial_dims=3, split="validation")
-    reference = RealReference.build(train, seed=args.seed)
+    reference = RealReference.build(train, max_pairs=args.max_pairs, seed=args.seed)
     spread = evaluate_against(reference, held)
     real = {"n_train": len(train), "n_held_out": len(held), "frechet": spread.frechet.distance,
             "ms_ssim_train": reference.diversity.mean, "ms_ssim_held_out": spread.diversity_synthetic.mean,
