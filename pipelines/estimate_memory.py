@@ -56,14 +56,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: The autoencoder stage's presets, the same for brain MRI and CT (patches of equal size).
+_AUTOENCODER_PRESETS: dict[int, list[str]] = {
+    24: ["data.patch_size=[112,112,112]", "train.batch_size=1", "train.amp=true"],
+    48: ["data.patch_size=[144,144,144]", "train.batch_size=1", "train.amp=true"],
+    80: ["data.patch_size=[160,160,160]", "train.batch_size=1", "train.amp=true"],
+}
+
 #: The GPU memory presets of docs/latent_diffusion.md: config file -> GPU GB -> overrides.
 #: The config files themselves hold the 48 GB values.
 PRESETS: dict[str, dict[int, list[str]]] = {
-    "brain_mri_1mm_autoencoder.yaml": {
-        24: ["data.patch_size=[112,112,112]", "train.batch_size=1", "train.amp=true"],
-        48: ["data.patch_size=[144,144,144]", "train.batch_size=1", "train.amp=true"],
-        80: ["data.patch_size=[160,160,160]", "train.batch_size=1", "train.amp=true"],
-    },
+    "brain_mri_1mm_autoencoder.yaml": _AUTOENCODER_PRESETS,
     "brain_mri_1mm_latent.yaml": {
         24: ["model.channels=[64,128,256,512]", "train.batch_size=8", "autoencoder.tile=[96,96,96]",
              "train.amp=true"],
@@ -72,11 +75,7 @@ PRESETS: dict[str, dict[int, list[str]]] = {
         80: ["model.channels=[128,256,256,512]", "train.batch_size=16", "autoencoder.tile=[160,160,160]",
              "train.amp=true"],
     },
-    "ct_autoencoder.yaml": {
-        24: ["data.patch_size=[112,112,112]", "train.batch_size=1", "train.amp=true"],
-        48: ["data.patch_size=[144,144,144]", "train.batch_size=1", "train.amp=true"],
-        80: ["data.patch_size=[160,160,160]", "train.batch_size=1", "train.amp=true"],
-    },
+    "ct_autoencoder.yaml": _AUTOENCODER_PRESETS,
     "ct_latent.yaml": {
         24: ["model.channels=[64,128,256,256]", "train.batch_size=1", "autoencoder.tile=[96,96,96]",
              "train.amp=true"],

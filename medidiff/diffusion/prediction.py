@@ -160,12 +160,6 @@ def path_coefficients(
     return expand((1 - s).to(like.dtype), like), expand(s.to(like.dtype), like)
 
 
-def _alpha_sigma(
-    schedule: NoiseSchedule, t: int | Tensor, like: Tensor, prediction_type: str = "epsilon"
-) -> tuple[Tensor, Tensor]:
-    return path_coefficients(schedule, t, like, prediction_type=prediction_type)
-
-
 def forward_noise(
     schedule: NoiseSchedule,
     x0: Tensor,
@@ -221,7 +215,7 @@ def training_target(
         The regression target, same shape as ``x0``.
     """
     read = check_prediction_type(prediction_type)
-    return read.target(x0, noise, *_alpha_sigma(schedule, t, x0, prediction_type))
+    return read.target(x0, noise, *path_coefficients(schedule, t, x0, prediction_type=prediction_type))
 
 
 def predict_x0(
@@ -250,7 +244,7 @@ def predict_x0(
         x_0 estimate, same shape as ``x_t``.
     """
     read = check_prediction_type(prediction_type)
-    return read.x0(model_output, x_t, *_alpha_sigma(schedule, t, x_t, prediction_type))
+    return read.x0(model_output, x_t, *path_coefficients(schedule, t, x_t, prediction_type=prediction_type))
 
 
 def predict_eps(
@@ -278,7 +272,7 @@ def predict_eps(
         eps estimate, same shape as ``x_t``.
     """
     read = check_prediction_type(prediction_type)
-    return read.eps(model_output, x_t, *_alpha_sigma(schedule, t, x_t, prediction_type))
+    return read.eps(model_output, x_t, *path_coefficients(schedule, t, x_t, prediction_type=prediction_type))
 
 
 def x0_and_eps(
@@ -304,7 +298,7 @@ def x0_and_eps(
         ``(x0, eps)``, each shaped like ``x_t``.
     """
     read = check_prediction_type(prediction_type)
-    alpha, sigma = _alpha_sigma(schedule, t, x_t, prediction_type)
+    alpha, sigma = path_coefficients(schedule, t, x_t, prediction_type=prediction_type)
     x0 = read.x0(model_output, x_t, alpha, sigma)
     if clip_range is None:
         return x0, read.eps(model_output, x_t, alpha, sigma)
