@@ -20,7 +20,10 @@ __all__ = [
     "ANOMALY_DEFAULTS",
     "ANOMALY_METHODS",
     "AUTOENCODER_KINDS",
+    "DEFAULT_RESIDUALS",
     "ENSEMBLE_STARTS",
+    "MULTI_STARTS",
+    "MULTI_START_METHODS",
     "FLOW_TIME_SAMPLINGS",
     "GENERATIVE_SAMPLERS",
     "NOISE_KINDS",
@@ -74,7 +77,7 @@ SPACINGS = ("trailing", "linspace")
 SYNTHESIS_DEFAULT_STEPS: dict[str, int | None] = {"ddpm": None, "ddim": 50, "dpm++2m": 20, "euler": 30}
 
 #: Anomaly-detection methods (see :mod:`medidiff.anomaly.methods`).
-ANOMALY_METHODS = ("anoddpm", "ddim", "x0", "patched", "ensemble", "latent")
+ANOMALY_METHODS = ("anoddpm", "ddim", "x0", "patched", "ensemble", "multi", "thor", "latent")
 
 #: Per-method defaults: (t_start, sampler, steps). ``steps=None`` for anoddpm is the full
 #: chain (t_start + 1 evaluations); ``ensemble`` has several starts (:data:`ENSEMBLE_STARTS`).
@@ -88,6 +91,12 @@ ANOMALY_DEFAULTS: dict[str, tuple[int | None, str, int | None]] = {
     "x0": (250, "x0", 1),
     "patched": (500, "x0", 1),
     "ensemble": (None, "x0", 1),
+    # several partial reconstructions scored by their per-voxel Mahalanobis distance
+    # (Behrendt et al. 2024); starts MULTI_STARTS, one DDIM step each
+    "multi": (None, "ddim", 1),
+    # THOR (Bercea et al. 2024): DDIM steps from t, each intermediate state harmonised with
+    # the noised input outside the suspected anomaly
+    "thor": (100, "ddim", 5),
     # latent models only: partial diffusion of the autoencoder's latent, decoded, residual in
     # image space (MAD-AD / REFLECT recipe, whole 3D volumes). t = 600, one step (one Euler
     # step of a rectified-flow model, as REFLECT): chosen with pipelines/tune_anomaly.py on 6
@@ -100,3 +109,13 @@ ANOMALY_DEFAULTS: dict[str, tuple[int | None, str, int | None]] = {
 
 #: The noise levels the ``ensemble`` method averages by default.
 ENSEMBLE_STARTS = (250, 500, 750)
+
+#: The starts of the ``multi`` method (one reconstruction each, one network evaluation
+#: each with the default single DDIM step).
+MULTI_STARTS = (25, 50, 100, 200)
+
+#: Methods with several starts (``t_starts``) rather than one ``t_start``.
+MULTI_START_METHODS = ("ensemble", "multi")
+
+#: The residual a method scores with by default (others: ``"l1"``).
+DEFAULT_RESIDUALS = {"multi": "mahalanobis"}

@@ -15,6 +15,7 @@ from medidiff.anomaly.methods import MethodConfig, patch_grid
 from medidiff.anomaly.runner import calibrate
 from medidiff.anomaly.seeds import input_seed, noise_seed, patch_seed, stable_seed, start_seed
 from medidiff.anomaly.thresholds import Thresholds
+from medidiff.constants import MULTI_STARTS
 from medidiff.errors import CheckpointError, ConfigError, VolumeContentError
 from medidiff.anomaly.postprocess import (
     PostprocessConfig,
@@ -481,3 +482,79 @@ def test_a_detector_is_composed_from_any_reconstructor(tiny_checkpoint_2d):
                                 "postprocess"}
     with pytest.raises(ConfigError, match="not both"):
         AnomalyDetector(tiny_checkpoint_2d, MethodConfig("x0"), reconstructor=Halve())
+
+
+# ---- multi-reconstruction, THOR and structure-aware residuals ------------------------------------
+
+
+def test_structure_residuals_vanish_on_a_perfect_reconstruction_and_see_a_moved_edge():
+    from medidiff.anomaly.residuals import RESIDUALS, residual
+
+    rng = np.random.default_rng(0)
+    x = rng.random((12, 12, 6)).astype(np.float32)
+    for kind in ("l1", "l2", "ssim", "gradient", "l1ssim"):
+        assert np.abs(residual(kind, x, x)).max() < 1e-5, kind
+    # a step edge moved by two voxels: equal intensities, different structure
+    a = np.zeros((16, 16, 4), np.float32)
+    a[:8] = 1.0
+    b = np.zeros_like(a)
+    b[:10] = 1.0
+    for kind in ("ssim", "gradient"):
+        r = residual(kind, a, b)
+        assert r[7:11].mean() > 5 * r[:4].mean() + 1e-3, kind
+    assert set(RESIDUALS) >= {"l1", "l2", "ssim", "gradient", "l1ssim", "mahalanobis"}
+    with pytest.raises(ConfigError, match="residual must be"):
+        residual("lpips", a, b)
+
+
+def test_mahalanobis_residual_by_hand():
+    from medidiff.anomaly.residuals import residual
+
+    x = np.array([[[1.0, 0.5, 0.5]]], np.float32)
+    recons = np.array([[[[0.0, 0.4, 0.5]]], [[[0.2, 0.6, 0.5]]]], np.float32)  # (K=2, 1, 1, 3)
+    # mu = (0.1, 0.5, 0.5); sample variance (ddof 1) = (0.02, 0.02, 0); floor = median
+    # sigma over the voxels = sqrt(0.02)
+    out = residual("mahalanobis", x, recons)
+    floor2 = 0.02
+    expected = [0.9 / math.sqrt(0.02 + floor2), 0.0, 0.0]
+    np.testing.assert_allclose(out[0, 0], expected, rtol=1e-4)
+    with pytest.raises(ConfigError, match="several reconstructions"):
+        residual("mahalanobis", x, recons[:1])
+
+
+def test_thor_guide_keeps_the_input_path_where_the_estimate_agrees():
+    from medidiff.anomaly.methods import thor_guide
+    from medidiff.diffusion.schedules import NoiseSchedule
+
+    schedule = NoiseSchedule.create("linear_beta", 100)
+    x0 = torch.rand(1, 1, 16, 16)
+    eps = torch.randn_like(x0)
+    x_prev = torch.randn_like(x0)
+    pred = x0.clone()
+    pred[..., 6:9, 6:9] += 0.5  # the estimate disagrees with the input in one spot
+    guided = thor_guide(schedule, x0, "epsilon")(40, x_prev, pred, eps)
+    a = schedule.alphas_cumprod[40].float()
+    on_input_path = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    # far from the spot: the noised input; at the spot (weight 1): the model's state
+    torch.testing.assert_close(guided[..., 0, 0], on_input_path[..., 0, 0])
+    torch.testing.assert_close(guided[..., 7, 7], x_prev[..., 7, 7])
+
+
+def test_multi_and_thor_declare_their_cost(tiny_checkpoint_2d):
+    multi, thor = _resolved("multi"), _resolved("thor")
+    assert multi.t_starts == MULTI_STARTS and multi.steps == 1
+    assert multi.nfe_per_image((64, 80)) == len(MULTI_STARTS)
+    assert thor.nfe_per_image((64, 80)) == thor.steps
+    with pytest.raises(ConfigError, match="several starts"):
+        MethodConfig("multi", t_start=50)
+    det = AnomalyDetector(tiny_checkpoint_2d, MethodConfig("multi", t_starts=(3, 3, 6)))
+    assert det.postprocess.residual == "mahalanobis"  # multi's default residual
+    det.postprocess = PostprocessConfig(residual="mahalanobis", erode=0, median_size=3)
+    image, mask = _brain((32, 40, 3))
+    det.model = counter = CountingModel(det.model)
+    grid = det.score_grid(image, mask, "case")
+    assert counter.images == 3 * 3 and np.isfinite(grid.anomaly_map).all()
+    thor_det = AnomalyDetector(tiny_checkpoint_2d, MethodConfig("thor", t_start=6, steps=3), POST)
+    thor_det.model = counter = CountingModel(thor_det.model)
+    grid = thor_det.score_grid(image, mask, "case")
+    assert counter.images == 3 * 3 and np.isfinite(grid.anomaly_map).all()

@@ -52,6 +52,7 @@ import torch
 
 import medidiff
 from medidiff.anomaly.methods import METHODS, MethodConfig
+from medidiff.constants import DEFAULT_RESIDUALS
 from medidiff.anomaly.postprocess import PostprocessConfig, anomaly_map, segment, top_fraction_mean
 from medidiff.anomaly.reconstructor import DiffusionReconstructor, LatentReconstructor, ProgressFn, Reconstructor
 from medidiff.anomaly.results import AnomalyResult, GridScore, scan_output_paths
@@ -148,12 +149,12 @@ def diffusion_reconstructor(
     if method.method == "latent" and not loaded.is_latent:
         raise ConfigError(
             f"method 'latent' needs a latent model (stage: latent); {loaded.provenance.path} is a "
-            "pixel-space model: use ddim, anoddpm, x0, patched or ensemble"
+            "pixel-space model: use ddim, anoddpm, x0, patched, ensemble, multi or thor"
         )
     if loaded.is_latent:
         if method.method == "patched":
             raise ConfigError("method 'patched' works on images; a latent model takes latent, ddim, x0, "
-                              "anoddpm or ensemble (all run in latent space)")
+                              "anoddpm, ensemble, multi or thor (all run in latent space)")
         method = replace(method, clip=False)  # latents are not on [0, 1]; the decoded image is clipped
     method = method.resolve(
         num_train_timesteps=d.num_train_timesteps, noise=d.noise, input_shape=input_shape,
@@ -231,7 +232,10 @@ class AnomalyDetector:
         self.checkpoint = inference_checkpoint(checkpoint)
         config, self.preprocessing = checkpoint_records(self.checkpoint)
         self.spatial_dims = int(config.model.spatial_dims)
-        self.postprocess = postprocess or PostprocessConfig()
+        if postprocess is None:
+            name = getattr(self.reconstructor.method, "method", None)
+            postprocess = PostprocessConfig(residual=DEFAULT_RESIDUALS.get(name, "l1"))
+        self.postprocess = postprocess
 
     # ---- what the reconstructor says -----------------------------------------------------
 

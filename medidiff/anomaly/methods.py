@@ -21,6 +21,13 @@ patched     pDDPM (Behrendt et al. 2023, "Patched diffusion       number of patc
             pass, keep the patch, stitch (overlaps averaged)
 ensemble    t = 250 / 500 / 750, one-shot x_0 each, residuals    3
             averaged (cDDPM-style, Behrendt et al. 2025)
+multi       several partial reconstructions (t = 25 / 50 / 100    4 (one per start)
+            / 200, one DDIM step each), scored by the per-voxel
+            Mahalanobis distance of the input to them (Behrendt
+            et al. 2024, arXiv 2407.12474)
+thor        t = 100, K DDIM steps; after each step the state is   K (default 5)
+            harmonised with the noised input where the current
+            x_0 estimate agrees with it (THOR, Bercea et al. 2024)
 latent      latent models only: encode, noise the latent to       K (default 1) on the latent
             t = 600, K deterministic steps, decode; residual in   (plus one encode and one
             image space (MAD-AD, IPMI 2025; REFLECT, MICCAI 2025)  decode)
@@ -57,7 +64,13 @@ import torch
 from torch import Tensor
 
 from medidiff.anomaly.seeds import patch_seed, start_seed
-from medidiff.constants import ANOMALY_DEFAULTS, ANOMALY_METHODS, ENSEMBLE_STARTS
+from medidiff.constants import (
+    ANOMALY_DEFAULTS,
+    ANOMALY_METHODS,
+    ENSEMBLE_STARTS,
+    MULTI_START_METHODS,
+    MULTI_STARTS,
+)
 from medidiff.diffusion import ModelFn, NoiseSchedule, denoise, forward_noise, partial_reconstruction
 from medidiff.diffusion.samplers import sampler_for
 from medidiff.errors import ConfigError
@@ -68,6 +81,7 @@ __all__ = [
     "MethodConfig",
     "patch_grid",
     "reconstruct",
+    "thor_guide",
 ]
 
 METHODS = ANOMALY_METHODS
@@ -82,6 +96,8 @@ _ALLOWED_SAMPLERS = {
     "x0": ("x0",),
     "patched": ("x0",),
     "ensemble": ("x0", "ddim", "dpm++2m", "ddpm", "euler"),
+    "multi": ("ddim", "x0", "dpm++2m", "euler"),
+    "thor": ("ddim", "ddpm", "euler"),
     "latent": ("ddim", "dpm++2m", "euler", "x0", "ddpm"),
 }
 
@@ -173,9 +189,12 @@ class MethodConfig:
         if isinstance(ov, bool) or not isinstance(ov, (int, float)) or not 0 <= ov < 1:
             raise ConfigError(f"window_overlap must be a number in [0, 1); got {ov!r}")
         set_("window_overlap", float(ov))
-        if self.method == "ensemble" and self.t_start is not None:
-            raise ConfigError("method 'ensemble' takes several starts: set t_starts, not t_start")
-        if self.method != "ensemble" and self.t_starts is not None and len(self.t_starts) > 1:
+        several = self.method in MULTI_START_METHODS
+        if several and self.t_start is not None:
+            raise ConfigError(
+                f"method {self.method!r} takes several starts: set t_starts, not t_start"
+            )
+        if not several and self.t_starts is not None and len(self.t_starts) > 1:
             raise ConfigError(f"method {self.method!r} has one start: set t_start, not t_starts")
         if self.method != "patched" and (self.patch_size or self.patch_stride):
             raise ConfigError("patch_size and patch_stride apply to method 'patched' only")
@@ -215,8 +234,8 @@ class MethodConfig:
         """
         default_t, default_sampler, default_steps = _DEFAULTS[self.method]
         sampler = sampler_for(prediction_type, self.sampler, default_sampler)
-        if self.method == "ensemble":
-            starts = self.t_starts or _ENSEMBLE_STARTS
+        if self.method in MULTI_START_METHODS:
+            starts = self.t_starts or (_ENSEMBLE_STARTS if self.method == "ensemble" else MULTI_STARTS)
             t_start = None
         else:
             t_start = (
@@ -399,10 +418,57 @@ def reconstruct(
                     eta=config.eta,
                     prediction_type=prediction_type,
                     clip_range=clip_range,
+                    guide=(
+                        thor_guide(schedule, images[part], prediction_type)
+                        if config.method == "thor"
+                        else None
+                    ),
                 )
                 recon[part] = result.reconstruction
         outputs.append(recon)
     return torch.cat(outputs, dim=1)
+
+
+#: THOR's anomaly weight is smoothed over a box of this many voxels per axis
+THOR_SMOOTHING = 5
+
+
+def thor_guide(schedule: NoiseSchedule, x0: Tensor, prediction_type: str) -> Any:
+    """THOR's harmonisation of each intermediate state with the input (Bercea et al.,
+    "Diffusion models with implicit guidance for medical anomaly detection", MICCAI 2024).
+
+    After a reverse step to ``t_prev`` the current estimate of the clean image
+    ``x_0_hat`` is compared with the input: the residual ``|x_0_hat - x_0|`` is smoothed
+    (a box of :data:`THOR_SMOOTHING` voxels) and scaled by its maximum per image into a
+    weight ``m`` in [0, 1] (1: most anomalous); the next step starts from
+    ``m * x_{t_prev} + (1 - m) * q(x_0, t_prev)``, the input noised to the same level with
+    the same noise. Healthy regions stay on the input's trajectory, so they come back close
+    to it, and only suspected anomalies are repainted: fewer false positives at a
+    larger ``t`` than a plain reconstruction could afford.
+
+    Args:
+        schedule: the noise schedule.
+        x0: the inputs, ``(B, C, H, W[, D])``.
+        prediction_type: the model's (sets the forward path).
+
+    Returns:
+        A ``guide(t_prev, x_prev, pred_x0, eps)`` for
+        :func:`~medidiff.diffusion.partial_reconstruction`.
+    """
+    dims = x0.ndim - 2
+    pool = torch.nn.functional.avg_pool2d if dims == 2 else torch.nn.functional.avg_pool3d
+    spatial = tuple(range(2, x0.ndim))
+
+    def guide(t_prev: int, x_prev: Tensor, pred_x0: Tensor, eps: Tensor) -> Tensor:
+        residual = (pred_x0 - x0).abs()
+        smooth = pool(residual, THOR_SMOOTHING, stride=1, padding=THOR_SMOOTHING // 2,
+                      count_include_pad=False)
+        weight = smooth / smooth.amax(dim=spatial, keepdim=True).clamp_min(1e-6)
+        noised_input = forward_noise(schedule.to(x0.device), x0, t_prev, eps,
+                                     prediction_type=prediction_type)
+        return weight * x_prev + (1 - weight) * noised_input
+
+    return guide
 
 
 def _patched(

@@ -4,8 +4,10 @@ The post-processing of the Behrendt et al. protocol ("Patched Diffusion Models f
 Unsupervised Anomaly Detection in Brain MRI", MIDL 2023, and their benchmark code), step by
 step, each step configurable in :class:`PostprocessConfig`:
 
-1. residual ``r = |x - x_hat|`` (L1, default) or ``(x - x_hat)^2`` (AnoDDPM's squared
-   error), averaged over the reconstructions of an ensemble;
+1. residual ``r = |x - x_hat|`` (L1, default), ``(x - x_hat)^2`` (AnoDDPM's squared
+   error), a structure-aware residual (local SSIM, gradient, L1 x SSIM) averaged over the
+   reconstructions of an ensemble, or the Mahalanobis distance to several reconstructions
+   (:mod:`medidiff.anomaly.residuals`);
 2. the residual is set to 0 outside the brain (the provided brain mask, else the
    preprocessed foreground), so that the background cannot bleed into the brain in
    step 3;
@@ -39,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from medidiff.anomaly.residuals import RESIDUALS, residual
 from medidiff.errors import ConfigError
 
 __all__ = [
@@ -54,7 +57,6 @@ __all__ = [
     "top_fraction_mean",
 ]
 
-RESIDUALS = ("l1", "l2")
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,10 @@ class PostprocessConfig:
     """How residuals become anomaly maps, segmentations and scan scores.
 
     Attributes:
-        residual: ``"l1"`` (default; ``|x - x_hat|``, Behrendt et al.) or ``"l2"``
-            (``(x - x_hat)^2``, AnoDDPM's squared error).
+        residual: ``"l1"`` (default; ``|x - x_hat|``, Behrendt et al.), ``"l2"``
+            (``(x - x_hat)^2``, AnoDDPM's squared error), ``"ssim"``, ``"gradient"``,
+            ``"l1ssim"`` (structure-aware) or ``"mahalanobis"`` (several
+            reconstructions); see :mod:`medidiff.anomaly.residuals`.
         erode: erode the brain/foreground mask by this many voxels of the model grid
             (default 2, i.e. 5 mm on the default 2.5 mm grid) before scoring, to drop rim
             artefacts; 0 disables.
@@ -118,27 +122,26 @@ class PostprocessConfig:
         return cls(**raw)
 
 
-def residual_map(image: np.ndarray, reconstructions: np.ndarray, kind: str = "l1") -> np.ndarray:
+def residual_map(
+    image: np.ndarray,
+    reconstructions: np.ndarray,
+    kind: str = "l1",
+    region: np.ndarray | None = None,
+) -> np.ndarray:
     """The voxel-wise residual between a scan and its reconstruction(s).
 
     Args:
         image: x, ``(X, Y, Z)`` on the model grid.
-        reconstructions: x_hat, ``(X, Y, Z)`` or ``(K, X, Y, Z)`` for an ensemble of K
-            reconstructions, whose residuals are averaged (cDDPM, Behrendt et al. 2025).
-        kind: ``"l1"`` (``|x - x_hat|``) or ``"l2"`` (``(x - x_hat)^2``).
+        reconstructions: x_hat, ``(X, Y, Z)`` or ``(K, X, Y, Z)`` for K reconstructions
+            (an ensemble's residuals are averaged, cDDPM, Behrendt et al. 2025;
+            ``mahalanobis`` uses their spread).
+        kind: one of :data:`~medidiff.anomaly.residuals.RESIDUALS`.
+        region: the brain mask, where normalising statistics are taken (optional).
 
     Returns:
         ``(X, Y, Z)`` float32.
     """
-    if kind not in RESIDUALS:
-        raise ConfigError(f"residual must be one of {', '.join(RESIDUALS)}; got {kind!r}")
-    image = np.asarray(image, dtype=np.float32)
-    recon = np.asarray(reconstructions, dtype=np.float32)
-    if recon.ndim == image.ndim:
-        recon = recon[None]
-    diff = image[None] - recon
-    out = np.abs(diff) if kind == "l1" else diff**2
-    return out.mean(axis=0).astype(np.float32)
+    return residual(kind, image, reconstructions, region)
 
 
 def scoring_mask(mask: np.ndarray, erode: int) -> np.ndarray:
@@ -225,10 +228,10 @@ def anomaly_map(
         the eroded bool mask it is defined on.
     """
     inside = np.asarray(mask) > 0
-    residual = residual_map(image, reconstructions, config.residual)
-    residual[~inside] = 0.0
+    values = residual_map(image, reconstructions, config.residual, inside)
+    values[~inside] = 0.0
     scored = scoring_mask(inside, config.erode)
-    filtered = median_filter(residual, config.median_size, region=scored)
+    filtered = median_filter(values, config.median_size, region=scored)
     filtered[~scored] = 0.0
     return filtered, scored
 

@@ -41,6 +41,7 @@ __all__ = [
     "SampleResult",
     "SamplingOptions",
     "StepCallback",
+    "StepGuide",
     "denoise",
     "partial_reconstruction",
     "sample",
@@ -53,6 +54,10 @@ GAUSSIAN_NOISE = NoiseSpec("gaussian")
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 #: ``callback(t, x_t, pred_x0)``: observes one reverse step (see :func:`sample`)
 StepCallback = Callable[[int, Tensor, Tensor], None]
+#: ``guide(t_prev, x_prev, pred_x0, eps) -> x_prev``: may replace the state a reverse step
+#: produced before the next step sees it (``eps``: the forward noise of a partial
+#: reconstruction); see :func:`partial_reconstruction`
+StepGuide = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -173,13 +178,16 @@ def _reverse(
     generators: list[torch.Generator],
     options: SamplingOptions,
     callback: StepCallback | None = None,
+    guide: Callable[[int, Tensor, Tensor], Tensor] | None = None,
 ) -> Reconstruction:
     """Run the reverse process from x_t at ``t_start`` to t = -1 (clean data).
 
     The one loop behind :func:`sample`, :func:`denoise` and :func:`partial_reconstruction`.
     ``model_fn`` is wrapped so that ``nfe`` counts its actual calls. ``callback(t, x_t,
-    pred_x0)`` sees every visited state before it is replaced. A stochastic step's noise z
-    is drawn after the network call, of ``options.noise_spec``'s kind, per sample.
+    pred_x0)`` sees every visited state before it is replaced; ``guide(t_prev, x_prev,
+    pred_x0)`` may replace the state of every step that does not land on clean data. A
+    stochastic step's noise z is drawn after the network call, of ``options.noise_spec``'s
+    kind, per sample.
     """
     model = _CountingModel(model_fn)
     sampler = options.make_sampler(schedule)
@@ -206,6 +214,8 @@ def _reverse(
         if callback is not None:
             callback(t_int, x, result.pred_x0)
         x = result.prev_sample
+        if guide is not None and t_prev >= 0:
+            x = guide(t_prev, x, result.pred_x0)
 
     assert first_pred_x0 is not None  # internal: the timestep list is never empty
     return Reconstruction(
@@ -393,6 +403,7 @@ def partial_reconstruction(
     clip_range: tuple[float, float] | None = None,
     spacing: str = "trailing",
     progress: bool = False,
+    guide: StepGuide | None = None,
 ) -> Reconstruction:
     """Noise ``x0`` to ``t_start``, then denoise it back (partial diffusion, AnoDDPM style).
 
@@ -428,6 +439,9 @@ def partial_reconstruction(
         clip_range: clamp every x_0 estimate to ``(low, high)``; ``None`` disables.
         spacing: timestep spacing, see :func:`inference_timesteps`.
         progress: show a progress bar.
+        guide: ``guide(t_prev, x_prev, pred_x0, eps)`` after every step that does not land
+            on clean data, with ``eps`` the forward noise: returns the state the next step
+            starts from (THOR's harmonisation with the input, Bercea et al. 2024).
 
     Returns:
         The reconstruction, the first x_0 estimate, x_{t_start}, nfe and the timesteps.
@@ -442,4 +456,7 @@ def partial_reconstruction(
     )
     noise = sample_noise(noise_spec, x0.shape, generator=generators, device=x0.device, dtype=x0.dtype)
     x_t = forward_noise(schedule, x0, t_start, noise, prediction_type=options.prediction_type)
-    return _reverse(model_fn, schedule, x_t, t_start, generators, options)
+    step_guide = None
+    if guide is not None:
+        step_guide = lambda t_prev, x, pred_x0: guide(t_prev, x, pred_x0, noise)  # noqa: E731
+    return _reverse(model_fn, schedule, x_t, t_start, generators, options, guide=step_guide)

@@ -10,6 +10,10 @@ residual between scan and reconstruction, post-processed on the model grid (brai
   patched   pDDPM: noise one patch at a time at t = 500, one-shot, stitched
             (--patch-size / --patch-stride in model voxels; default half the slice, 50 % overlap)
   ensemble  residuals averaged over --t-starts (250 500 750), one-shot each (cDDPM-style)
+  multi     several reconstructions (--t-starts 25 50 100 200, --steps 1 each), scored by
+            the per-voxel Mahalanobis distance of the input to them (Behrendt et al. 2024)
+  thor      noise to --t-start (100), --steps DDIM steps (5), each intermediate state
+            harmonised with the noised input where it agrees with it (THOR, Bercea 2024)
   latent    latent models only [their default]: encode the volume, noise the latent to
             --t-start (600), --steps steps (1), decode; residual in image space
 
@@ -55,6 +59,7 @@ from medidiff.constants import (
     ANOMALY_DEFAULTS,
     ANOMALY_METHODS,
     ENSEMBLE_STARTS,
+    MULTI_STARTS,
     NOISE_KINDS,
     SAMPLERS,
 )
@@ -124,7 +129,8 @@ def _add_method_arguments(m: Any) -> None:
         type=int,
         nargs="+",
         default=None,
-        help=f"ensemble: the noise levels averaged (default {' '.join(map(str, ENSEMBLE_STARTS))})",
+        help=f"ensemble / multi: the noise levels (default {' '.join(map(str, ENSEMBLE_STARTS))} / "
+        f"{' '.join(map(str, MULTI_STARTS))}); repeat a level for several noise draws",
     )
     m.add_argument(
         "--steps",
@@ -175,9 +181,12 @@ def _add_method_arguments(m: Any) -> None:
 def _add_postprocess_arguments(q: Any) -> None:
     q.add_argument(
         "--residual",
-        default="l1",
-        choices=["l1", "l2"],
-        help="residual |x - x_hat| (l1, default) or squared (l2)",
+        default=None,
+        choices=["l1", "l2", "ssim", "gradient", "l1ssim", "mahalanobis"],
+        help="residual: |x - x_hat| (l1, the default of every method but multi), squared (l2), "
+        "structure-aware (ssim: 1 - local SSIM; gradient: edge-strength difference; l1ssim: "
+        "l1 weighted up where structure differs), or mahalanobis (distance of the input to "
+        "several reconstructions; multi's default)",
     )
     q.add_argument(
         "--erode",
@@ -217,13 +226,14 @@ def configs_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
 
         latent = checkpoint_network(require_checkpoint(args)) == "latent_diffusion"
         args.method = "latent" if latent else "ddim"
-    if args.method != "ensemble" and args.t_starts is not None:
+    several = args.method in ("ensemble", "multi")
+    if not several and args.t_starts is not None:
         raise ConfigError(
-            f"--t-starts applies to --method ensemble; use --t-start with --method {args.method}"
+            f"--t-starts applies to --method ensemble or multi; use --t-start with --method {args.method}"
         )
-    if args.method == "ensemble" and args.t_start is not None:
+    if several and args.t_start is not None:
         raise ConfigError(
-            "--method ensemble averages several starts: use --t-starts, not --t-start"
+            f"--method {args.method} uses several starts: use --t-starts, not --t-start"
         )
     method = MethodConfig(
         method=args.method,
@@ -238,8 +248,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
         patch_stride=tuple(args.patch_stride) if args.patch_stride else None,
         window_overlap=args.window_overlap,
     )
+    from medidiff.constants import DEFAULT_RESIDUALS
+
     post = PostprocessConfig(
-        residual=args.residual,
+        residual=args.residual or DEFAULT_RESIDUALS.get(args.method, "l1"),
         erode=args.erode,
         median_size=args.median_size,
         min_component=args.min_component,
