@@ -20,6 +20,7 @@ __all__ = [
     "ANOMALY_DEFAULTS",
     "ANOMALY_METHODS",
     "AUTOENCODER_KINDS",
+    "CALIBRATION_DEFAULTS",
     "DEFAULT_RESIDUALS",
     "ENSEMBLE_STARTS",
     "MULTI_STARTS",
@@ -116,6 +117,14 @@ MULTI_STARTS = (25, 50, 100, 200)
 
 #: Methods with several starts (``t_starts``) rather than one ``t_start``.
 MULTI_START_METHODS = ("ensemble", "multi")
+
+#: How ``medidiff calibrate`` (and the demo and benchmarks) set the voxel threshold by
+#: default: see :mod:`medidiff.anomaly.calibration`.
+CALIBRATION_DEFAULTS: dict[str, object] = {
+    "target": "fp-volume",
+    "max_fp_ml": 2.0,
+    "min_component_ml": 0.5,
+}
 
 #: The residual a method scores with by default (others: ``"l1"``).
 DEFAULT_RESIDUALS = {"multi": "mahalanobis"}

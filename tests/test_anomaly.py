@@ -371,7 +371,7 @@ def test_calibrate_then_segment(tiny_checkpoint_2d):
         tiny_checkpoint_2d, MethodConfig("x0", **FAST), PostprocessConfig(erode=1)
     )
     val = sorted((ROOT / "sample_data" / "val" / "images").glob("*.nii.gz"))[:2]
-    thr = calibrate(det, val, fpr=0.1)
+    thr = calibrate(det, val, fpr=0.1, allow_few=True)
     assert thr.num_scans == 2 and set(thr.scan_scores) == {p.name[:-7] for p in val}
     assert det.score_file(val[0]).segmentation is None  # no thresholds given: no segmentation
     healthy = det.score_file(val[0], thresholds=thr)
@@ -381,6 +381,14 @@ def test_calibrate_then_segment(tiny_checkpoint_2d):
         healthy.segmentation.dtype == np.uint8 and healthy.flagged is False
     )  # max score: not above
     assert healthy.voxels_over_threshold == int(healthy.segmentation.sum())
+    # the thresholds' component rule applies to segmentations: at a threshold that flags
+    # every scored voxel, components under the whole mask's size are all dropped
+    from dataclasses import replace
+
+    low = replace(thr, voxel_threshold=-1.0)
+    assert det.score_file(val[0], thresholds=low).grid.segmentation.sum() > 0
+    huge = replace(low, min_component=10**9)
+    assert det.score_file(val[0], thresholds=huge).grid.segmentation.sum() == 0
 
 
 def test_empty_mask_is_a_clear_error(tiny_checkpoint_2d):

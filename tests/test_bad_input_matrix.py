@@ -172,8 +172,9 @@ def command_line(command: str, bad: Path, work: Path, ckpt: Path, synthetic: Pat
         return ["anomaly", "--checkpoint", ckpt, "--input", bad, "--out", work / "out",
                 "--device", "cpu", *FAST], [work / "out"]
     if command == "calibrate":
-        return ["calibrate", "--checkpoint", ckpt, "--healthy", bad, "--out",
-                work / "thresholds.json", "--device", "cpu", *METHOD], [work / "thresholds.json"]
+        return (["calibrate", "--checkpoint", ckpt, "--healthy", bad, "--out",
+                 work / "thresholds.json", "--device", "cpu", *METHOD, "--allow-few"],
+                [work / "thresholds.json"])
     if command == "evaluate":
         return ["evaluate", "--pred", work / "pred", "--truth", bad.parent if bad.is_file()
                 else bad, "--out", work / "metrics.json"], [work / "metrics.json"]
@@ -269,7 +270,7 @@ def _thresholds_json(tmp_path: Path, ckpt: Path, **changes) -> Path:
     from medidiff.cli.main import main
 
     assert main(["calibrate", "--checkpoint", str(ckpt), "--healthy", *map(str, HEALTHY[:2]),
-                 "--out", str(path), "--device", "cpu", *METHOD]) == 0
+                 "--out", str(path), "--device", "cpu", *METHOD, "--allow-few"]) == 0
     data = json.loads(path.read_text(encoding="utf-8"))
     data.update(changes)
     path.write_text(json.dumps(data), encoding="utf-8")
@@ -409,7 +410,7 @@ def test_checkpoint_matrix(command, damage, run_cli, tmp_path, tiny_checkpoint_2
     out = tmp_path / "out"
     argv = {
         "anomaly": ["anomaly", "--input", SOURCE, "--out", out, *FAST],
-        "calibrate": ["calibrate", "--healthy", SOURCE, "--out", out, *METHOD],
+        "calibrate": ["calibrate", "--healthy", SOURCE, "--out", out, *METHOD, "--allow-few"],
         "synthesize": ["synthesize", "--num", 2, "--out", out, "--steps", 2, "--no-progress"],
         "evaluate-synthesis": ["evaluate-synthesis", "--real", *HEALTHY[:2], "--synthetic",
                                synthetic_folder, "--out", out],
@@ -503,7 +504,7 @@ def output_command(command: str, out: Path, tmp_path: Path, ckpt: Path, syntheti
         return ["anomaly", "--checkpoint", ckpt, "--input", SOURCE, "--out", out, *FAST, *more]
     if command == "calibrate":
         return ["calibrate", "--checkpoint", ckpt, "--healthy", SOURCE, "--out", out, *METHOD,
-                *more]
+                "--allow-few", *more]
     if command == "synthesize":
         return ["synthesize", "--checkpoint", ckpt, "--num", 2, "--out", out, "--steps", 2,
                 "--no-progress", "--device", "cpu", *more]
@@ -618,7 +619,7 @@ def test_calibrate_batch_skips_bad_inputs(run_cli, tmp_path, tiny_checkpoint_2d)
     folder, bad = _mixed_folder(tmp_path, HEALTHY[:2])
     out = tmp_path / "thresholds.json"
     res = run_cli(["calibrate", "--checkpoint", tiny_checkpoint_2d, "--healthy", folder,
-                   "--out", out, *METHOD])
+                   "--out", out, *METHOD, "--allow-few"])
     assert res.rc == 4 and "Traceback" not in res.err
     assert len(error_lines(res.err)) == len(bad)
     assert f"{len(bad)} of {len(bad) + 2} input(s) failed and were left out" in res.err

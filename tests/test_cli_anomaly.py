@@ -208,7 +208,7 @@ def test_calibrate_in_workers_skips_a_corrupt_file(run_cli, tiny_checkpoint_2d, 
     raw = gzip.decompress(good[0].read_bytes())
     bad = folder / "broken.nii.gz"
     bad.write_bytes(gzip.compress(raw[: len(raw) // 3]))
-    base = ["calibrate", "--checkpoint", tiny_checkpoint_2d, *FAST, "--erode", "1"]
+    base = ["calibrate", "--checkpoint", tiny_checkpoint_2d, *FAST, "--erode", "1", "--allow-few"]
     res = run_cli([*base, "--healthy", folder, "--out", tmp_path / "two.json", "--workers", "2"])
     assert res.rc == 4, res.err
     error_lines = [line for line in res.err.splitlines() if line.startswith("medidiff: error:")]

@@ -132,7 +132,7 @@ def test_latent_anomaly_scoring_with_calibration(latent_run, run_cli, tmp_path):
     thresholds = tmp_path / "t.json"
     fast = ["--t-start", "100", "--steps", "2"]
     res = run_cli(["calibrate", "--checkpoint", ckpt, "--healthy", *healthy, "--out", thresholds,
-                   "--device", "cpu", *fast])
+                   "--device", "cpu", *fast, "--allow-few"])
     assert res.rc == 0, res.err
     record = json.loads(thresholds.read_text())
     assert record["method"]["method"] == "latent" and record["method"]["clip"] is False

@@ -336,7 +336,8 @@ class AnomalyDetector:
             )
         seg = None
         if thresholds is not None:
-            seg = segment(amap, scored, thresholds.voxel_threshold, self.postprocess.min_component)
+            min_component = max(self.postprocess.min_component, thresholds.min_component)
+            seg = segment(amap, scored, thresholds.voxel_threshold, min_component)
         return GridScore(
             image=np.asarray(image, dtype=np.float32),
             reconstruction=recons.images.mean(axis=0),

@@ -46,6 +46,7 @@ __all__ = [
     "ScoresTable",
     "calibrate",
     "calibrate_scans",
+    "check_calibration_size",
     "entry_case",
     "entry_kind",
     "load_entries",
@@ -514,14 +515,18 @@ class CalibrationRun:
     Attributes:
         thresholds: the thresholds (``None`` when no scan could be scored).
         failures: ``(image, message)`` of the scans left out.
+        maps: the healthy :class:`~medidiff.anomaly.calibration.HealthyMap` of each scan
+            scored (to derive thresholds at other targets without scoring again).
     """
 
     thresholds: Thresholds | None
     failures: list[tuple[Any, str]]
+    maps: list[Any] = field(default_factory=list)
 
 
-def _calibration_scan(detector: Any, item: tuple[int, Any], bar: Any) -> tuple[str, np.ndarray, float]:
-    """One healthy scan's name, voxel scores inside its scored mask and scan score."""
+def _calibration_scan(detector: Any, item: tuple[int, Any], bar: Any) -> tuple[str, Any, float]:
+    """One healthy scan's name, anomaly map (:class:`HealthyMap`) and scan score."""
+    from medidiff.anomaly.calibration import HealthyMap
     from medidiff.io.volume import Volume
 
     i, scan = item
@@ -530,7 +535,26 @@ def _calibration_scan(detector: Any, item: tuple[int, Any], bar: Any) -> tuple[s
     else:
         image, mask, name = _entry_parts(scan)
         result = detector.score_file(image, mask=mask, name=name, progress=bar)
-    return result.name, result.grid.anomaly_map[result.grid.mask], result.score
+    grid = result.grid
+    return result.name, HealthyMap(result.name, grid.anomaly_map, grid.mask), result.score
+
+
+def check_calibration_size(num_scans: int, allow_few: bool) -> None:
+    """Refuse fewer than :data:`~medidiff.anomaly.calibration.MIN_CALIBRATION_SCANS` healthy
+    scans unless ``allow_few``.
+
+    Raises:
+        ConfigError: too few scans.
+    """
+    from medidiff.anomaly.calibration import MIN_CALIBRATION_SCANS
+
+    if num_scans < MIN_CALIBRATION_SCANS and not allow_few:
+        raise ConfigError(
+            f"calibration got {num_scans} healthy scan(s); at least {MIN_CALIBRATION_SCANS} are "
+            "needed for a threshold a new scan can trust (with 3, a 5 % voxel threshold gave "
+            "21 % on a new healthy scan); add scans, or pass --allow-few (allow_few=True) to "
+            "accept it"
+        )
 
 
 def calibrate_scans(
@@ -538,28 +562,39 @@ def calibrate_scans(
     healthy: Sequence[Any],
     *,
     fpr: float = 0.05,
+    target: str = "voxel-fpr",
+    max_fp_ml: float | None = None,
+    min_component: int = 0,
+    allow_few: bool = False,
     workers: int = 1,
     info: Any = None,
     errors: str = "raise",
     progress: bool = False,
 ) -> CalibrationRun:
-    """Thresholds at a target false-positive rate from healthy scans (see :func:`calibrate`),
-    with the runner's failure policy: ``errors="skip"`` leaves out a scan that cannot be
-    scored (one line each) and calibrates on the others."""
+    """Thresholds from healthy scans (see :func:`calibrate`), with the runner's failure
+    policy: ``errors="skip"`` leaves out a scan that cannot be scored (one line each) and
+    calibrates on the others."""
     if not healthy:
         raise ConfigError("calibration needs at least one healthy scan")
+    check_calibration_size(len(healthy), allow_few)
     images = [getattr(h, "image", "<volume>") for h in healthy]
     results, failures = _run(
         _calibration_scan, detector, list(enumerate(healthy)), workers=workers, info=info,
         errors=errors, progress=progress, desc="healthy scans", images=images,
     )
-    voxels, scores = [], {}
+    maps, scores = [], {}
     for i in sorted(results):
-        name, values, score = results[i]
-        voxels.append(values)
+        name, healthy_map, score = results[i]
+        maps.append(healthy_map)
         scores[name if name not in scores else f"{name}#{i}"] = score
-    thresholds = Thresholds.from_healthy(detector, voxels, scores, fpr) if scores else None
-    return CalibrationRun(thresholds, [(images[i], message) for i, message in failures])
+    thresholds = None
+    if scores:
+        check_calibration_size(len(scores), allow_few)
+        thresholds = Thresholds.from_healthy(
+            detector, maps, scores, fpr, target=target, max_fp_ml=max_fp_ml,
+            min_component=min_component,
+        )
+    return CalibrationRun(thresholds, [(images[i], message) for i, message in failures], maps)
 
 
 def calibrate(
@@ -567,16 +602,26 @@ def calibrate(
     healthy: Sequence[Any],
     *,
     fpr: float = 0.05,
+    target: str = "voxel-fpr",
+    max_fp_ml: float | None = None,
+    min_component: int = 0,
+    allow_few: bool = False,
     workers: int = 1,
     progress: bool = False,
 ) -> Thresholds:
-    """Thresholds at a target false-positive rate from healthy scans.
+    """Thresholds from healthy scans: a voxel threshold at a target, a scan threshold at ``fpr``.
 
     Args:
         detector: the detector (checkpoint, method, post-processing) to calibrate.
         healthy: healthy scans: :class:`~medidiff.data.datasets.DatalistEntry` (its ``mask`` is
             used as brain mask), file paths, or :class:`~medidiff.io.volume.Volume` objects.
-        fpr: target false-positive rate in (0, 1), e.g. 0.05.
+        fpr: target false-positive rate in (0, 1), e.g. 0.05 (voxels under ``voxel-fpr``;
+            always the scan threshold's).
+        target: ``"voxel-fpr"`` or ``"fp-volume"`` (:mod:`medidiff.anomaly.calibration`).
+        max_fp_ml: ``fp-volume``: ml of segmentation allowed per healthy scan.
+        min_component: drop segmented components under this many model voxels.
+        allow_few: accept fewer than
+            :data:`~medidiff.anomaly.calibration.MIN_CALIBRATION_SCANS` healthy scans.
         workers: score the scans in this many processes (:func:`medidiff.runtime.parallel.map_scans`;
             the thresholds do not depend on it).
         progress: show progress bars.
@@ -584,8 +629,14 @@ def calibrate(
     Returns:
         The :class:`~medidiff.anomaly.thresholds.Thresholds`, for
         ``detector.score(..., thresholds=...)``.
+
+    Raises:
+        ConfigError: too few scans (without ``allow_few``), a bad target or budget.
     """
-    run = calibrate_scans(detector, healthy, fpr=fpr, workers=workers, progress=progress)
+    run = calibrate_scans(
+        detector, healthy, fpr=fpr, target=target, max_fp_ml=max_fp_ml,
+        min_component=min_component, allow_few=allow_few, workers=workers, progress=progress,
+    )
     if run.thresholds is None:  # pragma: no cover - errors="raise" scores every scan or raises
         raise ConfigError("no healthy scan could be scored")
     return run.thresholds

@@ -1,9 +1,12 @@
 """Calibrated thresholds: a voxel and a scan threshold at a target false-positive rate.
 
 Thresholds come from healthy scans only (:func:`medidiff.anomaly.runner.calibrate`,
-``medidiff calibrate``): the voxel threshold at a target false-positive rate and a
+``medidiff calibrate``): the voxel threshold at a target (a voxel false-positive rate, or a
+false-positive volume per healthy scan, :mod:`medidiff.anomaly.calibration`) and a
 scan-level threshold, tied to the checkpoint's SHA-256 and the full method/post-processing
 config; :meth:`Thresholds.check` refuses thresholds made for another checkpoint or config.
+Each file also records what a new healthy scan should expect (held-out estimates) and the
+component rule its segmentations use.
 """
 
 from __future__ import annotations
@@ -18,6 +21,14 @@ from typing import Any
 import numpy as np
 
 import medidiff
+from medidiff.anomaly.calibration import (
+    CALIBRATION_TARGETS,
+    HealthyMap,
+    fp_volume_threshold,
+    held_out_rates,
+    scan_fpr_interval,
+    voxel_fpr_threshold,
+)
 from medidiff.anomaly.postprocess import threshold_at_fpr
 from medidiff.errors import CheckpointError, ConfigError
 from medidiff.io.atomic import write_json_atomic
@@ -59,6 +70,15 @@ class Thresholds:
         version: the medidiff version that calibrated.
         scan_threshold_rule: how ``scan_threshold`` was computed, in words.
         scan_scores: healthy scan name -> score.
+        target: ``"voxel-fpr"`` or ``"fp-volume"`` (see :mod:`medidiff.anomaly.calibration`).
+        max_fp_ml: the ``fp-volume`` budget per healthy scan in ml (``None`` otherwise).
+        min_component: segmentations drop 26-connected components smaller than this many
+            model-grid voxels (the larger of this and the post-processing's).
+        voxel_ml: one model-grid voxel in ml (0 when unknown).
+        held_out: leave-one-scan-out voxel FPR and false-positive volume (ml) a new healthy
+            scan should expect (:func:`~medidiff.anomaly.calibration.held_out_rates`).
+        scan_fpr: expected scan-level FPR and its interval for this many scans
+            (:func:`~medidiff.anomaly.calibration.scan_fpr_interval`).
     """
 
     voxel_threshold: float
@@ -74,34 +94,79 @@ class Thresholds:
     version: str = medidiff.__version__
     scan_threshold_rule: str = ""
     scan_scores: Mapping[str, float] = field(default_factory=dict)
+    target: str = "voxel-fpr"
+    max_fp_ml: float | None = None
+    min_component: int = 0
+    voxel_ml: float = 0.0
+    held_out: Mapping[str, Any] = field(default_factory=dict)
+    scan_fpr: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_healthy(
         cls,
         detector: Any,
-        voxel_scores: Sequence[np.ndarray],
+        voxel_scores: Sequence[np.ndarray | HealthyMap],
         scan_scores: Mapping[str, float],
         fpr: float = 0.05,
+        *,
+        target: str = "voxel-fpr",
+        max_fp_ml: float | None = None,
+        min_component: int = 0,
     ) -> Thresholds:
-        """Thresholds at ``fpr`` from healthy scans scored by ``detector``.
+        """Thresholds from healthy scans scored by ``detector``.
 
         Args:
             detector: the detector that scored them (its checkpoint and configs are recorded).
-            voxel_scores: per scan, the post-processed voxel scores inside its scored mask.
+            voxel_scores: per scan, its :class:`~medidiff.anomaly.calibration.HealthyMap`
+                (needed for ``fp-volume``, components and held-out estimates), or just the
+                post-processed voxel scores inside its scored mask.
             scan_scores: per scan name, its score.
-            fpr: target false-positive rate, in (0, 1).
+            fpr: target false-positive rate in (0, 1): the voxel threshold's under
+                ``voxel-fpr``, and the scan threshold's.
+            target: ``"voxel-fpr"`` or ``"fp-volume"``.
+            max_fp_ml: the ``fp-volume`` budget, ml of segmentation per healthy scan.
+            min_component: drop segmented components smaller than this many model voxels
+                (counted in the ``fp-volume`` budget and applied to segmentations).
 
         Returns:
             The thresholds.
+
+        Raises:
+            ConfigError: unknown target, ``fp-volume`` without a budget or without maps.
         """
+        if target not in CALIBRATION_TARGETS:
+            raise ConfigError(
+                f"calibration target must be one of {', '.join(CALIBRATION_TARGETS)}; got {target!r}"
+            )
+        maps = [v for v in voxel_scores if isinstance(v, HealthyMap)]
+        if len(maps) != len(voxel_scores):
+            maps = []
         pooled = (
-            np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in voxel_scores])
-            if (voxel_scores)
+            np.concatenate(
+                [
+                    (v.inside if isinstance(v, HealthyMap) else np.asarray(v, np.float32)).ravel()
+                    for v in voxel_scores
+                ]
+            )
+            if voxel_scores
             else np.zeros(0, np.float32)
         )
+        min_component = int(min_component)
+        voxel_ml = float(np.prod(detector.preprocessing.spacing)) / 1000.0
+        if target == "fp-volume":
+            if max_fp_ml is None or not maps:
+                raise ConfigError(
+                    "the fp-volume target needs a budget (max_fp_ml, ml per healthy scan) and "
+                    "the healthy maps"
+                )
+            rule = lambda ms: fp_volume_threshold(ms, max_fp_ml, voxel_ml, min_component)  # noqa: E731
+        else:
+            max_fp_ml = None
+            rule = lambda ms: voxel_fpr_threshold(ms, fpr)  # noqa: E731
+        voxel_threshold = rule(maps) if maps else threshold_at_fpr(pooled, fpr)
         names = list(scan_scores)
         return cls(
-            voxel_threshold=threshold_at_fpr(pooled, fpr),
+            voxel_threshold=voxel_threshold,
             scan_threshold=threshold_at_fpr(np.asarray([scan_scores[n] for n in names]), fpr),
             fpr=float(fpr),
             num_scans=len(names),
@@ -113,6 +178,26 @@ class Thresholds:
             seed=detector.seed,
             scan_threshold_rule=_scan_rule(len(names), fpr),
             scan_scores={n: float(scan_scores[n]) for n in names},
+            target=target,
+            max_fp_ml=None if max_fp_ml is None else float(max_fp_ml),
+            min_component=min_component,
+            voxel_ml=voxel_ml,
+            held_out=held_out_rates(maps, rule, voxel_ml, min_component) if maps else {},
+            scan_fpr=scan_fpr_interval(len(names), fpr) if names else {},
+        )
+
+    @property
+    def voxel_rule(self) -> str:
+        """How ``voxel_threshold`` was computed, in words."""
+        if self.target == "fp-volume":
+            return (
+                f"lowest threshold at which the healthy scans' segmentations (components under "
+                f"{self.min_component} model voxels dropped) hold at most {self.max_fp_ml:g} ml "
+                "per scan on average"
+            )
+        return (
+            "(1 - fpr) quantile (inverted empirical CDF) of post-processed healthy voxel "
+            "scores inside the eroded masks on the model grid, pooled over scans"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,10 +215,17 @@ class Thresholds:
             "seed": self.seed,
             "medidiff_version": self.version,
             "scan_threshold_rule": self.scan_threshold_rule,
-            "voxel_threshold_rule": (
-                "(1 - fpr) quantile (inverted empirical CDF) of post-processed healthy voxel "
-                "scores inside the eroded masks on the model grid, pooled over scans"
-            ),
+            "voxel_threshold_rule": self.voxel_rule,
+            "target": self.target,
+            "max_fp_ml": self.max_fp_ml,
+            "min_component": self.min_component,
+            "voxel_ml": self.voxel_ml,
+            "expected_on_new_healthy_scans": {
+                "held_out": dict(self.held_out),
+                "scan_fpr": dict(self.scan_fpr),
+                "note": "held_out: each calibration scan left out in turn, the threshold "
+                "recomputed on the others; scan_fpr: order-statistics expectation and interval",
+            },
             "scan_scores": dict(self.scan_scores),
         }
 
@@ -171,6 +263,7 @@ class Thresholds:
                 raise ConfigError(f"{path}: '{key}' must be a finite number; got {value!r}")
         try:
             ckpt = raw["checkpoint"]
+            expected = dict(raw.get("expected_on_new_healthy_scans") or {})
             return cls(
                 voxel_threshold=float(raw["voxel_threshold"]),
                 scan_threshold=float(raw["scan_threshold"]),
@@ -185,6 +278,12 @@ class Thresholds:
                 version=str(raw.get("medidiff_version", "")),
                 scan_threshold_rule=str(raw.get("scan_threshold_rule", "")),
                 scan_scores={str(k): float(v) for k, v in dict(raw.get("scan_scores", {})).items()},
+                target=str(raw.get("target", "voxel-fpr")),
+                max_fp_ml=None if raw.get("max_fp_ml") is None else float(raw["max_fp_ml"]),
+                min_component=int(raw.get("min_component", 0)),
+                voxel_ml=float(raw.get("voxel_ml", 0.0)),
+                held_out=dict(expected.get("held_out", {})),
+                scan_fpr=dict(expected.get("scan_fpr", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(

@@ -1,18 +1,25 @@
-"""Anomaly thresholds from healthy scans at a target false-positive rate.
+"""Anomaly thresholds from healthy scans: a voxel threshold at a target, a scan threshold.
 
 Scores healthy scans exactly as 'medidiff anomaly' would (same checkpoint, method and
 post-processing options) and writes a thresholds JSON with
 
-  voxel_threshold  the (1 - fpr) quantile of the post-processed healthy voxel scores inside
-                   the (eroded) brain masks, pooled over all scans, on the model grid; a
-                   voxel is anomalous when its score is above it, so about fpr of healthy
-                   voxels are flagged
+  voxel_threshold  --target voxel-fpr: the (1 - fpr) quantile of the post-processed healthy
+                   voxel scores inside the (eroded) brain masks, pooled over all scans, on
+                   the model grid, so about fpr of every healthy brain is flagged (at 5 %
+                   tens of ml: mostly false positives next to a typical lesion);
+                   --target fp-volume: the lowest threshold at which a healthy scan's
+                   segmentation holds at most --max-fp-ml ml on average, after dropping
+                   components under --min-component-ml (both rules also apply to the
+                   segmentations 'medidiff anomaly' writes with these thresholds)
   scan_threshold   the (1 - fpr) quantile of the healthy per-scan scores (inverted
                    empirical CDF: the ceil((1 - fpr) n)-th smallest of n scores; with fewer
                    than 1/fpr scans, i.e. 20 at 5 %, that is the largest healthy score)
 
 together with the checkpoint's sha256, the full method and post-processing config, fpr,
-the numbers of scans and voxels, and the medidiff version. 'medidiff anomaly --thresholds'
+the numbers of scans and voxels, the medidiff version, and what a new healthy scan should
+expect: each calibration scan left out in turn (voxel FPR and false-positive ml it meets
+with a threshold from the others) and the scan-level FPR interval for this many scans.
+Fewer than 5 healthy scans are refused unless --allow-few. 'medidiff anomaly --thresholds'
 refuses the file with another checkpoint or other method options. Only healthy scans
 belong here: thresholds chosen on labelled anomalies give optimistic results. A healthy
 file that cannot be read or scored is reported on one line and left out; the thresholds
@@ -22,6 +29,8 @@ no file could be scored). --workers scores scans in parallel processes (same num
 Example:
     medidiff calibrate --checkpoint runs/brain_mri_2d/model.safetensors \\
         --healthy sample_data/dataset.json --split validation --out thresholds.json --fpr 0.05
+    medidiff calibrate --healthy sample_data/dataset.json --split validation \
+        --out thresholds.json --target fp-volume --max-fp-ml 2 --min-component-ml 0.5
 """
 
 from __future__ import annotations
@@ -41,6 +50,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="thresholds JSON to write")
     p.add_argument(
         "--fpr", type=float, default=0.05, help="target false-positive rate (default 0.05)"
+    )
+    p.add_argument(
+        "--target",
+        choices=["voxel-fpr", "fp-volume"],
+        default="voxel-fpr",
+        help="what the voxel threshold holds fixed on healthy scans: the voxel false-positive "
+        "rate --fpr (default) or the false-positive volume --max-fp-ml per scan",
+    )
+    p.add_argument(
+        "--max-fp-ml",
+        type=float,
+        default=None,
+        help="fp-volume: ml of segmentation allowed per healthy scan on average",
+    )
+    p.add_argument(
+        "--min-component-ml",
+        type=float,
+        default=0.0,
+        help="segmentations drop connected components smaller than this (ml; default 0)",
+    )
+    p.add_argument(
+        "--allow-few",
+        action="store_true",
+        help="accept fewer than 5 healthy scans (the thresholds are then unreliable)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_model_arguments(p)
@@ -63,8 +96,12 @@ def run(args: argparse.Namespace) -> int:
     info = init_distributed(args.device)
     try:
         detector = build_detector(args, checkpoint, method, post, info)
-        done = calibrate_scans(detector, entries, fpr=args.fpr, workers=args.workers, info=info,
-                               errors="skip", progress=info.is_main)
+        done = calibrate_scans(
+            detector, entries, fpr=args.fpr, target=args.target, max_fp_ml=args.max_fp_ml,
+            min_component=_component_voxels(detector, args.min_component_ml),
+            allow_few=args.allow_few, workers=args.workers, info=info, errors="skip",
+            progress=info.is_main,
+        )
         if not info.is_main:
             return EXIT_SOME_FAILED if done.failures else 0
         if done.thresholds is None:  # each failure has had its one error line above
@@ -88,7 +125,23 @@ def _check_out(args: argparse.Namespace) -> Path:
 
     if not 0 < args.fpr < 1:
         raise ConfigError(f"--fpr must lie in (0, 1), e.g. 0.05; got {args.fpr}")
+    if args.target == "fp-volume" and (args.max_fp_ml is None or not args.max_fp_ml >= 0):
+        raise ConfigError("--target fp-volume needs --max-fp-ml, a volume >= 0 in ml (e.g. 2)")
+    if args.target != "fp-volume" and args.max_fp_ml is not None:
+        raise ConfigError("--max-fp-ml applies to --target fp-volume")
+    if not args.min_component_ml >= 0:
+        raise ConfigError(f"--min-component-ml must be >= 0; got {args.min_component_ml}")
     return check_json_out(args.out, args.overwrite)
+
+
+def _component_voxels(detector: Any, ml: float) -> int:
+    """--min-component-ml as model-grid voxels (rounded up)."""
+    import math
+
+    import numpy as np
+
+    voxel_ml = float(np.prod(detector.preprocessing.spacing)) / 1000.0
+    return int(math.ceil(ml / voxel_ml - 1e-9)) if ml > 0 else 0
 
 
 def _summary(detector: Any, done: Any, inputs: int, out: Path) -> None:
@@ -98,10 +151,23 @@ def _summary(detector: Any, done: Any, inputs: int, out: Path) -> None:
         f"{thresholds.num_voxels} voxels, fpr {thresholds.fpr:g}"
     )
     print(
-        f"voxel threshold {thresholds.voxel_threshold:.6g}; "
+        f"voxel threshold {thresholds.voxel_threshold:.6g} ({thresholds.voxel_rule}); "
         f"scan threshold {thresholds.scan_threshold:.6g} "
         f"({thresholds.scan_threshold_rule})"
     )
+    held, scan = thresholds.held_out, thresholds.scan_fpr
+    if held:
+        print(
+            f"expected on a new healthy scan (each of the {held['scans']} left out in turn): "
+            f"voxel FPR {held['voxel_fpr_mean']:.4f} (worst {held['voxel_fpr_max']:.4f}), "
+            f"false-positive volume {held['fp_ml_mean']:.2f} ml (worst {held['fp_ml_max']:.2f} ml)"
+        )
+    if scan:
+        print(
+            f"scan-level FPR expected {scan['expected']:.3f} for target {thresholds.fpr:g} with "
+            f"{thresholds.num_scans} scans ({scan['level']:.0%} interval {scan['low']:.3f}-"
+            f"{scan['high']:.3f}); more healthy scans narrow it"
+        )
     if done.failures:
         print(f"{len(done.failures)} of {inputs} input(s) failed and were left out:",
               file=sys.stderr)
