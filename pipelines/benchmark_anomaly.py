@@ -165,16 +165,13 @@ def run_method(
     method: str, args: argparse.Namespace, val: list[Any], splits: dict[str, list[Any]],
     loaded: Any,
 ) -> MethodRun:
-    import math as _math
-
+    from medidiff.anomaly.calibration import component_voxels, voxel_ml
     from medidiff.anomaly.runner import calibrate_scans, entry_case, score_scans
     from medidiff.anomaly.thresholds import Thresholds
 
     calib = val[: args.anoddpm_calib_limit] if method == "anoddpm" else val[: args.calib_limit]
     det = make_detector(method, args, calib, loaded)
-    voxel_ml = float(np.prod(det.preprocessing.spacing)) / 1000.0
-    min_component = (int(_math.ceil(args.min_component_ml / voxel_ml - 1e-9))
-                     if args.min_component_ml else 0)
+    min_component = component_voxels(args.min_component_ml, voxel_ml(det))
     start = time.perf_counter()
     done = calibrate_scans(
         det, calib, fpr=args.fpr, target=args.target,

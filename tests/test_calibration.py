@@ -87,8 +87,8 @@ def test_cli_refuses_few_scans_and_calibrates_a_volume_target(run_cli, tiny_chec
     res = run_cli(base)
     assert res.rc == 1 and "at least 5" in res.err and "--allow-few" in res.err
     assert res.err.count("\n") == 1 and not out.exists()
-    res = run_cli([*base, "--target", "fp-volume"])
-    assert res.rc == 1 and "--max-fp-ml" in res.err
+    res = run_cli([*base, "--target", "voxel-fpr", "--max-fp-ml", "2"])
+    assert res.rc == 1 and "--max-fp-ml applies to --target fp-volume" in res.err
     res = run_cli([*base, "--allow-few", "--target", "fp-volume", "--max-fp-ml", "1.5",
                    "--min-component-ml", "0.3"])
     assert res.rc == 0, res.err
@@ -102,3 +102,21 @@ def test_cli_refuses_few_scans_and_calibrates_a_volume_target(run_cli, tiny_chec
     from medidiff.anomaly.thresholds import Thresholds
 
     assert Thresholds.load(out).min_component == 2
+
+
+def test_cli_default_target_is_the_volume_target_and_fpr_alone_the_classic(
+    run_cli, tiny_checkpoint_2d, tmp_path
+):
+    from medidiff.constants import CALIBRATION_DEFAULTS
+
+    healthy = sorted((SAMPLE / "val" / "images").glob("*.nii.gz"))[:2]
+    base = ["calibrate", "--checkpoint", tiny_checkpoint_2d, "--healthy", *healthy, *FAST,
+            "--allow-few"]
+    assert run_cli([*base, "--out", tmp_path / "a.json"]).rc == 0
+    default = json.loads((tmp_path / "a.json").read_text())
+    assert default["target"] == CALIBRATION_DEFAULTS["target"]
+    assert default["max_fp_ml"] == CALIBRATION_DEFAULTS["max_fp_ml"]
+    assert run_cli([*base, "--out", tmp_path / "b.json", "--fpr", "0.1"]).rc == 0
+    classic = json.loads((tmp_path / "b.json").read_text())
+    assert classic["target"] == "voxel-fpr" and classic["fpr"] == 0.1
+    assert classic["min_component"] == 0 and classic["max_fp_ml"] is None

@@ -32,14 +32,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from medidiff.anomaly.postprocess import remove_small_components, threshold_at_fpr
+from medidiff.constants import CALIBRATION_DEFAULTS
 from medidiff.errors import ConfigError
 
 __all__ = [
     "CALIBRATION_TARGETS",
+    "component_voxels",
+    "default_calibration",
+    "voxel_ml",
     "MIN_CALIBRATION_SCANS",
     "HealthyMap",
     "fp_volume_threshold",
@@ -53,6 +58,29 @@ CALIBRATION_TARGETS = ("voxel-fpr", "fp-volume")
 #: Fewer healthy scans than this are refused unless the caller allows it: with 3 scans a
 #: 5 % voxel threshold reached 21 % FPR on a new healthy scan (sample_data, default model).
 MIN_CALIBRATION_SCANS = 5
+
+
+def voxel_ml(detector: Any) -> float:
+    """The volume of one model-grid voxel of ``detector``, in ml."""
+    return float(np.prod(detector.preprocessing.spacing)) / 1000.0
+
+
+def component_voxels(ml: float, voxel_volume_ml: float) -> int:
+    """A component size in ml as model-grid voxels (rounded up; 0 for 0 ml)."""
+    if not (isinstance(ml, (int, float)) and math.isfinite(ml) and ml >= 0):
+        raise ConfigError(f"the minimum component size must be >= 0 ml; got {ml!r}")
+    return int(math.ceil(ml / voxel_volume_ml - 1e-9)) if ml > 0 else 0
+
+
+def default_calibration(detector: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`~medidiff.anomaly.runner.calibrate` for medidiff's
+    default target (:data:`~medidiff.constants.CALIBRATION_DEFAULTS`) on ``detector``'s grid."""
+    d = CALIBRATION_DEFAULTS
+    return {
+        "target": d["target"],
+        "max_fp_ml": d["max_fp_ml"] if d["target"] == "fp-volume" else None,
+        "min_component": component_voxels(float(d["min_component_ml"]), voxel_ml(detector)),  # type: ignore[arg-type]
+    }
 
 
 @dataclass(frozen=True)

@@ -439,12 +439,23 @@ class _DemoRun:
     stages: _Stages
 
 
+def _target_text() -> str:
+    """The default calibration target in words."""
+    from medidiff.constants import CALIBRATION_DEFAULTS as d
+
+    if d["target"] == "fp-volume":
+        return (f"at most {d['max_fp_ml']:g} ml of false positives per healthy scan, components "
+                f"under {d['min_component_ml']:g} ml dropped")
+    return f"{FPR:.0%} voxel FPR"
+
+
 def _anomaly_stages(run: _DemoRun) -> dict[str, Any]:
     """Load, calibrate, score, the baseline, evaluate: everything anomaly detection does."""
     from medidiff.anomaly.baseline import IntensityBaseline
     from medidiff.anomaly.detector import AnomalyDetector
     from medidiff.anomaly.methods import MethodConfig
     from medidiff.anomaly.metrics import evaluate_cases
+    from medidiff.anomaly.calibration import default_calibration
     from medidiff.anomaly.runner import calibrate
     from medidiff.models.checkpoint import build_model_from_checkpoint, load_inference
 
@@ -459,8 +470,9 @@ def _anomaly_stages(run: _DemoRun) -> dict[str, Any]:
     method = detector.method
     with stages.stage("calibrate", f"calibrating the default method ({method.method}, "
                       f"t={method.t_start}, {method.steps} steps) on the "
-                      f"healthy validation scans at {FPR:.0%} FPR"):
-        thresholds = calibrate(detector, healthy, fpr=FPR, **common)
+                      f"healthy validation scans ({_target_text()})"):
+        thresholds = calibrate(detector, healthy, fpr=FPR, **default_calibration(detector),
+                               **common)
         thresholds_path = thresholds.save(out / "thresholds.json")
     with stages.stage("score", f"scoring {len(test)} test scans -> {out / 'anomaly'}"):
         scored = _score_test(detector, test, thresholds, thresholds_path, out / "anomaly",
@@ -468,7 +480,8 @@ def _anomaly_stages(run: _DemoRun) -> dict[str, Any]:
     with stages.stage("baseline", "the no-network intensity baseline: calibrate and score"):
         baseline = IntensityBaseline.from_healthy(loaded.checkpoint, healthy,
                                                   detector.postprocess)
-        base_thresholds = calibrate(baseline, healthy, fpr=FPR, workers=run.workers)
+        base_thresholds = calibrate(baseline, healthy, fpr=FPR,
+                                    **default_calibration(baseline), workers=run.workers)
         base_thresholds.save(out / "thresholds_baseline.json")
         base_scored = _score_baseline(baseline, test, base_thresholds, out / "baseline", **common)
     with stages.stage("evaluate", "evaluating against the lesion masks (inside brain masks)"):
@@ -530,17 +543,19 @@ def _anomaly_3d_stage(run: _DemoRun, anomaly: Mapping[str, Any]) -> dict[str, An
         return {"ran": False, "reason": reason}
     from medidiff.anomaly.detector import AnomalyDetector
     from medidiff.anomaly.methods import MethodConfig
+    from medidiff.anomaly.calibration import default_calibration
     from medidiff.anomaly.metrics import evaluate_cases
     from medidiff.anomaly.runner import calibrate
     from medidiff.models.loaded import load_model
 
     out, common = run.out, {"workers": run.workers, "progress": run.progress}
     with run.stages.stage("anomaly_3d", f"{title}: the latent method of the 3D model, calibrated "
-                          f"on the healthy validation scans at {FPR:.0%} FPR, on {len(run.test)} "
+                          f"on the healthy validation scans ({_target_text()}), on {len(run.test)} "
                           f"test scans -> {out / 'anomaly_3d'}"):
         detector = AnomalyDetector(load_model(ckpt3d, run.device), MethodConfig("latent"),
                                    device=run.device, batch_size=run.batch_size, seed=run.seed)
-        thresholds = calibrate(detector, run.healthy, fpr=FPR, **common)
+        thresholds = calibrate(detector, run.healthy, fpr=FPR, **default_calibration(detector),
+                               **common)
         thresholds_path = thresholds.save(out / "thresholds_3d.json")
         scored = _score_test(detector, run.test, thresholds, thresholds_path,
                              out / "anomaly_3d", **common)

@@ -333,7 +333,7 @@ def reproduce_commands(out: Path, sample_data: Path, ckpt2d: Path, ckpt3d: Path,
         demo,
         "# or step by step (same checkpoint, method and data):",
         f"medidiff calibrate --checkpoint {q(str(ckpt2d))} --healthy {data} --split validation "
-        f"--fpr {FPR:g} --out {q(str(out / 'thresholds.json'))}",
+        f"--out {q(str(out / 'thresholds.json'))}",
         f"medidiff anomaly --checkpoint {q(str(ckpt2d))} --input {data} --split test "
         f"--thresholds {q(str(out / 'thresholds.json'))} --out {q(str(out / 'anomaly'))}",
         f"medidiff evaluate --pred {q(str(out / 'anomaly'))} --truth {data} "
@@ -347,7 +347,7 @@ def reproduce_commands(out: Path, sample_data: Path, ckpt2d: Path, ckpt3d: Path,
         lines += [
             "# 3D latent anomaly scoring with the 3D model:",
             f"medidiff calibrate --checkpoint {q(str(ckpt3d))} --method latent --healthy {data} "
-            f"--split validation --fpr {FPR:g} --out {q(str(out / 'thresholds_3d.json'))}",
+            f"--split validation --out {q(str(out / 'thresholds_3d.json'))}",
             f"medidiff anomaly --checkpoint {q(str(ckpt3d))} --method latent --input {data} --split test "
             f"--thresholds {q(str(out / 'thresholds_3d.json'))} --out {q(str(out / 'anomaly_3d'))}",
             f"medidiff evaluate --pred {q(str(out / 'anomaly_3d'))} --truth {data} "

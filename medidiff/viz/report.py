@@ -168,6 +168,13 @@ def _timing(m: Mapping[str, Any]) -> dict[str, Any] | None:
             "workers": m.get("workers", 1), "device": "" if device is None else device}
 
 
+def _threshold_text(th: Mapping[str, Any]) -> str:
+    """The calibration target of a thresholds record, in words."""
+    if th.get("target") == "fp-volume":
+        return f"<= {th.get('max_fp_ml'):g} ml false positives per healthy scan"
+    return f"{th.get('fpr', 0.05):.0%} voxel FPR"
+
+
 def _summary(m: Mapping[str, Any]) -> dict[str, Any]:
     data = m.get("data", {})
     kinds: dict[str, int] = {}
@@ -181,7 +188,8 @@ def _summary(m: Mapping[str, Any]) -> dict[str, Any]:
         ("voxel AUROC (baseline)", b["voxel_auroc"]),
         ("voxel AUPRC (default)", d["voxel_auprc"]),
         ("voxel AUPRC (baseline)", b["voxel_auprc"]),
-        (f"Dice at {th['fpr']:.0%} FPR (default)", d["dice_dataset_wise"]),
+        (f"Dice at the calibrated threshold (default; {_threshold_text(th)})",
+         d["dice_dataset_wise"]),
         ("scan AUROC (default)", d["scan_auroc"]),
         ("total time", f"{m.get('total_seconds', float('nan')):.0f} s"),
     ]
@@ -192,6 +200,7 @@ def _summary(m: Mapping[str, Any]) -> dict[str, Any]:
         "n_test": len(data.get("test_scans", [])),
         "kind_counts": ", ".join(f"{n} {k}" for k, n in kinds.items()),
         "th": th,
+        "target_text": _threshold_text(th),
         "cards": cards,
         "bars": [(*_verdict(q.get("passed")), q["detail"]) for q in quality],
         "n_pass": sum(q.get("passed") is True for q in quality),

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from medidiff.cli.commands.anomaly import add_model_arguments
+from medidiff.constants import CALIBRATION_DEFAULTS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,27 +49,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--healthy", nargs="+", required=True, help="healthy scans: files, folder, glob or datalist"
     )
     p.add_argument("--out", required=True, help="thresholds JSON to write")
+    d = CALIBRATION_DEFAULTS
     p.add_argument(
-        "--fpr", type=float, default=0.05, help="target false-positive rate (default 0.05)"
+        "--fpr", type=float, default=None,
+        help="target false-positive rate (default 0.05): of voxels under --target voxel-fpr, "
+        "always of scans for the scan threshold; giving --fpr alone selects --target voxel-fpr",
     )
     p.add_argument(
         "--target",
         choices=["voxel-fpr", "fp-volume"],
-        default="voxel-fpr",
-        help="what the voxel threshold holds fixed on healthy scans: the voxel false-positive "
-        "rate --fpr (default) or the false-positive volume --max-fp-ml per scan",
+        default=None,
+        help=f"what the voxel threshold holds fixed on healthy scans: the false-positive volume "
+        f"--max-fp-ml per scan (fp-volume, the default: {d['max_fp_ml']:g} ml, components "
+        f"under {d['min_component_ml']:g} ml dropped; chosen on the validation split) or the "
+        "voxel false-positive rate --fpr (voxel-fpr, the classic 5 %%)",
     )
     p.add_argument(
         "--max-fp-ml",
         type=float,
         default=None,
-        help="fp-volume: ml of segmentation allowed per healthy scan on average",
+        help=f"fp-volume: ml of segmentation allowed per healthy scan on average "
+        f"(default {d['max_fp_ml']:g})",
     )
     p.add_argument(
         "--min-component-ml",
         type=float,
-        default=0.0,
-        help="segmentations drop connected components smaller than this (ml; default 0)",
+        default=None,
+        help="segmentations drop connected components smaller than this, in ml (default "
+        f"{d['min_component_ml']:g} with fp-volume, 0 with voxel-fpr)",
     )
     p.add_argument(
         "--allow-few",
@@ -123,10 +131,11 @@ def _check_out(args: argparse.Namespace) -> Path:
     from medidiff.cli.commands._common import check_json_out
     from medidiff.errors import ConfigError
 
+    _resolve_target(args)
     if not 0 < args.fpr < 1:
         raise ConfigError(f"--fpr must lie in (0, 1), e.g. 0.05; got {args.fpr}")
-    if args.target == "fp-volume" and (args.max_fp_ml is None or not args.max_fp_ml >= 0):
-        raise ConfigError("--target fp-volume needs --max-fp-ml, a volume >= 0 in ml (e.g. 2)")
+    if args.target == "fp-volume" and not args.max_fp_ml >= 0:
+        raise ConfigError(f"--max-fp-ml must be a volume >= 0 in ml (e.g. 2); got {args.max_fp_ml}")
     if args.target != "fp-volume" and args.max_fp_ml is not None:
         raise ConfigError("--max-fp-ml applies to --target fp-volume")
     if not args.min_component_ml >= 0:
@@ -134,14 +143,26 @@ def _check_out(args: argparse.Namespace) -> Path:
     return check_json_out(args.out, args.overwrite)
 
 
+def _resolve_target(args: argparse.Namespace) -> None:
+    """Fill in --target, --fpr, --max-fp-ml and --min-component-ml: --fpr alone means the
+    voxel-fpr target, otherwise medidiff's default (CALIBRATION_DEFAULTS)."""
+    d = CALIBRATION_DEFAULTS
+    if args.target is None:
+        classic = args.fpr is not None and args.max_fp_ml is None
+        args.target = "voxel-fpr" if classic else d["target"]
+    if args.fpr is None:
+        args.fpr = 0.05
+    if args.target == "fp-volume" and args.max_fp_ml is None:
+        args.max_fp_ml = d["max_fp_ml"]
+    if args.min_component_ml is None:
+        args.min_component_ml = d["min_component_ml"] if args.target == "fp-volume" else 0.0
+
+
 def _component_voxels(detector: Any, ml: float) -> int:
     """--min-component-ml as model-grid voxels (rounded up)."""
-    import math
+    from medidiff.anomaly.calibration import component_voxels, voxel_ml
 
-    import numpy as np
-
-    voxel_ml = float(np.prod(detector.preprocessing.spacing)) / 1000.0
-    return int(math.ceil(ml / voxel_ml - 1e-9)) if ml > 0 else 0
+    return component_voxels(ml, voxel_ml(detector))
 
 
 def _summary(detector: Any, done: Any, inputs: int, out: Path) -> None:
