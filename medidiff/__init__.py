@@ -44,6 +44,7 @@ _EXPORTS = {
     "evaluate_synthesis": "medidiff.synthesis.metrics",
     "Case": "medidiff.anomaly.metrics",
     "evaluate_cases": "medidiff.anomaly.metrics",
+    "export_bundle": "medidiff.bundle.export",
 }
 
 __all__ = ["__version__", "MedidiffError", *_EXPORTS]

@@ -9,7 +9,8 @@ import pytest
 
 from medidiff.cli.main import COMMANDS, main
 
-DESIGN_COMMANDS = ["info", "train", "synthesize", "calibrate", "anomaly", "evaluate", "evaluate-synthesis", "demo"]
+DESIGN_COMMANDS = ["info", "train", "synthesize", "calibrate", "anomaly", "evaluate", "evaluate-synthesis", "export-bundle",
+                   "demo"]
 
 
 def test_help_lists_all_commands(capsys):

@@ -23,6 +23,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("evaluate", "medidiff.cli.commands.evaluate", "voxel/scan metrics of anomaly maps against masks"),
     ("evaluate-synthesis", "medidiff.cli.commands.evaluate_synthesis",
      "quality, diversity and memorisation metrics of synthetic scans"),
+    ("export-bundle", "medidiff.cli.commands.export_bundle",
+     "package a checkpoint as a MONAI bundle (python -m monai.bundle run)"),
     ("demo", "medidiff.cli.commands.demo", "the main job on the bundled model and sample_data"),
 ]
 
