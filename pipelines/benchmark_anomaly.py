@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", default=CALIBRATION_DEFAULTS["target"], choices=["voxel-fpr", "fp-volume"])
     p.add_argument("--max-fp-ml", type=float, default=CALIBRATION_DEFAULTS["max_fp_ml"])
     p.add_argument("--min-component-ml", type=float, default=CALIBRATION_DEFAULTS["min_component_ml"])
+    p.add_argument("--residual", default=None,
+                   help="residual for every method (default: each method's own, see DEFAULT_RESIDUALS)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="repeat every method with these noise seeds (mean and spread reported)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -134,11 +136,14 @@ def make_detector(method: str, args: argparse.Namespace, calib: list[Any], loade
 
     if method == "baseline":
         return IntensityBaseline.from_healthy(loaded.checkpoint, calib)
+    from medidiff.anomaly.postprocess import PostprocessConfig
+
     t_start = args.anoddpm_t if method == "anoddpm" else None
+    residual = getattr(args, "residual", None)
     return AnomalyDetector(
         loaded,
         MethodConfig(method, t_start=t_start),
-        None,
+        PostprocessConfig(residual=residual) if residual else None,
         device=args.device,
         batch_size=args.batch_size,
         seed=args.seed,

@@ -556,7 +556,7 @@ def test_multi_and_thor_declare_their_cost(tiny_checkpoint_2d):
     with pytest.raises(ConfigError, match="several starts"):
         MethodConfig("multi", t_start=50)
     det = AnomalyDetector(tiny_checkpoint_2d, MethodConfig("multi", t_starts=(3, 3, 6)))
-    assert det.postprocess.residual == "mahalanobis"  # multi's default residual
+    assert det.postprocess.residual == "l1ssim"  # multi's default residual
     det.postprocess = PostprocessConfig(residual="mahalanobis", erode=0, median_size=3)
     image, mask = _brain((32, 40, 3))
     det.model = counter = CountingModel(det.model)

@@ -10,8 +10,9 @@ residual between scan and reconstruction, post-processed on the model grid (brai
   patched   pDDPM: noise one patch at a time at t = 500, one-shot, stitched
             (--patch-size / --patch-stride in model voxels; default half the slice, 50 % overlap)
   ensemble  residuals averaged over --t-starts (250 500 750), one-shot each (cDDPM-style)
-  multi     several reconstructions (--t-starts 25 50 100 200, --steps 1 each), scored by
-            the per-voxel Mahalanobis distance of the input to them (Behrendt et al. 2024)
+  multi     several reconstructions (--t-starts 25 50 100 200, --steps 1 each), residuals
+            averaged with the structure-aware l1ssim (--residual mahalanobis: the per-voxel
+            Mahalanobis distance to them, Behrendt et al. 2024)
   thor      noise to --t-start (100), --steps DDIM steps (5), each intermediate state
             harmonised with the noised input where it agrees with it (THOR, Bercea 2024)
   latent    latent models only [their default]: encode the volume, noise the latent to
@@ -185,8 +186,8 @@ def _add_postprocess_arguments(q: Any) -> None:
         choices=["l1", "l2", "ssim", "gradient", "l1ssim", "mahalanobis"],
         help="residual: |x - x_hat| (l1, the default of every method but multi), squared (l2), "
         "structure-aware (ssim: 1 - local SSIM; gradient: edge-strength difference; l1ssim: "
-        "l1 weighted up where structure differs), or mahalanobis (distance of the input to "
-        "several reconstructions; multi's default)",
+        "l1 weighted up where structure differs; multi's default), or mahalanobis (distance "
+        "of the input to several reconstructions, in units of their spread)",
     )
     q.add_argument(
         "--erode",
