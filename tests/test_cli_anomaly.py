@@ -310,9 +310,35 @@ def test_ct_given_to_an_mri_model_warns_or_is_refused(run_cli, tiny_checkpoint_2
     res = run_cli([*base, "--input", CT, "--out", strict, "--strict"])
     assert res.rc == 4
     errors = [line for line in res.err.splitlines() if line.startswith("medidiff: error:")]
-    assert len(errors) == 1 and str(CT) in errors[0] and "refused" in errors[0]
+    assert len(errors) == 1 and errors[0].count(str(CT)) == 1 and "refused" in errors[0]
     assert "(--strict)" in errors[0]
     assert not strict.exists()  # nothing scored, nothing written
+
+
+def test_the_default_model_refuses_ct_under_strict(run_cli, tmp_path):
+    """`medidiff anomaly --input ct-000.nii.gz` with the shipped 2D model: refused under
+    --strict before any denoising (without --strict it warns: see
+    test_profile.test_ct_is_out_of_the_mri_profile_and_sample_mri_is_not)."""
+    res = run_cli(["anomaly", "--input", CT, "--out", tmp_path / "o", "--strict"])
+    assert res.rc == 4 and "CT in Hounsfield units" in res.err and "(--strict)" in res.err
+    assert "note:" not in res.err  # the shipped model has a profile
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_without_profile_says_so_once(run_cli, tiny_checkpoint_2d, tmp_path):
+    from medidiff.models.checkpoint import load_inference, replace_extra
+
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(tiny_checkpoint_2d.read_bytes())
+    extra = load_inference(old).extra
+    replace_extra(old, {k: v for k, v in extra.items() if k != "input_profile"})
+    out = tmp_path / "out"
+    res = run_cli(["anomaly", "--checkpoint", old, "--input", RAS, PIR, "--out", out, *FAST,
+                   "--no-overlay"])
+    assert res.rc == 0, res.err
+    notes = [line for line in res.err.splitlines() if line.startswith("medidiff: note:")]
+    assert len(notes) == 1 and "records no profile of its training scans" in notes[0]
+    assert {r["input_check"] for r in _rows(out / "scores.csv")} == {"unchecked"}
 
 
 @pytest.mark.slow

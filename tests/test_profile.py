@@ -155,3 +155,37 @@ def test_a_trained_checkpoint_records_its_profile(tiny_checkpoint_2d):
     assert profile.modality == "mri" and len(profile.sources) == 8
     lo, median, hi = profile.features["intensity_p50"]
     assert 0 < lo <= median <= hi < 1
+
+
+def test_the_detector_checks_before_it_reconstructs(tiny_checkpoint_2d):
+    """input_check="warn": the finding is in the result and its scores.csv row;
+    "strict": InputProfileError before any network evaluation."""
+    from medidiff.anomaly.detector import AnomalyDetector, MethodConfig, PostprocessConfig
+    from medidiff.anomaly.results import Reconstruction
+    from medidiff.errors import ConfigError, InputProfileError
+
+    calls = []
+
+    class Copy:
+        method = MethodConfig("x0")
+        seed, input_shape, nfe_per_input, model = 0, (32, 40), 1, None
+
+        def reconstruct(self, image, region, name, *, progress=None):
+            calls.append(name)
+            return Reconstruction(np.asarray(image, np.float32)[None], 1)
+
+    ct = load_volume(_entries("ct")[0].image)
+    post = PostprocessConfig(erode=0, median_size=0)
+    warn = AnomalyDetector(tiny_checkpoint_2d, postprocess=post, reconstructor=Copy())
+    result = warn.score(ct, name="ct")
+    assert result.input_check.status == "out of profile" and calls == ["ct"]
+    assert result.row()["input_check"].startswith("out of profile: ")
+    strict = AnomalyDetector(tiny_checkpoint_2d, postprocess=post, reconstructor=Copy(),
+                             input_check="strict")
+    with pytest.raises(InputProfileError, match="refused.*--strict"):
+        strict.score(ct, name="ct")
+    assert calls == ["ct"]  # nothing reconstructed for the refused scan
+    healthy = strict.score(load_volume(_entries("validation")[0].image), name="h")
+    assert healthy.input_check.status == "ok" and healthy.row()["input_check"] == "ok"
+    with pytest.raises(ConfigError, match="input_check"):
+        AnomalyDetector(tiny_checkpoint_2d, reconstructor=Copy(), input_check="off")

@@ -431,7 +431,7 @@ class AnomalyDetector:
         """
         check = check_scan(volume, self.input_profile, self.preprocessing)
         if self.input_check == "strict" and not check.ok:
-            label = name or volume.meta.get("source") or "scan"
+            label = volume.meta.get("source") or name or "scan"
             raise InputProfileError(
                 f"{label}: refused, it does not look like the model's training scans (--strict): "
                 + "; ".join(check.problems)

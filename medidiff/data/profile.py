@@ -375,9 +375,9 @@ def _profile_problems(f: Mapping[str, float], profile: InputProfile,
         lo, _, hi = p["negative_fraction"]
         hint = ""
         if profile.modality == "mri" and f["negative_fraction"] > 0.3:
-            hint = " (CT in Hounsfield units? the model was trained on MRI)"
+            hint = ": CT in Hounsfield units? the model was trained on MRI"
         elif profile.modality == "ct" and f["negative_fraction"] < 0.05:
-            hint = " (MRI? the model was trained on CT in Hounsfield units, where air is -1000)"
+            hint = ": MRI? the model was trained on CT in Hounsfield units, where air is -1000"
         problems.append(f"{_pct(f['negative_fraction'])} of voxels negative "
                         f"(training {_range(lo, hi, _pct)}){hint}")
     if out("background_fraction"):
@@ -402,7 +402,7 @@ def _profile_problems(f: Mapping[str, float], profile: InputProfile,
         problems.append(f"foreground intensities after normalisation: {shown}")
     if out("rim_contrast"):
         lo, _, hi = p["rim_contrast"]
-        hint = " (skull or scalp at the edge?)" if f["rim_contrast"] > hi else ""
+        hint = ": skull or scalp at the edge?" if f["rim_contrast"] > hi else ""
         problems.append(f"edge-minus-inside contrast {f['rim_contrast']:+.2f} "
                         f"(training {lo:+.2f} to {hi:+.2f}){hint}")
     grid = max(preprocessing.spacing)

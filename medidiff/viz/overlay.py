@@ -208,7 +208,8 @@ def _draw_row(
     ax0 = axes[0]
     ax0.text(0.0, -0.02, label, color="black", fontsize=5.5, va="top", ha="left",
              transform=ax0.transAxes)
-    style = dict(color="cyan", fontsize=6, fontweight="bold", transform=ax0.transAxes)
+    style = dict(color="cyan", fontsize=6, fontweight="bold", transform=ax0.transAxes,
+                 bbox=dict(facecolor="black", edgecolor="none", alpha=0.7, pad=0.6))
     ax0.text(0.01, 0.5, letters["left"], ha="left", va="center", **style)
     ax0.text(0.99, 0.5, letters["right"], ha="right", va="center", **style)
     ax0.text(0.5, 0.99, letters["top"], ha="center", va="top", **style)
