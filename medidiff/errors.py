@@ -40,3 +40,8 @@ class OutputError(MedidiffError):
 
 class TrainingDivergedError(MedidiffError):
     """The training loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class InputProfileError(VolumeContentError):
+    """A scan does not look like the model's training inputs (CT given to an MRI model, a
+    scan with its skull given to a skull-stripped model, ...), refused under ``--strict``."""

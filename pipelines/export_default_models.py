@@ -18,7 +18,12 @@ the demo, the synthesis benchmark) enter the card with ``--metrics FILE.json``: 
 object ``{"title": ..., "command": ..., "date": ..., "machine": ..., "table": markdown or
 "rows": {...}}`` stored verbatim under ``metrics``. ``--card-only`` rewrites the card of the
 shipped file (name and description from :data:`medidiff.models.pretrained.MODELS`, metrics,
-note, samples) without touching its weights.
+note, samples) without touching its weights. ``--add-input-profile`` measures the profile
+of the model's training scans (:mod:`medidiff.data.profile`; the datalist and split of the
+file's own config, resolved against ``configs/``) and writes it into the shipped file's
+metadata: only the header changes, every tensor byte stays as it was (checked with
+:func:`medidiff.models.checkpoint.tensors_sha256`), and the card gets the new file sha256.
+An export from a run made before profiles were recorded adds one the same way.
 
 Usage (what made the shipped models):
 
@@ -28,6 +33,7 @@ Usage (what made the shipped models):
         --config configs/brain_mri_3d_latent.yaml --autoencoder-run runs/brain_mri_3d_autoencoder \\
         --machine "..."
     python pipelines/export_default_models.py --name brain_mri_3d_5mm --card-only   # after a rename
+    python pipelines/export_default_models.py --name brain_mri_2d --add-input-profile
 """
 
 from __future__ import annotations
@@ -287,6 +293,7 @@ def card_markdown(facts: dict) -> str:
         *([f"| autoencoder | {_autoencoder_row(ae)} |"] if ae else []),
         f"| data | {facts['data']} |",
         f"| preprocessing | {facts['preprocessing']} |",
+        *([f"| input profile | {facts['input_profile']} |"] if facts.get("input_profile") else []),
         f"| diffusion | {facts['diffusion']} |",
         f"| training | {facts['steps']} steps{' (diffusion stage)' if ae else ''}, batch {facts['batch_size']}, lr {facts['lr']:g} (warm-up + cosine), EMA {facts['ema_decay']} |",
         f"| wall time | {_wall_time_row(facts)} |",
@@ -365,6 +372,67 @@ def rewrite_card(a: argparse.Namespace) -> int:
     write_json_atomic(facts_path, facts)
     write_text_atomic(a.out / f"{a.name}.md", card_markdown(facts))
     print(f"card {a.out / (a.name + '.md')} rewritten; weights unchanged (sha256 {facts['sha256'][:12]})")
+    return 0
+
+
+def training_profile(ckpt: object) -> dict:
+    """The input profile of a checkpoint's training scans: its config's datalist (relative
+    to ``configs/``, as the configs write it) and split, measured with its preprocessing."""
+    from medidiff.data.datalist import load_datalist
+    from medidiff.data.preprocessing import Preprocessing
+    from medidiff.data.profile import profile_entries
+
+    data = ckpt.config.get("data") or {}
+    datalist = Path(str(data.get("datalist", "")))
+    if not datalist.is_absolute():
+        datalist = ROOT / "configs" / datalist
+    entries = load_datalist(str(datalist), split=data.get("split"))
+    profile = profile_entries(entries, Preprocessing.from_dict(ckpt.preprocessing))
+    if profile is None:
+        raise SystemExit(f"{datalist}: no training scan could be read for the input profile")
+    return profile.to_dict()
+
+
+def profile_summary(profile: dict) -> str:
+    """The card's line on the input profile."""
+    f = profile["features"]
+
+    def r(key: str, fmt: str) -> str:
+        lo, _, hi = f[key]
+        return f"{format(lo, fmt)}-{format(hi, fmt)}"
+
+    return (f"measured on {profile['num_scans']} training scans ({profile['modality']}): foreground "
+            f"{r('foreground_ml', '.0f')} ml, extent {r('extent_x_mm', '.0f')} x {r('extent_y_mm', '.0f')} x "
+            f"{r('extent_z_mm', '.0f')} mm, background {r('background_fraction', '.2f')} of the volume, "
+            f"median normalised intensity {r('intensity_p50', '.2f')}, voxels <= "
+            f"{f['coarsest_voxel_mm'][2]:g} mm; 'anomaly' and 'calibrate' warn when an input is out "
+            "of it (--strict refuses)")
+
+
+def add_input_profile(a: argparse.Namespace) -> int:
+    """``--add-input-profile``: the shipped file gets its training scans' input profile;
+    weights bit-identical, the card's sha256 and size updated."""
+    from medidiff.io import write_json_atomic, write_text_atomic
+    from medidiff.models.checkpoint import file_sha256, load_inference, replace_extra, tensors_sha256
+
+    weights = a.out / f"{a.name}.safetensors"
+    facts_path = a.out / f"{a.name}.json"
+    facts = json.loads(facts_path.read_text(encoding="utf-8")) if facts_path.is_file() else None
+    if facts is not None and file_sha256(weights) != facts.get("sha256"):
+        raise SystemExit(f"{weights} is not the file its card describes (sha256 differs)")
+    ckpt = load_inference(weights)
+    before = tensors_sha256(weights)
+    profile = training_profile(ckpt)
+    replace_extra(weights, {**ckpt.extra, "input_profile": profile})
+    if tensors_sha256(weights) != before:  # pragma: no cover - replace_extra copies the bytes
+        raise SystemExit(f"{weights}: the tensors changed while adding the profile")
+    if facts is not None:
+        facts.update(sha256=file_sha256(weights), size_bytes=weights.stat().st_size,
+                     tensors_sha256=before, input_profile=profile_summary(profile))
+        write_json_atomic(facts_path, facts)
+        write_text_atomic(a.out / f"{a.name}.md", card_markdown(facts))
+    print(f"{weights}: input profile of {profile['num_scans']} training scans added; tensors "
+          f"unchanged (tensors sha256 {before[:12]}), file sha256 now {file_sha256(weights)[:12]}")
     return 0
 
 
@@ -472,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="samples in <name>_samples.png (seeds 0.., the model's default sampler and "
                    "steps; 0: none)")
     p.add_argument("--out", type=Path, default=ROOT / "medidiff" / "weights")
+    p.add_argument("--add-input-profile", action="store_true",
+                   help="add the input profile of the model's training scans to the shipped "
+                   "file's metadata (weights bit-identical) and update its card")
     p.add_argument("--card-only", action="store_true",
                    help="keep the shipped weights (and their sha256, which thresholds are tied "
                    "to); rewrite only the card: name and description, metrics (--metrics/"
@@ -481,12 +552,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--samples must be >= 0")
     if a.card_only:
         return rewrite_card(a)
+    if a.add_input_profile:
+        return add_input_profile(a)
     if a.run is None or a.config is None:
         p.error("--run and --config are required (unless --card-only)")
 
     import torch
 
-    from medidiff.models.checkpoint import file_sha256, load_inference, save_inference
+    from medidiff.models.checkpoint import file_sha256, load_inference, save_inference, tensors_sha256
     from medidiff.config import Config
     from medidiff.io import write_json_atomic, write_text_atomic
 
@@ -498,8 +571,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config.from_dict(ckpt.config)
     a.out.mkdir(parents=True, exist_ok=True)
     dst = a.out / f"{a.name}.safetensors"
+    extra = dict(ckpt.extra)
+    if not extra.get("input_profile"):  # a run from before profiles were recorded
+        extra["input_profile"] = training_profile(ckpt)
     save_inference(dst, ckpt.state_dict, model_kwargs=ckpt.model_kwargs, config=ckpt.config,
-                   preprocessing=ckpt.preprocessing, extra=ckpt.extra, half=True,
+                   preprocessing=ckpt.preprocessing, extra=extra, half=True,
                    network=ckpt.network)
     size = dst.stat().st_size
     if size > MAX_BYTES:
@@ -552,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
         "trained_on": _dt.date.today().isoformat(),
         "sha256": file_sha256(dst),
         "size_bytes": size,
+        "tensors_sha256": tensors_sha256(dst),
+        "input_profile": profile_summary(extra["input_profile"]),
         "metrics": card_metrics(a),
         "note": a.note,
     }

@@ -453,15 +453,18 @@ def test_overlay_shows_the_most_anomalous_slice(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_overlay_colour_scale_is_shared_by_calibrated_scans():
-    """With thresholds every overlay uses 3x the voxel threshold; without, its own map."""
+def test_overlay_colour_scale_is_shared_by_every_scan():
+    """With thresholds every overlay uses 3x the voxel threshold; without, one fixed scale
+    in the map's units (never each scan's own maximum)."""
     from types import SimpleNamespace
 
-    from medidiff.viz.overlay import map_scale
+    from medidiff.viz.overlay import UNCALIBRATED_TOP, map_scale
 
-    assert map_scale(SimpleNamespace(voxel_threshold=0.05)) == pytest.approx(0.15)
-    assert map_scale(None) is None
-    assert map_scale(SimpleNamespace(voxel_threshold=0.0)) is None
+    calibrated = map_scale(SimpleNamespace(voxel_threshold=0.05))
+    assert calibrated.top == pytest.approx(0.15) and calibrated.threshold == 0.05
+    for uncalibrated in (map_scale(None), map_scale(SimpleNamespace(voxel_threshold=0.0))):
+        assert uncalibrated.top == UNCALIBRATED_TOP["l1"] and uncalibrated.threshold is None
+        assert "not calibrated" in uncalibrated.how
 
 
 def test_a_detector_is_composed_from_any_reconstructor(tiny_checkpoint_2d):
@@ -487,7 +490,7 @@ def test_a_detector_is_composed_from_any_reconstructor(tiny_checkpoint_2d):
     assert grid.network_evaluations == 7 and seen == [7]
     np.testing.assert_allclose(grid.anomaly_map[mask], 0.5 * image[mask], atol=1e-6)
     assert vars(det).keys() == {"reconstructor", "checkpoint", "preprocessing", "spatial_dims",
-                                "postprocess"}
+                                "postprocess", "input_profile", "input_check"}
     with pytest.raises(ConfigError, match="not both"):
         AnomalyDetector(tiny_checkpoint_2d, MethodConfig("x0"), reconstructor=Halve())
 

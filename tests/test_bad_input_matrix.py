@@ -612,7 +612,8 @@ def test_anomaly_batch_skips_bad_inputs(run_cli, tmp_path, tiny_checkpoint_2d):
         assert f"  {path}" in res.err.splitlines()
     assert [r["name"] for r in _rows(out / "scores.csv")] == ["good0"]
     assert sorted(p.name for p in out.iterdir()) == [
-        "anomaly_config.json", "good0_anomaly.nii.gz", "good0_recon.nii.gz", "scores.csv"]
+        "anomaly_config.json", "good0_anomaly.nii.gz", "good0_recon.nii.gz", "scores.csv",
+        "scores.json"]
 
 
 def test_calibrate_batch_skips_bad_inputs(run_cli, tmp_path, tiny_checkpoint_2d):

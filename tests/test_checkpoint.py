@@ -129,6 +129,30 @@ def test_inference_round_trip(tmp_path, tiny2d):
     assert build_model_from_checkpoint(ckpt).checkpoint is ckpt
 
 
+def test_replace_extra_rewrites_the_header_only(tmp_path, tiny2d):
+    """Adding a record (e.g. an input profile) to a shipped file keeps every tensor byte:
+    the tensors' hash is unchanged, the file's is not, and safetensors still reads it."""
+    from safetensors.torch import load_file
+
+    from medidiff.models.checkpoint import replace_extra, tensors_sha256
+
+    path = _save(tmp_path / "m.safetensors", tiny2d, extra={"step": 4}, half=True)
+    before_tensors, before_file = tensors_sha256(path), file_sha256(path)
+    raw = load_file(str(path))
+    replace_extra(path, {"step": 4, "input_profile": {"format": "x", "values": list(range(50))}})
+    assert tensors_sha256(path) == before_tensors and file_sha256(path) != before_file
+    ckpt = load_inference(path)
+    assert ckpt.extra["input_profile"]["values"][-1] == 49 and ckpt.stored_dtype == "float16"
+    assert ckpt.config == CONFIG and ckpt.preprocessing == PREPROCESSING
+    after = load_file(str(path))
+    assert all(torch.equal(after[k], raw[k]) and after[k].dtype == raw[k].dtype for k in raw)
+    assert int.from_bytes(path.read_bytes()[:8], "little") % 8 == 0  # header stays aligned
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"not a weights file at all")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        replace_extra(other, {})
+
+
 def test_half_shrinks_file_and_loads_float32(tmp_path, tiny2d):
     full = _save(tmp_path / "full.safetensors", tiny2d)
     half = _save(tmp_path / "half.safetensors", tiny2d, half=True)

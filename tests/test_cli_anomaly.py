@@ -64,8 +64,18 @@ def test_outputs_on_the_input_grid_and_resume(run_cli, tiny_checkpoint_2d, tmp_p
     assert nib.aff2axcodes(nib.load(out / "tumor-001_anomaly.nii.gz").affine) == ("P", "I", "R")
     rows = _rows(out / "scores.csv")
     assert [r["name"] for r in rows] == ["tumor-001", "tumor-000"]
-    assert rows[0]["file"] == str(PIR) and rows[0]["flagged"] == "" and float(rows[0]["score"]) > 0
+    assert rows[0]["file"] == str(PIR) and float(rows[0]["score"]) > 0
+    # without thresholds: "not calibrated", no threshold or volume columns filled
+    assert rows[0]["flagged"] == "not calibrated" and rows[0]["input_check"] == "ok"
+    assert rows[0]["scan_threshold"] == rows[0]["anomalous_ml"] == rows[0]["voxel_threshold"] == ""
     assert int(rows[0]["network_evaluations"]) % 2 == 0 and rows[0]["nfe_per_input"] == "2"
+    # scores.json describes every column (BIDS-style sidecar)
+    columns = json.loads((out / "scores.json").read_text(encoding="utf-8"))
+    assert list(columns) == list(rows[0])
+    assert all(c["Description"] for c in columns.values())
+    assert "per network input" in columns["nfe_per_input"]["Description"]
+    assert "nfe_per_input" in columns["network_evaluations"]["Description"]
+    assert columns["anomalous_ml"]["Units"] == "ml" and "not calibrated" in columns["flagged"]["Levels"]
     record = json.loads((out / "anomaly_config.json").read_text(encoding="utf-8"))
     from medidiff.models.checkpoint import file_sha256
 
@@ -170,8 +180,13 @@ def test_calibrate_then_segment_and_refusals(
     seg = nib.load(out / "tumor-000_seg.nii.gz")
     assert seg.get_data_dtype() == np.uint8 and seg.shape == nib.load(RAS).shape
     row = _rows(out / "scores.csv")[0]
-    assert row["flagged"] in ("0", "1")
-    assert int(row["voxels_over_threshold"]) == int(np.asarray(seg.dataobj).sum())
+    assert row["flagged"] == ("yes" if float(row["score"]) > data["scan_threshold"] else "no")
+    voxels = int(np.asarray(seg.dataobj).sum())
+    assert int(row["voxels_over_threshold"]) == voxels
+    # the thresholds used, and the volume in ml (2 mm voxels: 8 mm^3 each)
+    assert float(row["scan_threshold"]) == data["scan_threshold"]
+    assert float(row["voxel_threshold"]) == data["voxel_threshold"]
+    assert float(row["anomalous_ml"]) == pytest.approx(voxels * 8 / 1000, abs=1e-3)
 
     # another method config, another checkpoint: refused with one clear line
     res = run_cli([*anomaly[:-1], "--steps", "3", "--out", tmp_path / "o2"])
@@ -266,6 +281,75 @@ def test_3d_checkpoint_and_masks_folder(run_cli, tiny_checkpoint_3d, tmp_path):
         ]
     )
     assert res.rc == 1 and "no mask for tumor-001" in res.err
+
+
+CT = SAMPLE / "ct" / "images" / "ct-000.nii.gz"
+
+
+def test_ct_given_to_an_mri_model_warns_or_is_refused(run_cli, tiny_checkpoint_2d, tmp_path,
+                                                     recwarn):
+    """The issue's case: a CT volume scored by an MRI model gets one warning line naming the
+    scan and what is out of profile (recorded in scores.csv), no Python warning text;
+    --strict refuses it and writes nothing."""
+    out = tmp_path / "out"
+    base = ["anomaly", "--checkpoint", tiny_checkpoint_2d, *FAST, "--no-overlay"]
+    res = run_cli([*base, "--input", CT, RAS, "--out", out])
+    assert res.rc == 0, res.err
+    warnings = [line for line in res.err.splitlines() if line.startswith("medidiff: warning:")]
+    assert len(warnings) == 1 and str(CT) in warnings[0]
+    assert "does not look like the model's training scans" in warnings[0]
+    assert "CT in Hounsfield units" in warnings[0] and "--strict" in warnings[0]
+    assert "Warning:" not in res.err and ".py:" not in res.err  # no raw Python warning
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    rows = {r["name"]: r for r in _rows(out / "scores.csv")}
+    assert rows["ct-000"]["input_check"].startswith("out of profile: ")
+    assert "edges cropped" not in rows["tumor-000"]["input_check"]
+    assert rows["tumor-000"]["input_check"] == "ok"
+
+    strict = tmp_path / "strict"
+    res = run_cli([*base, "--input", CT, "--out", strict, "--strict"])
+    assert res.rc == 4
+    errors = [line for line in res.err.splitlines() if line.startswith("medidiff: error:")]
+    assert len(errors) == 1 and errors[0].count(str(CT)) == 1 and "refused" in errors[0]
+    assert "(--strict)" in errors[0]
+    assert not strict.exists()  # nothing scored, nothing written
+
+
+def test_the_default_model_refuses_ct_under_strict(run_cli, tmp_path):
+    """`medidiff anomaly --input ct-000.nii.gz` with the shipped 2D model: refused under
+    --strict before any denoising (without --strict it warns: see
+    test_profile.test_ct_is_out_of_the_mri_profile_and_sample_mri_is_not)."""
+    res = run_cli(["anomaly", "--input", CT, "--out", tmp_path / "o", "--strict"])
+    assert res.rc == 4 and "CT in Hounsfield units" in res.err and "(--strict)" in res.err
+    assert "note:" not in res.err  # the shipped model has a profile
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_without_profile_says_so_once(run_cli, tiny_checkpoint_2d, tmp_path):
+    from medidiff.models.checkpoint import load_inference, replace_extra
+
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(tiny_checkpoint_2d.read_bytes())
+    extra = load_inference(old).extra
+    replace_extra(old, {k: v for k, v in extra.items() if k != "input_profile"})
+    out = tmp_path / "out"
+    res = run_cli(["anomaly", "--checkpoint", old, "--input", RAS, PIR, "--out", out, *FAST,
+                   "--no-overlay"])
+    assert res.rc == 0, res.err
+    notes = [line for line in res.err.splitlines() if line.startswith("medidiff: note:")]
+    assert len(notes) == 1 and "records no profile of its training scans" in notes[0]
+    assert {r["input_check"] for r in _rows(out / "scores.csv")} == {"unchecked"}
+
+
+@pytest.mark.slow
+def test_calibrate_strict_leaves_out_scans_out_of_profile(run_cli, tiny_checkpoint_2d, tmp_path):
+    healthy = sorted((SAMPLE / "val" / "images").glob("*.nii.gz"))
+    out = tmp_path / "t.json"
+    res = run_cli(["calibrate", "--checkpoint", tiny_checkpoint_2d, *FAST, "--erode", "1",
+                   "--healthy", *healthy, CT, "--out", out, "--strict"])
+    assert res.rc == 4, res.err
+    assert "refused" in res.err and str(CT) in res.err and "1 of 7 input(s) failed" in res.err
+    assert json.loads(out.read_text(encoding="utf-8"))["num_scans"] == len(healthy)
 
 
 @pytest.mark.slow

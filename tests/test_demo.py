@@ -218,7 +218,9 @@ def test_demo_end_to_end(run_cli, tiny_checkpoint_2d, tiny_checkpoint_3d, tmp_pa
         rows = list(csv.DictReader(f))
     assert [r_["name"] for r_ in rows] == [s["name"] for s in m["data"]["test_scans"]]
     for row in rows:  # flagged is the score against the calibrated scan threshold
-        assert row["flagged"] == str(int(float(row["score"]) > thresholds.scan_threshold))
+        assert row["flagged"] == ("yes" if float(row["score"]) > thresholds.scan_threshold else "no")
+        assert float(row["scan_threshold"]) == thresholds.scan_threshold
+        assert row["input_check"] == "ok"  # sample_data's test scans are in the model's profile
     assert list(thresholds.scan_scores) == m["data"]["calibration_scans"]
     config = json.loads((out / "anomaly" / "anomaly_config.json").read_text())
     assert config["thresholds"]["voxel_threshold"] == thresholds.voxel_threshold

@@ -99,6 +99,31 @@ def test_pixel_model_export(export, request, tmp_path, fixture, kind):
     with pytest.raises(SystemExit, match="not a latent model"):
         export.main(["--run", str(run), "--name", "brain_mri_3d", "--config", "c.yaml",
                      "--autoencoder-run", str(run), "--out", str(tmp_path / "x")])
+    # the run recorded its training scans' input profile; the card shows it
+    assert loaded.input_profile is not None and "| input profile | measured on 8 training scans" in card
+    assert facts["tensors_sha256"] and "input_profile" in facts
+    if kind == "2d-slice":
+        _add_profile_to_an_old_file(export, out, loaded.checkpoint.extra)
+
+
+def _add_profile_to_an_old_file(export, out, extra):
+    """--add-input-profile on a file shipped before profiles existed: the profile is measured
+    from its config's datalist and split, the tensors stay bit-identical, the card follows."""
+    from medidiff.models.checkpoint import file_sha256, load_inference, replace_extra, tensors_sha256
+
+    weights, facts_path = out / "brain_mri_3d_5mm.safetensors", out / "brain_mri_3d_5mm.json"
+    replace_extra(weights, {k: v for k, v in extra.items() if k != "input_profile"})
+    facts = json.loads(facts_path.read_text())
+    facts["sha256"] = file_sha256(weights)
+    facts.pop("input_profile")
+    facts_path.write_text(json.dumps(facts))
+    tensors = tensors_sha256(weights)
+    assert export.main(["--name", "brain_mri_3d_5mm", "--add-input-profile", "--out", str(out)]) == 0
+    assert tensors_sha256(weights) == tensors
+    assert load_inference(weights).extra["input_profile"] == extra["input_profile"]
+    facts = json.loads(facts_path.read_text())
+    assert facts["sha256"] == file_sha256(weights) and facts["tensors_sha256"] == tensors
+    assert "| input profile |" in (out / "brain_mri_3d_5mm.md").read_text()
 
 
 def test_demo_metrics_card_section_shows_the_3d_latent_rows(export, tmp_path):

@@ -61,7 +61,8 @@ def test_overlay_figure_panels_and_contours():
                          title="case")
     assert [ax.get_title() for ax in fig.axes[:4]] == [
         "input", "reconstruction", "anomaly map", "segmentation"]
-    assert len(fig.axes) == 8  # two rows of four
+    assert len(fig.axes) == 9  # two rows of four, and the map's colour bar
+    assert fig.axes[8].get_ylabel().startswith("|x - x_hat|")
     np.testing.assert_array_equal(_shown(fig.axes[0]), display_view(image[:, :, 1]))
     np.testing.assert_array_equal(_shown(fig.axes[5]), display_view(recon[:, :, 3]))
     # the map panel: the input under the map, the map masked at or below the floor
@@ -70,6 +71,58 @@ def test_overlay_figure_panels_and_contours():
     np.testing.assert_array_equal(top.filled(0), display_view(amap[:, :, 3]))
     # contours only where the masks have voxels: slice 1 none, slice 3 truth + segmentation
     assert not fig.axes[3].collections and len(fig.axes[7].collections) == 2
+
+
+def _texts(ax):
+    return [t.get_text() for t in ax.texts]
+
+
+def test_overlay_reads_on_its_own_letters_slice_grid_colour_bar():
+    """Orientation letters from the affine, each slice named with its grid, world z and
+    the input's slice, a colour bar in the map's units, and a caption for the scale."""
+    from medidiff.viz.overlay import orientation_letters, slice_label
+
+    image = np.zeros((12, 14, 6), np.float32)
+    image[2:10, 2:12, 1:5] = 0.5
+    affine = np.diag([2.5, 2.5, 2.5, 1.0])
+    affine[:3, 3] = (-15.0, -17.5, -7.5)
+    native = np.diag([-2.0, 2.0, 2.0, 1.0])  # an LAS input: its k axis runs along z
+    native[:3, 3] = (20.0, -20.0, -10.0)
+    fig = overlay_figure(image, image, np.zeros_like(image), slices=[3], affine=affine,
+                         native_affine=native, grid_note="model grid: a test")
+    texts = _texts(fig.axes[0])
+    assert {"L", "R", "A", "P"} <= set(texts)
+    # slice 3: z = -7.5 + 3 * 2.5 = 0.0 mm; the input's k there: (0 + 10) / 2 = 5
+    assert "axial slice 3 of 6 (model grid)\nz = +0.0 mm, input k = 5" in texts
+    caption = " ".join(t.get_text() for t in fig.texts)
+    assert "model grid: a test" in caption and "not calibrated" in caption
+    # a flipped grid gets flipped letters
+    assert orientation_letters(np.diag([-1.0, -1.0, 1.0, 1.0])) == {
+        "left": "R", "right": "L", "top": "P", "bottom": "A"}
+    assert slice_label(0, 4) == "axial slice 0 of 4 (model grid)"
+
+
+def test_overlay_colour_scale_is_fixed_not_each_scans_maximum():
+    """Without thresholds two scans with very different maps get the same colour scale;
+    with thresholds it is 3x the voxel threshold, marked on the colour bar."""
+    from types import SimpleNamespace
+
+    from medidiff.viz.overlay import UNCALIBRATED_TOP, map_scale
+
+    image = np.full((8, 8, 4), 0.5, np.float32)
+    tops = []
+    for peak in (0.05, 0.9):
+        amap = np.zeros_like(image)
+        amap[2:5, 2:5, 1] = peak
+        fig = overlay_figure(image, image, amap, slices=[1])
+        tops.append(fig.axes[2].images[1].get_clim())
+    assert tops[0] == tops[1] == (0.0, UNCALIBRATED_TOP["l1"])
+    scale = map_scale(SimpleNamespace(voxel_threshold=0.05), "l2")
+    assert scale.top == pytest.approx(0.15) and scale.units.startswith("(x - x_hat)^2")
+    fig = overlay_figure(image, image, np.zeros_like(image), slices=[1], scale=scale)
+    assert fig.axes[2].images[1].get_clim() == (0.0, pytest.approx(0.15))
+    assert any("threshold" in t for t in _texts(fig.axes[-1]))
+    assert "3x the calibrated voxel threshold" in " ".join(t.get_text() for t in fig.texts)
 
 
 def test_save_figure_writes_png_atomically(tmp_path):

@@ -64,10 +64,15 @@ from medidiff.data.transforms import (
     preprocess,
     to_native,
 )
-from medidiff.errors import ConfigError, VolumeContentError
+from medidiff.data.profile import InputCheck, InputProfile, check_scan
+from medidiff.errors import ConfigError, InputProfileError, VolumeContentError
 from medidiff.io.volume import Volume, load_volume, strip_volume_suffix
 
+#: what ``input_check`` may be: report out-of-profile scans, or refuse them
+INPUT_CHECKS = ("warn", "strict")
+
 __all__ = [
+    "INPUT_CHECKS",
     "METHODS",
     "AnomalyDetector",
     "AnomalyResult",
@@ -195,6 +200,10 @@ class AnomalyDetector:
         reconstructor: another :class:`~medidiff.anomaly.reconstructor.Reconstructor`
             (e.g. the intensity baseline's) instead of the checkpoint's network; then
             ``method``, ``device``, ``batch_size`` and ``seed`` are not used.
+        input_check: ``"warn"`` (default): every scan is compared with the checkpoint's
+            input profile (:mod:`medidiff.data.profile`) and the finding goes into the
+            result (``AnomalyResult.input_check``); ``"strict"``: a scan out of profile
+            raises :class:`~medidiff.errors.InputProfileError` before it is reconstructed.
 
     Attributes:
         reconstructor: what makes the reconstructions.
@@ -202,6 +211,9 @@ class AnomalyDetector:
         postprocess: the :class:`PostprocessConfig`.
         preprocessing: the checkpoint's :class:`~medidiff.data.transforms.Preprocessing`.
         spatial_dims: 2 (slices) or 3 (volumes).
+        input_profile: the checkpoint's :class:`~medidiff.data.profile.InputProfile`, or
+            ``None`` (an older file: only the model grid is checked).
+        input_check: ``"warn"`` or ``"strict"``.
     """
 
     def __init__(
@@ -214,7 +226,10 @@ class AnomalyDetector:
         batch_size: int = 16,
         seed: int = 0,
         reconstructor: Reconstructor | None = None,
+        input_check: str = "warn",
     ) -> None:
+        if input_check not in INPUT_CHECKS:
+            raise ConfigError(f"input_check must be one of {', '.join(INPUT_CHECKS)}; got {input_check!r}")
         if reconstructor is None:
             from medidiff.runtime.distributed import resolve_device
 
@@ -236,6 +251,8 @@ class AnomalyDetector:
             name = getattr(self.reconstructor.method, "method", None)
             postprocess = PostprocessConfig(residual=DEFAULT_RESIDUALS.get(name, "l1"))
         self.postprocess = postprocess
+        self.input_profile = InputProfile.from_dict(self.checkpoint.extra.get("input_profile"))
+        self.input_check = input_check
 
     # ---- what the reconstructor says -----------------------------------------------------
 
@@ -356,6 +373,7 @@ class AnomalyDetector:
         name: str | None = None,
         thresholds: Thresholds | None = None,
         progress: ProgressFn | None = None,
+        input_check: InputCheck | None = None,
     ) -> AnomalyResult:
         """Score one scan; outputs on its own grid.
 
@@ -366,18 +384,23 @@ class AnomalyDetector:
             thresholds: calibrated thresholds of this detector (checked): with them the
                 result has a segmentation and a flag.
             progress: ``progress(done, total)`` over the scan's network inputs.
+            input_check: the scan's :meth:`check_input`, when the caller made it already
+                (e.g. to report it before the reconstruction starts); else it is made here.
 
         Returns:
             The :class:`AnomalyResult`.
 
         Raises:
             VolumeContentError: empty foreground/mask, a mask on another grid, ...
+            InputProfileError: with ``input_check="strict"``, a scan out of profile.
         """
         start = time.perf_counter()
         if name is None:
             source = volume.meta.get("source")
             name = strip_volume_suffix(Path(source).name) if source else "scan"
-        pre = preprocess(volume, self.preprocessing, mask=mask)
+        # cropping is reported by the input check, not as a Python warning
+        pre = preprocess(volume, self.preprocessing, mask=mask, warn_crop=False)
+        check = input_check if input_check is not None else self.check_input(volume, name)
         region = pre.mask > 0 if pre.mask is not None else pre.foreground
         grid = self.score_grid(pre.image, region, name, thresholds=thresholds, progress=progress)
         amap, recon, seg = self._native(volume, mask, pre, grid)
@@ -399,7 +422,26 @@ class AnomalyDetector:
             reference=volume,
             grid=grid,
             preprocessed=pre,
+            input_check=check,
+            voxel_threshold=None if thresholds is None else thresholds.voxel_threshold,
+            scan_threshold=None if thresholds is None else thresholds.scan_threshold,
         )
+
+    def check_input(self, volume: Volume, name: str | None = None) -> InputCheck:
+        """Compare a scan with the checkpoint's input profile and grid
+        (:func:`medidiff.data.profile.check_scan`).
+
+        Raises:
+            InputProfileError: with ``input_check="strict"``, a scan out of profile.
+        """
+        check = check_scan(volume, self.input_profile, self.preprocessing)
+        if self.input_check == "strict" and not check.ok:
+            label = volume.meta.get("source") or name or "scan"
+            raise InputProfileError(
+                f"{label}: refused, it does not look like the model's training scans (--strict): "
+                + "; ".join(check.problems)
+            )
+        return check
 
     def _native(
         self, volume: Volume, mask: Volume | None, pre: Preprocessed, grid: GridScore
@@ -436,11 +478,18 @@ class AnomalyDetector:
         name: str | None = None,
         thresholds: Thresholds | None = None,
         progress: ProgressFn | None = None,
+        on_check: Any = None,
     ) -> AnomalyResult:
-        """Load and score one file (``mask``: an optional brain mask file on its grid)."""
+        """Load and score one file (``mask``: an optional brain mask file on its grid).
+
+        ``on_check(image, check)`` is called with the scan's :meth:`check_input` before
+        the reconstruction starts (the runner reports out-of-profile scans at once)."""
         volume = load_volume(image)
         mask_volume = load_volume(mask) if mask is not None else None
-        return self.score(
-            volume, mask=mask_volume, name=name or strip_volume_suffix(Path(image).name),
-            thresholds=thresholds, progress=progress,
-        )
+        name = name or strip_volume_suffix(Path(image).name)
+        check = None
+        if on_check is not None:
+            check = self.check_input(volume, name)
+            on_check(image, check)
+        return self.score(volume, mask=mask_volume, name=name, thresholds=thresholds,
+                          progress=progress, input_check=check)

@@ -1,9 +1,12 @@
-"""What a scoring run leaves in its folder: ``scores.csv``, ``anomaly_config.json``, and
-the rules that let a later run resume it.
+"""What a scoring run leaves in its folder: ``scores.csv`` and its column descriptions
+``scores.json``, ``anomaly_config.json``, and the rules that let a later run resume it.
 
 :class:`ScoresTable` is the one writer and reader of ``scores.csv`` (``medidiff anomaly``,
-the demo, ``medidiff evaluate``); :func:`run_record` is ``anomaly_config.json``, whose
-:func:`run_identity` must match for earlier outputs to be reused (:func:`check_resumable`).
+the demo, ``medidiff evaluate``); next to it, it writes ``scores.json``, a sidecar in the
+BIDS tabular-file style (one object per column with its ``Description``, and ``Units`` or
+``Levels`` where they apply: :data:`COLUMN_DESCRIPTIONS`). :func:`run_record` is
+``anomaly_config.json``, whose :func:`run_identity` must match for earlier outputs to be
+reused (:func:`check_resumable`).
 
 Example:
     >>> ScoresTable.COLUMNS[:3]
@@ -25,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 from medidiff.errors import DataError
 
 __all__ = [
+    "COLUMN_DESCRIPTIONS",
     "FINAL_NAMES",
     "ScoresTable",
     "check_resumable",
@@ -35,8 +39,57 @@ __all__ = [
 ]
 
 
+#: ``scores.json``: what each column of ``scores.csv`` holds (BIDS-style sidecar)
+COLUMN_DESCRIPTIONS: dict[str, dict[str, Any]] = {
+    "file": {"Description": "the input file, as given"},
+    "name": {"Description": "the input's file name without its suffix; the scan's outputs are "
+             "NAME_anomaly.nii.gz, NAME_recon.nii.gz, NAME_seg.nii.gz and NAME_overlay.png"},
+    "score": {"Description": "per-scan anomaly score: the mean of the top fraction "
+              "(--top-fraction, default 1 %) of the anomaly map inside the scored region "
+              "(eroded brain mask), computed on the model grid; higher is more anomalous",
+              "Units": "the anomaly map's: |x - x_hat| on the model's 0-1 intensity scale "
+              "(L1 residual; squared for --residual l2)"},
+    "flagged": {"Description": "whether the scan counts as anomalous: its score against the "
+                "calibrated scan threshold",
+                "Levels": {"yes": "score > scan_threshold", "no": "score <= scan_threshold",
+                           "not calibrated": "no --thresholds given: unknown"}},
+    "scan_threshold": {"Description": "the calibrated scan-score threshold used (from the "
+                       "--thresholds file of 'medidiff calibrate'); empty when not calibrated",
+                       "Units": "as score"},
+    "voxels_over_threshold": {
+        "Description": "voxels of the segmentation NAME_seg.nii.gz, counted on the input's own "
+        "grid (so the same lesion gives more voxels in a finer scan: compare anomalous_ml "
+        "across scans); empty when not calibrated", "Units": "voxels of the input"},
+    "anomalous_ml": {"Description": "volume of the segmentation: voxels_over_threshold times "
+                     "the input's voxel volume; empty when not calibrated", "Units": "ml"},
+    "voxel_threshold": {"Description": "the calibrated voxel threshold used: a voxel is "
+                        "anomalous where the anomaly map exceeds it; empty when not calibrated",
+                        "Units": "as score"},
+    "input_check": {
+        "Description": "how the scan compares with the model's training inputs (modality, "
+        "foreground intensities, extent, volume, skull-stripping, spacing, model grid)",
+        "Levels": {"ok": "within the profile of the training scans",
+                   "out of profile: ...": "what differs; the scores of such a scan are not "
+                   "meaningful ('--strict' refuses it)",
+                   "unchecked": "the checkpoint has no input profile (an older file); only the "
+                   "model grid was checked"}},
+    "seconds": {"Description": "wall time for this scan, from reading to its native-grid "
+                "outputs", "Units": "s"},
+    "network_evaluations": {
+        "Description": "network evaluations this scan took, counted per network input (a 2D "
+        "model's slice, a 3D model's volume, window or patch): number of inputs times "
+        "nfe_per_input; a batch of 16 slices counts 16. The scan's compute cost"},
+    "nfe_per_input": {
+        "Description": "network evaluations per network input: the method's number of "
+        "denoising steps per slice or volume (ddim: --steps; anoddpm: t + 1; x0 and patched: "
+        "1; ensemble: one per start; 0 for the intensity baseline). The method's cost, the "
+        "same for every scan"},
+}
+
+
 class ScoresTable:
-    """``scores.csv``: one row per scan, the columns of ``medidiff anomaly``.
+    """``scores.csv``: one row per scan, the columns of ``medidiff anomaly``, described in
+    ``scores.json`` next to it (:data:`COLUMN_DESCRIPTIONS`).
 
     Args:
         path: the CSV file.
@@ -47,7 +100,11 @@ class ScoresTable:
         "name",
         "score",
         "flagged",
+        "scan_threshold",
         "voxels_over_threshold",
+        "anomalous_ml",
+        "voxel_threshold",
+        "input_check",
         "seconds",
         "network_evaluations",
         "nfe_per_input",
@@ -56,12 +113,20 @@ class ScoresTable:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
 
+    @property
+    def sidecar(self) -> Path:
+        """``scores.json`` next to ``scores.csv``: the column descriptions."""
+        return self.path.with_suffix(".json")
+
     def write(self, rows: Sequence[Mapping[str, Any]]) -> Path:
-        """Write ``rows`` (extra keys ignored, ``None`` as empty cells), atomically."""
+        """Write ``rows`` (extra keys ignored, ``None`` as empty cells), atomically, and the
+        column descriptions (:attr:`sidecar`)."""
         import csv
         import io
 
-        from medidiff.io.atomic import write_text_atomic
+        from medidiff.io.atomic import write_json_atomic, write_text_atomic
+
+        write_json_atomic(self.sidecar, {c: COLUMN_DESCRIPTIONS[c] for c in self.COLUMNS})
 
         buffer = io.StringIO()
         writer = csv.DictWriter(
@@ -128,7 +193,7 @@ class ScoresTable:
 
 #: what ``medidiff anomaly`` writes into its folder (the final names, never temporaries)
 FINAL_NAMES = ("_anomaly.nii.gz", "_recon.nii.gz", "_seg.nii.gz", "_overlay.png",
-                "scores.csv", "anomaly_config.json")
+                "scores.csv", "scores.json", "anomaly_config.json")
 
 
 def run_identity(record: Mapping[str, Any]) -> dict[str, Any]:

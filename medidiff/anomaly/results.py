@@ -10,10 +10,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
+    from medidiff.data.profile import InputCheck
     from medidiff.data.transforms import Preprocessed
     from medidiff.io.volume import Volume
 
-__all__ = ["AnomalyResult", "GridScore", "Reconstruction", "scan_output_paths"]
+__all__ = ["NOT_CALIBRATED", "AnomalyResult", "GridScore", "Reconstruction", "scan_output_paths"]
+
+#: the ``flagged`` cell of a scan scored without thresholds
+NOT_CALIBRATED = "not calibrated"
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,6 +81,9 @@ class AnomalyResult:
         reference: the input volume (its affine and metadata go with the outputs).
         grid: the model-grid results.
         preprocessed: the preprocessing record (for further resampling).
+        input_check: how the scan compares with the model's training inputs
+            (:class:`~medidiff.data.profile.InputCheck`), ``None`` when not checked.
+        voxel_threshold, scan_threshold: the calibrated thresholds used, or ``None``.
     """
 
     name: str
@@ -92,16 +99,35 @@ class AnomalyResult:
     reference: Volume
     grid: GridScore
     preprocessed: Preprocessed
+    input_check: InputCheck | None = None
+    voxel_threshold: float | None = None
+    scan_threshold: float | None = None
+
+    @property
+    def anomalous_ml(self) -> float | None:
+        """The segmentation's volume in ml: :attr:`voxels_over_threshold` times the input's
+        voxel volume (so it does not depend on the input's resolution); ``None`` without
+        thresholds."""
+        if self.voxels_over_threshold is None:
+            return None
+        voxel_mm3 = abs(float(np.linalg.det(np.asarray(self.reference.affine)[:3, :3])))
+        return self.voxels_over_threshold * voxel_mm3 / 1000.0
 
     def row(self) -> dict[str, Any]:
-        """The ``scores.csv`` row of this scan (without the ``file`` column)."""
+        """The ``scores.csv`` row of this scan (without the ``file`` column; the columns
+        are described in :data:`medidiff.anomaly.outputs.COLUMN_DESCRIPTIONS`)."""
+        ml = self.anomalous_ml
         return {
             "name": self.name,
             "score": self.score,
-            "flagged": "" if self.flagged is None else int(self.flagged),
+            "flagged": NOT_CALIBRATED if self.flagged is None else ("yes" if self.flagged else "no"),
+            "scan_threshold": "" if self.scan_threshold is None else self.scan_threshold,
             "voxels_over_threshold": ""
             if self.voxels_over_threshold is None
             else self.voxels_over_threshold,
+            "anomalous_ml": "" if ml is None else round(ml, 3),
+            "voxel_threshold": "" if self.voxel_threshold is None else self.voxel_threshold,
+            "input_check": "" if self.input_check is None else self.input_check.summary(),
             "seconds": round(self.seconds, 3),
             "network_evaluations": self.network_evaluations,
             "nfe_per_input": self.nfe_per_input,

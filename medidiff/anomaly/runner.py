@@ -53,6 +53,7 @@ __all__ = [
     "one_line",
     "score_folder",
     "score_scans",
+    "warn_input",
 ]
 
 #: ``on_result(result, entry, out)``: extra outputs of a scored scan (e.g. an overlay); it
@@ -120,6 +121,21 @@ def one_line(exc: BaseException) -> str:
     return text if isinstance(exc, MedidiffError) else f"unexpected {type(exc).__name__}: {text}"
 
 
+def warn_input(image: Any, check: Any) -> None:
+    """One line on stderr for a scan whose input check (an
+    :class:`~medidiff.data.profile.InputCheck` or its ``scores.csv`` cell) found something;
+    nothing for ``ok``, ``unchecked`` or ``None``."""
+    if check is not None and not isinstance(check, str):
+        check = check.summary()
+    if not check or check in ("ok", "unchecked"):
+        return
+    label, _, findings = check.partition(": ")
+    what = ("does not look like the model's training scans" if label == "out of profile"
+            else "could not be compared with the training scans (no input profile)")
+    print(f"medidiff: warning: {image} {what}: {findings}; its scores are not meaningful "
+          "(--strict refuses such scans)", file=sys.stderr, flush=True)
+
+
 def _failure_message(image: Any, exc: BaseException) -> str:
     message = one_line(exc)
     return message if str(image) in message else f"{image}: {message}"
@@ -138,10 +154,10 @@ class _ScanBar:
         if self.bar is None:
             if total <= 1:
                 return
-            from tqdm.auto import tqdm
+            from medidiff.runtime.progress import Progress
 
-            self.bar = tqdm(total=total, desc=f"denoising {self.name}", unit="img", leave=False,
-                            disable=None)
+            # a bar on a terminal; in a log a line every 30 s (long 3D scans), none at the end
+            self.bar = Progress(total, f"denoising {self.name}", unit="network input", leave=False)
         self.bar.update(done - self.done)
         self.done = done
 
@@ -210,6 +226,7 @@ def _run(
     desc: str,
     images: Sequence[Any] | None = None,
     on_each: Callable[[int, Any], None] | None = None,
+    unit: str = "scan",
 ) -> tuple[dict[int, Any], list[tuple[int, str]]]:
     """``fn(detector, item, bar)`` for this rank's share of ``items``.
 
@@ -232,7 +249,7 @@ def _run(
     results: dict[int, Any] = {}
     failures: list[tuple[int, str]] = []
     for index, value, message in map_scans(_guarded, detector, tasks, workers=workers, desc=desc,
-                                           progress=progress and main):
+                                           progress=progress and main, unit=unit):
         if message is not None:
             print(f"medidiff: error: skipped {message}", file=sys.stderr, flush=True)
             failures.append((index, message))
@@ -300,7 +317,7 @@ def _score_one(detector: Any, task: tuple[Any, _Scoring], bar: Any) -> ScanOutco
     entry, how = task
     try:
         result = detector.score_file(entry.image, mask=entry.mask, name=entry.name,
-                                     thresholds=how.thresholds, progress=bar)
+                                     thresholds=how.thresholds, progress=bar, on_check=warn_input)
         files = result.save(how.out) if how.out is not None else {}
         extra = how.on_result(result, entry, how.out) if how.on_result is not None else None
     except BaseException:
@@ -328,7 +345,7 @@ def score_scans(
     info: Any = None,
     errors: str = "skip",
     progress: bool = False,
-    desc: str = "scans",
+    desc: str = "scoring",
     on_each: Callable[[ScanOutcome], None] | None = None,
 ) -> tuple[list[ScanOutcome], list[tuple[Any, str]]]:
     """Score datalist entries (no resume, no ``scores.csv``: see :func:`score_folder`).
@@ -343,8 +360,9 @@ def score_scans(
         workers: processes per rank (:func:`medidiff.runtime.parallel.map_scans`).
         info: the :class:`~medidiff.runtime.distributed.DistInfo` under torchrun.
         errors: ``"skip"`` (one line per failed scan, go on) or ``"raise"``.
-        progress: progress bars (on rank 0).
-        desc: the scan bar's label.
+        progress: progress reports (on rank 0): a bar on a terminal, a plain line every
+            30 s in a log (:class:`~medidiff.runtime.progress.Progress`).
+        desc: the progress label.
         on_each: called with every outcome as it arrives (this rank's scans).
 
     Returns:
@@ -525,16 +543,19 @@ class CalibrationRun:
 
 
 def _calibration_scan(detector: Any, item: tuple[int, Any], bar: Any) -> tuple[str, Any, float]:
-    """One healthy scan's name, anomaly map (:class:`HealthyMap`) and scan score."""
+    """One healthy scan's name, anomaly map (:class:`HealthyMap`) and scan score (a scan
+    out of the model's input profile is reported at once, see :func:`warn_input`)."""
     from medidiff.anomaly.calibration import HealthyMap
     from medidiff.io.volume import Volume
 
     i, scan = item
     if isinstance(scan, Volume):
-        result = detector.score(scan, name=f"scan{i}", progress=bar)
+        check = detector.check_input(scan, f"scan{i}")
+        warn_input(scan.meta.get("source") or f"scan{i}", check)
+        result = detector.score(scan, name=f"scan{i}", progress=bar, input_check=check)
     else:
         image, mask, name = _entry_parts(scan)
-        result = detector.score_file(image, mask=mask, name=name, progress=bar)
+        result = detector.score_file(image, mask=mask, name=name, progress=bar, on_check=warn_input)
     grid = result.grid
     return result.name, HealthyMap(result.name, grid.anomaly_map, grid.mask), result.score
 
@@ -580,7 +601,7 @@ def calibrate_scans(
     images = [getattr(h, "image", "<volume>") for h in healthy]
     results, failures = _run(
         _calibration_scan, detector, list(enumerate(healthy)), workers=workers, info=info,
-        errors=errors, progress=progress, desc="healthy scans", images=images,
+        errors=errors, progress=progress, desc="calibrating", images=images, unit="healthy scan",
     )
     maps, scores = [], {}
     for i in sorted(results):

@@ -264,7 +264,7 @@ def _kind(entry: Any) -> str:
 
 
 def _evaluation_case(result: Any, entry: Any, out: Path | None, *,
-                     map_max: float | None = None) -> dict[str, Any]:
+                     scale: Any = None) -> dict[str, Any]:
     """``on_result`` of the runner for a test scan: its compact evaluation case
     (:func:`medidiff.anomaly.runner.entry_case`) and, with ``out``, its overlay with the truth."""
     from medidiff.anomaly.runner import entry_case
@@ -275,7 +275,7 @@ def _evaluation_case(result: Any, entry: Any, out: Path | None, *,
     files = {}
     if out is not None:
         truth_grid = to_model(case.truth.astype(np.uint8), result.preprocessed) > 0
-        files["overlay"] = save_result_overlay(result, out, truth=truth_grid, map_max=map_max)
+        files["overlay"] = save_result_overlay(result, out, truth=truth_grid, scale=scale)
     return {"files": files, "case": case.compact()}
 
 
@@ -292,7 +292,8 @@ def _score_test(detector: Any, test: Sequence[Any], thresholds: Any, thresholds_
     from medidiff.anomaly.runner import score_folder
     from medidiff.viz.overlay import map_scale
 
-    hook = functools.partial(_evaluation_case, map_max=map_scale(thresholds))
+    hook = functools.partial(_evaluation_case,
+                             scale=map_scale(thresholds, detector.postprocess.residual))
     run = score_folder(detector, test, out, thresholds=thresholds, thresholds_path=thresholds_path,
                        on_result=hook, keep=(FIGURE_CASE,), workers=workers, errors="raise",
                        progress=progress)
@@ -562,7 +563,7 @@ def _anomaly_3d_stage(run: _DemoRun, anomaly: Mapping[str, Any]) -> dict[str, An
         evaluation = evaluate_cases([s.case for s in scored],
                                     voxel_threshold=thresholds.voxel_threshold)
     scans = [{"name": s.name, "kind": s.kind, "score": s.row["score"],
-              "flagged": s.row["flagged"] == 1,
+              "flagged": s.row["flagged"] == "yes",
               "dice": case.dice if case.has_lesion else None,
               "network_evaluations": s.row["network_evaluations"], "seconds": s.row["seconds"],
               "files": {k: rel_path(v, out) for k, v in s.files.items()}}

@@ -201,7 +201,7 @@ def scan_rows(scored: Sequence[Any], evaluation: Any, base_evaluation: Any,
             "name": s.name,
             "kind": s.kind,
             "score": s.row["score"],
-            "flagged": s.row["flagged"] == 1,
+            "flagged": s.row["flagged"] == "yes",
             "voxels_over_threshold": s.row["voxels_over_threshold"],
             "lesion_voxels": case.lesion_voxels,
             # Dice of a scan without lesion is undefined (0 with any false positive)

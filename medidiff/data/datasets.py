@@ -261,6 +261,18 @@ class PreprocessedDataset(torch.utils.data.Dataset):
             "b_min": 0.0, "b_max": 1.0, "clip": self.preprocessing.clip, "num_volumes": len(lows),
         }
 
+    @property
+    def input_profile(self) -> dict[str, Any] | None:
+        """What the training scans look like, as stored with the weights
+        (:class:`~medidiff.data.profile.InputProfile`, measured once on up to 8 scans spread
+        over the datalist); ``None`` when none could be read."""
+        if not hasattr(self, "_input_profile"):
+            from medidiff.data.profile import profile_entries
+
+            profile = profile_entries(self.entries, self.preprocessing)
+            self._input_profile = None if profile is None else profile.to_dict()
+        return self._input_profile
+
     def _label_item(self, volume_index: int) -> dict[str, torch.Tensor]:
         if self._labels is None:
             return {}

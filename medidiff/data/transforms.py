@@ -173,7 +173,8 @@ def intensity_map(pre: Preprocessing, image: np.ndarray, foreground: np.ndarray,
     }
 
 
-def preprocess(volume: Volume, preprocessing: Preprocessing, *, mask: Volume | None = None) -> Preprocessed:
+def preprocess(volume: Volume, preprocessing: Preprocessing, *, mask: Volume | None = None,
+               warn_crop: bool = True) -> Preprocessed:
     """Bring ``volume`` (and an optional ``mask`` on the same grid) onto the model grid.
 
     Orientation to RAS, resampling to ``preprocessing.spacing`` (linear for the image,
@@ -187,6 +188,9 @@ def preprocess(volume: Volume, preprocessing: Preprocessing, *, mask: Volume | N
         volume: the scan, any orientation and spacing.
         preprocessing: the settings.
         mask: optional mask/label volume with the same shape and affine as ``volume``.
+        warn_crop: emit a ``UserWarning`` when the foreground is larger than the grid (its
+            edges are cropped); callers that report it their own way (the anomaly
+            detector's input check) pass ``False``.
 
     Returns:
         The :class:`Preprocessed` result.
@@ -210,7 +214,7 @@ def preprocess(volume: Volume, preprocessing: Preprocessing, *, mask: Volume | N
         raise no_foreground_error(volume.array, preprocessing, source)
 
     # 3. a window of `shape` voxels centred on the foreground's bounding box
-    lo, hi = model_window(foreground_full, preprocessing.shape, source, stacklevel=3)
+    lo, hi = model_window(foreground_full, preprocessing.shape, source, stacklevel=3, warn=warn_crop)
     image_t = _crop_pad(image_t, lo, hi, float(resampled.min()))
     foreground = crop_pad_numpy(foreground_full, lo, hi, False)
 
@@ -263,19 +267,20 @@ def no_foreground_error(native: Any, preprocessing: Preprocessing, source: str) 
 
 
 def model_window(
-    foreground: np.ndarray, shape: Sequence[int], source: str, *, stacklevel: int = 2
+    foreground: np.ndarray, shape: Sequence[int], source: str, *, stacklevel: int = 2,
+    warn: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Step 3's window ``[lo, hi)``: ``shape`` voxels centred on the foreground's bounding box.
 
     Symmetric up to one voxel (``lo = box_lo + floor((extent - shape) / 2)``); ``lo`` is
-    negative and ``hi`` beyond the grid where the window must be padded. Warns when the
-    foreground is larger than ``shape`` (its edges are then cropped).
+    negative and ``hi`` beyond the grid where the window must be padded. Warns (unless
+    ``warn=False``) when the foreground is larger than ``shape`` (its edges are then cropped).
     """
     target = np.asarray(shape)
     box_lo, box_hi = _foreground_box(foreground)
     extent = box_hi - box_lo
     lo = box_lo + (extent - target) // 2  # floor: symmetric up to one voxel
-    if (extent > target).any():
+    if warn and (extent > target).any():
         warnings.warn(
             f"{source}: the foreground's extent {tuple(int(e) for e in extent)} voxels exceeds "
             f"the model grid {tuple(int(t) for t in target)}; its edges are cropped",

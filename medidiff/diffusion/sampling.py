@@ -194,9 +194,10 @@ def _reverse(
     batch, device = x_t.shape[0], x_t.device
     visits, pairs = _step_pairs(sampler, t_start, options)
     if options.progress:
-        from tqdm.auto import tqdm
+        from medidiff.runtime.progress import progress_iter
 
-        pairs = tqdm(pairs, total=len(visits), desc=f"{options.sampler} sampling")
+        pairs = progress_iter(pairs, f"{options.sampler} sampling", total=len(visits), unit="step",
+                              leave=False)
 
     x = x_t
     first_pred_x0: Tensor | None = None

@@ -105,18 +105,26 @@ def save_image_grid(
     return save_figure(fig, path, dpi=100)
 
 
-def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int = 100) -> Path:
+def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int = 100, tight: bool = True) -> Path:
     """Lay out ``fig`` and write it as PNG atomically.
 
     Works for any :class:`matplotlib.figure.Figure`; one made with ``pyplot`` is also
     closed (released from pyplot's registry), as pyplot keeps it alive otherwise.
+
+    Args:
+        fig: the figure.
+        path: the PNG to write.
+        dpi: resolution.
+        tight: apply ``tight_layout`` first; ``False`` for a figure laid out by hand (e.g.
+            one with a colour bar axes, which ``tight_layout`` cannot place).
 
     Returns:
         ``path``.
     """
     from medidiff.io.atomic import atomic_path
 
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
     pyplot = sys.modules.get("matplotlib.pyplot")  # only if the caller imported it

@@ -61,6 +61,8 @@ __all__ = [
     "checkpoint_network",
     "load_state_dict_checked",
     "file_sha256",
+    "replace_extra",
+    "tensors_sha256",
 ]
 
 INFERENCE_FORMAT = "medidiff-inference-1"
@@ -258,6 +260,48 @@ def load_inference(path: str | os.PathLike) -> InferenceCheckpoint:
         stored_dtype=str(metadata.get("stored_dtype", "float32")),
         network=_network_name(path, metadata),
     )
+
+
+def replace_extra(path: str | os.PathLike, extra: Mapping[str, Any]) -> Path:
+    """Replace the ``extra`` record of an inference file in place, leaving every tensor byte
+    as it is (e.g. to add an input profile to a shipped model without re-saving its weights).
+
+    Only the JSON header is rewritten (padded with spaces to 8 bytes, as safetensors does);
+    the data section is copied unchanged, so :func:`tensors_sha256` stays the same while the
+    file's own SHA-256 changes. Atomic.
+
+    Raises:
+        CheckpointError: not a medidiff inference file, or ``extra`` is not JSON.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    _medidiff_metadata(path, data)  # refuses anything that is not ours
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size].decode("utf-8"))
+    header["__metadata__"]["extra"] = _to_json(extra, "extra", path)
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    body = data[8 + size :]
+    atomic_write(path, lambda tmp: tmp.write_bytes(len(text).to_bytes(8, "little") + text + body))
+    return path
+
+
+def tensors_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 over an inference file's tensors (name, dtype, shape and bytes, in name
+    order), whatever its metadata: the identity of the weights themselves."""
+    path = Path(path)
+    data = _read_bytes(path)
+    _medidiff_metadata(path, data)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size].decode("utf-8"))
+    body = memoryview(data)[8 + size :]
+    digest = hashlib.sha256()
+    for name in sorted(k for k in header if k != "__metadata__"):
+        entry = header[name]
+        start, end = entry["data_offsets"]
+        digest.update(json.dumps([name, entry["dtype"], entry["shape"]]).encode("utf-8"))
+        digest.update(body[start:end])
+    return digest.hexdigest()
 
 
 def checkpoint_network(path: str | os.PathLike) -> str:

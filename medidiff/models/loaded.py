@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from medidiff.config import Config
+from medidiff.data.profile import InputProfile
 from medidiff.data.transforms import Preprocessing
 from medidiff.diffusion.guidance import conditional_model_fn, resolve_null_label
 from medidiff.diffusion.noise import NoiseSpec
@@ -117,6 +118,11 @@ class LoadedModel:
             (``a_min``/``a_max``, ...) when training recorded one, else ``None``.
         autoencoder: the :class:`~medidiff.models.latent.LatentCodec` of a latent model
             (image <-> scaled latent); ``None`` for pixel-space models.
+        input_profile: what the training scans looked like
+            (:class:`~medidiff.data.profile.InputProfile`: modality, foreground intensity
+            quantiles, extent, volume, skull-stripping, spacing), which ``anomaly`` and
+            ``calibrate`` compare every input with; ``None`` for files written before
+            profiles were recorded.
     """
 
     model: nn.Module
@@ -130,6 +136,7 @@ class LoadedModel:
     provenance: Provenance
     intensity_reference: dict[str, Any] | None = None
     autoencoder: Any = None
+    input_profile: InputProfile | None = None
 
     @property
     def is_latent(self) -> bool:
@@ -227,6 +234,7 @@ def load_model(
         provenance=_provenance(checkpoint),
         intensity_reference=_intensity_reference(checkpoint),
         autoencoder=codec,
+        input_profile=InputProfile.from_dict(checkpoint.extra.get("input_profile")),
     )
 
 

@@ -83,6 +83,7 @@ def map_scans(
     workers: int = 1,
     desc: str = "",
     progress: bool = False,
+    unit: str = "scan",
 ) -> Iterator[R]:
     """``fn(shared, item)`` for every item, in ``workers`` processes, results in input order.
 
@@ -92,17 +93,19 @@ def map_scans(
         shared: what every call gets first, e.g. a detector; pickled once per worker.
         items: the work; each item is pickled to a worker.
         workers: processes; ``<= 1`` runs in this process (no pickling at all).
-        desc: progress bar label.
-        progress: show a progress bar over items.
+        desc: progress label.
+        progress: report progress over items (:class:`~medidiff.runtime.progress.Progress`:
+            a bar on a terminal, a plain line every 30 s in a log).
+        unit: what an item is called in the progress report.
 
     Yields:
         The results, in the order of ``items``.
     """
-    from tqdm.auto import tqdm
+    from medidiff.runtime.progress import Progress
 
     items = list(items)
     workers = max(1, min(int(workers), len(items)))
-    bar = tqdm(total=len(items), desc=desc, unit="scan", disable=not progress or None)
+    bar = Progress(len(items), desc, unit=unit, enabled=progress)
     try:
         if workers == 1:
             for item in items:

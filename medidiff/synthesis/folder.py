@@ -424,13 +424,12 @@ def _generate_into(
     progress: bool, merged: Callable[[Rows], Rows],
 ) -> Rows:
     """Generate and write ``indices``; returns their manifest rows."""
-    from tqdm.auto import tqdm
-
     from medidiff.io.volume import save_volume
+    from medidiff.runtime.progress import Progress
 
     rows: Rows = []
-    bar = tqdm(total=len(indices), desc=f"synthesizing ({synthesizer.kind})", unit="sample",
-               disable=not (progress and info.is_main))
+    bar = Progress(len(indices), f"synthesizing ({synthesizer.kind})", unit="sample",
+                   enabled=progress and info.is_main)
     try:
         for s in synthesizer.generate(indices, seed=seed):
             save_volume(s.volume, out / synth_file_name(s.index))  # atomic: never a partial file

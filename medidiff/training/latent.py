@@ -44,6 +44,7 @@ class LatentDataset(torch.utils.data.Dataset):
         intensity_reference: the training scans' typical intensity map, or ``None``.
         labels: one class index per item, or ``None``.
         class_names: the class vocabulary of ``labels``.
+        input_profile: the training scans' input profile (stored with the weights), or ``None``.
     """
 
     def __init__(
@@ -53,8 +54,10 @@ class LatentDataset(torch.utils.data.Dataset):
         intensity_reference: dict[str, Any] | None = None,
         labels: list[int] | None = None,
         class_names: tuple[str, ...] | None = None,
+        input_profile: dict[str, Any] | None = None,
     ) -> None:
         self.cache = cache
+        self.input_profile = input_profile
         self._preprocessing = dict(preprocessing)
         self.intensity_reference = intensity_reference
         self.labels = labels
@@ -196,7 +199,8 @@ class LatentTrainer(Trainer):
         if hasattr(images, "preprocessing_dict"):
             preprocessing = images.preprocessing_dict()
         reference = getattr(images, "intensity_reference", None)
-        return LatentDataset(cache, preprocessing, reference, labels, getattr(images, "class_names", None))
+        return LatentDataset(cache, preprocessing, reference, labels, getattr(images, "class_names", None),
+                             getattr(images, "input_profile", None))
 
     def _encode(self, tensors: list[torch.Tensor], names: list[str], images: Any) -> LatentCache:
         """Encode the training items, or read them from ``RUN_DIR/cache`` when encoded before

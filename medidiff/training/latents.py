@@ -91,7 +91,7 @@ def encode_volumes(
         scale_factor: the latent scale; ``None``: measured here as 1 / std.
         tile, overlap: tiling of the encoder (see :func:`medidiff.models.autoencoder.encode_tiled`).
         device: where to encode.
-        progress: a tqdm bar.
+        progress: report progress (:class:`~medidiff.runtime.progress.Progress`).
     """
     from medidiff.models.autoencoder import encode_tiled, latent_scale_factor
 
@@ -100,9 +100,9 @@ def encode_volumes(
     autoencoder = autoencoder.to(device).eval()
     iterator = zip(volumes, names)
     if progress:
-        from tqdm.auto import tqdm
+        from medidiff.runtime.progress import progress_iter
 
-        iterator = tqdm(iterator, total=len(volumes), desc="encode", unit="scan", dynamic_ncols=True)
+        iterator = progress_iter(iterator, "encode", total=len(volumes), unit="scan")
     raw = []
     for volume, _name in iterator:
         x = torch.as_tensor(volume, dtype=torch.float32)[None].to(device)

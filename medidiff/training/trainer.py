@@ -127,7 +127,8 @@ class Trainer:
         device: ``auto``, ``cpu`` or ``cuda``.
         dataset: optional in-memory dataset yielding ``(1, *spatial)`` tensors (or dicts
             with ``image`` and ``class_label``); built from ``config.data`` when omitted.
-        progress: show a tqdm bar on rank 0.
+        progress: report progress on rank 0 (a bar on a terminal, a plain line every
+            30 s in a log: :class:`~medidiff.runtime.progress.Progress`).
 
     Example:
         >>> from medidiff.config import Config
@@ -373,7 +374,8 @@ class Trainer:
 
         return {"step": self.step, "medidiff_version": __version__,
                 "class_names": list(getattr(self.dataset, "class_names", None) or []),
-                "intensity_reference": getattr(self.dataset, "intensity_reference", None)}
+                "intensity_reference": getattr(self.dataset, "intensity_reference", None),
+                "input_profile": getattr(self.dataset, "input_profile", None)}
 
     def save_inference(self) -> Path:
         from medidiff.models.checkpoint import save_inference
@@ -487,12 +489,15 @@ class Trainer:
             from medidiff.io import write_text_atomic
 
             write_text_atomic(self.run_dir / "config.yaml", self.config.to_yaml())
+        if self.info.is_main:  # measured now, not at the first save: a problem shows at once
+            getattr(self.dataset, "input_profile", None)
         logger = _Logger(self.run_dir, append=resume and start > 0) if self.info.is_main else None
         bar = None
         if self.progress:
-            from tqdm.auto import tqdm
+            from medidiff.runtime.progress import Progress
 
-            bar = tqdm(total=c.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+            # a bar on a terminal; in a log one line every $MEDIDIFF_LOG_EVERY s (default 30)
+            bar = Progress(c.max_steps, "train", unit="step", initial=start)
         self.model.train()
         loss_value = float("nan")
         batches = self._batches(start)

@@ -27,10 +27,18 @@ Outputs in --out, for each input NAME, on the input's own grid and affine:
   NAME_anomaly.nii.gz   float32 anomaly map
   NAME_recon.nii.gz     reconstruction, in the input's intensity units
   NAME_seg.nii.gz       uint8 segmentation (only with --thresholds from 'medidiff calibrate')
-  NAME_overlay.png      a few axial slices: input, reconstruction, map, segmentation contour
-plus scores.csv (one row per scan: file, name, score, flagged, voxels_over_threshold,
-seconds, network_evaluations, nfe_per_input) and anomaly_config.json (method, checkpoint
-and its sha256, seed, version). Scans whose outputs and scores.csv row already exist are
+  NAME_overlay.png      a few axial slices of the model grid: input, reconstruction, map
+                        (colour bar in the map's units, one scale for the whole run),
+                        segmentation contour; orientation letters and slice positions
+plus scores.csv (one row per scan: file, name, score, flagged (yes / no / not calibrated),
+scan_threshold, voxels_over_threshold, anomalous_ml, voxel_threshold, input_check,
+seconds, network_evaluations, nfe_per_input), scores.json (what each column means) and
+anomaly_config.json (method, checkpoint and its sha256, seed, version).
+
+Every input is compared with the profile of the model's training scans (modality,
+foreground intensities, extent and volume, skull-stripping, voxel size; stored in the
+checkpoint): a scan out of profile (e.g. CT given to an MRI model) gets one warning line
+and its finding in scores.csv's input_check column; --strict refuses such scans instead. Scans whose outputs and scores.csv row already exist are
 skipped (resumable) unless --overwrite; temporaries left by a killed run are deleted. A
 file that cannot be read or scored (corrupt, truncated, 4D, 2D, NaN/Inf, constant, ...) is
 reported on one line and skipped, leaving no outputs of its own; the run then ends with
@@ -95,6 +103,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     _add_method_arguments(p.add_argument_group("method"))
     _add_postprocess_arguments(p.add_argument_group("post-processing"))
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse scans that do not look like the model's training scans (modality, "
+        "intensities, extent, skull-stripping, voxel size): each is reported and skipped, "
+        "nothing written for it, exit status 4 (default: warn and score them)",
+    )
     p.add_argument(
         "--batch-size", type=int, default=16, help="network inputs per call (default 16)"
     )
@@ -266,14 +281,20 @@ def build_detector(args: argparse.Namespace, checkpoint: Path, method: Any, post
     """The :class:`~medidiff.anomaly.detector.AnomalyDetector` the command-line options describe."""
     from medidiff.anomaly.detector import AnomalyDetector
 
-    return AnomalyDetector(
+    detector = AnomalyDetector(
         checkpoint,
         method,
         post,
         device=info.device,
         batch_size=args.batch_size,
         seed=args.seed,
+        input_check="strict" if getattr(args, "strict", False) else "warn",
     )
+    if detector.input_profile is None and info.is_main:
+        print(f"medidiff: note: {checkpoint} records no profile of its training scans (written "
+              "before medidiff recorded one), so inputs are checked against the model grid only, "
+              "not for modality, intensities or skull-stripping", file=sys.stderr, flush=True)
+    return detector
 
 
 def require_checkpoint(args: argparse.Namespace) -> Path:
@@ -309,11 +330,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
 
 
-def write_overlay(result: Any, entry: Any, out: Path, *, map_max: float | None) -> dict[str, Any]:
-    """``on_result`` of the runner: ``NAME_overlay.png`` (``map_max``: the colour-scale top)."""
+def write_overlay(result: Any, entry: Any, out: Path, *, scale: Any) -> dict[str, Any]:
+    """``on_result`` of the runner: ``NAME_overlay.png`` (``scale``: the run's colour scale)."""
     from medidiff.viz.overlay import save_result_overlay
 
-    return {"files": {"overlay": save_result_overlay(result, out, map_max=map_max)}}
+    return {"files": {"overlay": save_result_overlay(result, out, scale=scale)}}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -332,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_overlay:
             from medidiff.viz.overlay import map_scale
 
-            overlay = functools.partial(write_overlay, map_max=map_scale(thresholds))
+            overlay = functools.partial(write_overlay, scale=map_scale(thresholds, args.residual))
         done = score_folder(
             detector, entries, args.out, thresholds=thresholds, thresholds_path=args.thresholds,
             overwrite=args.overwrite, on_result=overlay, workers=args.workers, info=info,
@@ -355,6 +376,6 @@ def _summary(done: Any, inputs: int) -> None:
             print(f"  {image}", file=sys.stderr)
     if done.wrote:
         print(f"wrote anomaly maps of {len(done.outcomes)} scan(s) to {done.out}/ "
-              "(scores.csv, anomaly_config.json)")
+              "(scores.csv, described in scores.json; anomaly_config.json)")
     else:
         print(f"no scan could be scored; nothing was written to {done.out}/")

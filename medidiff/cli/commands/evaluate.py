@@ -133,12 +133,10 @@ def _names(names: list[str], limit: int = 10) -> str:
 
 
 def _progress(items: list[Any]) -> Any:
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return items
-    # disable=None: a bar only on a terminal, so logs and tests stay clean
-    return tqdm(items, desc="evaluating", unit="scan", disable=None, leave=False)
+    from medidiff.runtime.progress import progress_iter
+
+    # a bar on a terminal; in a log a line every 30 s while it runs, none at the end
+    return progress_iter(items, "evaluating", unit="scan", leave=False)
 
 
 def _truth_targets(
