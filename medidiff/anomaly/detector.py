@@ -44,7 +44,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,7 +63,7 @@ from medidiff.data.transforms import (
     to_native,
 )
 from medidiff.errors import ConfigError, VolumeContentError
-from medidiff.io.volume import Volume, load_volume, strip_volume_suffix
+from medidiff.io.volume import Volume, load_volume, scan_name
 
 __all__ = [
     "METHODS",
@@ -194,6 +193,8 @@ class AnomalyDetector:
         reconstructor: another :class:`~medidiff.anomaly.reconstructor.Reconstructor`
             (e.g. the intensity baseline's) instead of the checkpoint's network; then
             ``method``, ``device``, ``batch_size`` and ``seed`` are not used.
+        volume_index: which volume of a 4D input file :meth:`score_file` scores (e.g. one
+            echo or time point; ``None``: inputs must be 3D).
 
     Attributes:
         reconstructor: what makes the reconstructions.
@@ -213,7 +214,13 @@ class AnomalyDetector:
         batch_size: int = 16,
         seed: int = 0,
         reconstructor: Reconstructor | None = None,
+        volume_index: int | None = None,
     ) -> None:
+        if volume_index is not None and (
+            isinstance(volume_index, bool) or not isinstance(volume_index, int)
+        ):
+            raise ConfigError(f"volume_index must be an integer or None; got {volume_index!r}")
+        self.volume_index = volume_index
         if reconstructor is None:
             from medidiff.runtime.distributed import resolve_device
 
@@ -371,7 +378,7 @@ class AnomalyDetector:
         start = time.perf_counter()
         if name is None:
             source = volume.meta.get("source")
-            name = strip_volume_suffix(Path(source).name) if source else "scan"
+            name = scan_name(source) if source else "scan"
         pre = preprocess(volume, self.preprocessing, mask=mask)
         region = pre.mask > 0 if pre.mask is not None else pre.foreground
         grid = self.score_grid(pre.image, region, name, thresholds=thresholds, progress=progress)
@@ -432,10 +439,11 @@ class AnomalyDetector:
         thresholds: Thresholds | None = None,
         progress: ProgressFn | None = None,
     ) -> AnomalyResult:
-        """Load and score one file (``mask``: an optional brain mask file on its grid)."""
-        volume = load_volume(image)
+        """Load and score one file (``mask``: an optional brain mask file on its grid; of a
+        4D file, the volume :attr:`volume_index` is scored)."""
+        volume = load_volume(image, volume_index=self.volume_index)
         mask_volume = load_volume(mask) if mask is not None else None
         return self.score(
-            volume, mask=mask_volume, name=name or strip_volume_suffix(Path(image).name),
+            volume, mask=mask_volume, name=name or scan_name(image),
             thresholds=thresholds, progress=progress,
         )

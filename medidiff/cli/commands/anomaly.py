@@ -59,6 +59,10 @@ from medidiff.constants import (
     SAMPLERS,
 )
 
+#: The split of a datalist that ``anomaly`` scores when --split is not given: never the
+#: training split by accident (a model reconstructs its own training scans best).
+SCORING_SPLIT = "test"
+
 #: Methods, from medidiff.constants so that ``--help`` needs no heavy import.
 METHOD_NAMES = ANOMALY_METHODS
 EXIT_SOME_FAILED = 4
@@ -67,8 +71,9 @@ EXIT_SOME_FAILED = 4
 # ---- arguments shared with 'medidiff calibrate' ---------------------------------------------
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--checkpoint, method and post-processing options, batch size, device, seed, masks."""
+def add_model_arguments(p: argparse.ArgumentParser, *, split_default: str = "training") -> None:
+    """--checkpoint, method and post-processing options, batch size, device, seed, masks
+    (``split_default``: the --split a datalist is read with when none is given)."""
     p.add_argument(
         "--checkpoint",
         help="model.safetensors written by 'medidiff train', or the name of a shipped model "
@@ -78,7 +83,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--split",
         default=None,
-        help="which list of a Decathlon dataset.json (or CSV split) to read (default: training)",
+        help="which list of a Decathlon dataset.json (or which rows of a CSV with a 'split' "
+        f"column) to read (default: {split_default})",
     )
     p.add_argument(
         "--masks",
@@ -86,6 +92,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR_or_DATALIST",
         help="brain masks: a folder with files named like the inputs, or a datalist whose entries "
         "have a 'mask' (default: a datalist entry's own mask, else the preprocessed foreground)",
+    )
+    p.add_argument(
+        "--volume-index",
+        type=int,
+        default=None,
+        metavar="N",
+        help="score volume N (0-based; -1 the last) of 4D inputs, e.g. one echo or time point "
+        "(default: inputs must be 3D; 'medidiff info FILE' shows how many volumes a file has)",
     )
     _add_method_arguments(p.add_argument_group("method"))
     _add_postprocess_arguments(p.add_argument_group("post-processing"))
@@ -260,7 +274,40 @@ def build_detector(args: argparse.Namespace, checkpoint: Path, method: Any, post
         device=info.device,
         batch_size=args.batch_size,
         seed=args.seed,
+        volume_index=getattr(args, "volume_index", None),
     )
+
+
+def datalist_split(
+    sources: list[str], split: str | None, default: str
+) -> tuple[str | None, tuple[str, str] | None]:
+    """The split to read from the datalists among ``sources``: ``split`` if given, else
+    ``default`` when every datalist with splits has it.
+
+    Returns:
+        ``(split, None)`` when no source has splits, else ``(split, (the datalists, their
+        splits))`` as text for the line that says which split is read.
+
+    Raises:
+        ConfigError: no ``split`` given and some datalist has no ``default`` split.
+    """
+    from medidiff.data.datalist import datalist_splits
+    from medidiff.errors import ConfigError
+
+    offered = {s: datalist_splits(s) for s in sources}
+    offered = {s: found for s, found in offered.items() if found is not None}
+    if not offered:
+        return split, None
+    if split is None:
+        lacking = [s for s, found in offered.items() if default not in found]
+        if lacking:
+            raise ConfigError(
+                f"{lacking[0]}: a datalist with splits {', '.join(offered[lacking[0]]) or 'none'} "
+                f"and no {default!r} split; choose the scans to read with --split NAME"
+            )
+        split = default
+    names = sorted({n for found in offered.values() for n in found})
+    return split, (", ".join(offered), ", ".join(names))
 
 
 def require_checkpoint(args: argparse.Namespace) -> Path:
@@ -293,7 +340,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-overlay", action="store_true", help="do not write NAME_overlay.png montages"
     )
-    add_model_arguments(p)
+    add_model_arguments(p, split_default=f"{SCORING_SPLIT}; the split read is printed")
 
 
 def write_overlay(result: Any, entry: Any, out: Path, *, map_max: float | None) -> dict[str, Any]:
@@ -311,9 +358,13 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = require_checkpoint(args)
     method, post = configs_from_args(args)
     thresholds = Thresholds.load(args.thresholds) if args.thresholds else None
-    entries = load_entries(args.input, args.split, args.masks)
+    split, datalists = datalist_split(args.input, args.split, SCORING_SPLIT)
+    entries = load_entries(args.input, split, args.masks)
     info = init_distributed(args.device)
     try:
+        if info.is_main and datalists:
+            how = "" if args.split else f" (the default; --split picks another of {datalists[1]})"
+            print(f"scoring split {split!r} of {datalists[0]}: {len(entries)} scan(s){how}")
         detector = build_detector(args, checkpoint, method, post, info)
         overlay = None
         if not args.no_overlay:
