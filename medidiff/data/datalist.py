@@ -220,9 +220,31 @@ def _from_folder(folder: Path) -> list[DatalistEntry]:
         return [DatalistEntry(folder)]
     hints = [p.name for p in children if p.suffix.lower() in (".json", ".csv", ".tsv")]
     hint = f"; it holds {', '.join(hints)}: pass that datalist instead" if hints else ""
+    if not hint:
+        hint = _subfolder_hint(folder, children)
     raise DataError(
         f"{folder}: no volume files ({', '.join(VOLUME_SUFFIXES)}) or DICOM series in this folder{hint}"
     )
+
+
+def _subfolder_hint(folder: Path, children: list[Path]) -> str:
+    """``"; its subfolder images/ holds 6 volume files: pass FOLDER/images"`` when the
+    volumes sit one level down (sample_data's ``SPLIT/images/`` layout), else ``""``."""
+    counts = {}
+    for child in children:
+        if child.is_dir():
+            try:
+                n = sum(1 for p in child.iterdir() if _is_volume_file(p))
+            except OSError:
+                continue
+            if n:
+                counts[child.name] = n
+    if not counts:
+        return ""
+    pick = "images" if "images" in counts else next(iter(counts))
+    listed = ", ".join(f"{name}/ ({n})" for name, n in counts.items())
+    return (f"; its subfolders hold volume files: {listed}: pass the scans' folder, "
+            f"e.g. {folder / pick}")
 
 
 def _from_glob(pattern: str) -> list[DatalistEntry]:
