@@ -4,14 +4,7 @@ Each scan is noised part of the way and denoised by a model trained on healthy s
 residual between scan and reconstruction, post-processed on the model grid (brain mask,
 3D median filter, eroded mask), is the anomaly map. Methods (--method):
 
-  ddim      noise to --t-start (50), --steps DDIM steps (3)              [default, fast]
-  anoddpm   noise to --t-start (250), full DDPM chain (t + 1 = 251 steps) [slow reference]
-  x0        noise to --t-start (250), one-shot x0 prediction (1 step)
-  patched   pDDPM: noise one patch at a time at t = 500, one-shot, stitched
-            (--patch-size / --patch-stride in model voxels; default half the slice, 50 % overlap)
-  ensemble  residuals averaged over --t-starts (250 500 750), one-shot each (cDDPM-style)
-  latent    latent models only [their default]: encode the volume, noise the latent to
-            --t-start (600), --steps steps (1), decode; residual in image space
+{METHOD_TABLE}
 
 A rectified-flow model takes the euler sampler where a method's is ddim or ddpm; on a latent
 model every method but patched runs in latent space.
@@ -65,6 +58,38 @@ SCORING_SPLIT = "test"
 
 #: Methods, from medidiff.constants so that ``--help`` needs no heavy import.
 METHOD_NAMES = ANOMALY_METHODS
+
+
+def method_table() -> str:
+    """The methods and their default settings as ``--help`` lists them, written from
+    :data:`medidiff.constants.ANOMALY_DEFAULTS` so the help cannot drift from the code."""
+    d = ANOMALY_DEFAULTS
+    t_anoddpm = d["anoddpm"][0]
+    rows = [
+        ("ddim", f"noise to --t-start ({d['ddim'][0]}), --steps DDIM steps ({d['ddim'][2]})",
+         "[default, fast]"),
+        ("anoddpm", f"noise to --t-start ({t_anoddpm}), full DDPM chain "
+                    f"(t + 1 = {t_anoddpm + 1} steps)", "[slow reference]"),
+        ("x0", f"noise to --t-start ({d['x0'][0]}), one-shot x0 prediction "
+               f"({d['x0'][2]} step)", ""),
+        ("patched", f"pDDPM: noise one patch at a time at t = {d['patched'][0]}, one-shot, "
+                    "stitched\n(--patch-size / --patch-stride in model voxels; default half "
+                    "the slice, 50 % overlap)", ""),
+        ("ensemble", "residuals averaged over --t-starts "
+                     f"({' '.join(map(str, ENSEMBLE_STARTS))}), one-shot each (cDDPM-style)", ""),
+        ("latent", "latent models only [their default]: encode the volume, noise the latent "
+                   f"to\n--t-start ({d['latent'][0]}), --steps steps ({d['latent'][2]}), "
+                   "decode; residual in image space", ""),
+    ]
+    lines = []
+    for name, text, tag in rows:
+        first, *rest = text.split("\n")
+        lines.append(f"  {name:<9} {first}" + (f"  {tag}" if tag else ""))
+        lines += [f"  {'':<9} {more}" for more in rest]
+    return "\n".join(lines)
+
+
+__doc__ = (__doc__ or "").replace("{METHOD_TABLE}", method_table())
 EXIT_SOME_FAILED = 4
 
 
