@@ -221,3 +221,19 @@ def test_docs_state_the_anomaly_defaults_the_code_uses():
     assert f"| `anoddpm` | {D['anoddpm'][0]} |" in how and f"| {D['anoddpm'][0] + 1} |" in how
     assert f"| `ddim` (default) | {D['ddim'][0]} | {D['ddim'][2]} deterministic DDIM steps" in how
     assert f"| `x0` | {D['x0'][0]} |" in how and f"| `patched` | {D['patched'][0]} |" in how
+
+
+def test_results_page_is_by_topic_with_run_details():
+    """benchmarks/RESULTS.md: sections by topic (not by session; the history is in
+    CHANGELOG.md), and every subsection with a table says its run: date and command."""
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+    top = re.findall(r"^## (.+)$", results, re.M)
+    assert top[:6] == ["Default models and what they measure", "Anomaly detection", "Synthesis",
+                       "Latent models and the autoencoder", "Training speed", "Tiling and memory"]
+    assert not re.search(r"^#+ .*[Ss]ession", results, re.M)
+    assert (ROOT / "benchmarks" / "CHANGELOG.md").is_file()
+    for section in re.split(r"^### ", results, flags=re.M)[1:]:
+        title = section.splitlines()[0]
+        if "\n|---" in section or "\n| ---" in section:
+            assert "Run:" in section and "2026-" in section, title
+            assert re.search(r"`(python pipelines/|medidiff |make )", section), title
