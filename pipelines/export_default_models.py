@@ -332,9 +332,10 @@ def card_markdown(facts: dict) -> str:
         "## Limits",
         "",
         "Trained on sample_data only: 24 healthy subjects made from the MNI152 template by smooth "
-        "deformations and intensity changes (see DOMAIN.md and pipelines/make_sample_data.py). It "
-        "has seen no real patient anatomy, scanner or contrast variation; use it to learn the "
-        "tool and as a starting point, and train on your own data for research results.",
+        "deformations and intensity changes (see sample_data/README.md and "
+        "pipelines/make_sample_data.py). It has seen no real patient anatomy, scanner or "
+        "contrast variation; use it to learn the tool and as a starting point, and train on your "
+        "own data for research results (docs/own_data.md).",
         "",
     ]
     return "\n".join(lines)

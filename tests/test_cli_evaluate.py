@@ -66,11 +66,45 @@ def test_end_to_end_folder_truth(layout, run_cli):
     assert o["scan_auroc"] == pytest.approx(1.0)
     assert (o["n_lesion_scans"], o["n_healthy_scans"]) == (2, 1)
     assert d["voxel_threshold"] == 0.45 and d["threshold_source"] == "voxel_threshold"
-    assert d["masks"] == "no brain masks: all voxels count"
+    # no brain masks anywhere: said loudly, first, on stdout, stderr and in the JSON
+    assert d["masks"] == "none (background voxels counted: optimistic)"
+    assert d["inputs"]["masks"] == "none"
+    assert len(d["warnings"]) == 1 and "optimistic" in d["warnings"][0]
+    assert r.out.splitlines()[0].startswith("WARNING: no scan has a brain mask")
+    assert r.err.startswith("medidiff: warning: no scan has a brain mask")
     assert d["missing_predictions"] == []
     assert [c["name"] for c in d["cases"]] == ["A", "B", "H"]
-    assert "| all" in r.out and "oracle" in r.out and "no brain masks" in r.out
+    assert "| all" in r.out and "oracle" in r.out
     assert r.out.rstrip().splitlines()[-1] == f"metrics written to {out}"
+
+
+@pytest.mark.parametrize("folder", ["brainmasks", "brain_masks"])
+def test_brain_masks_of_the_standard_layout_are_found(layout, tmp_nifti, run_cli, folder):
+    """truth/ with a brainmasks/ folder beside it (sample_data's layout): used without
+    --masks, and said so; --no-masks counts every voxel again; a folder that lacks a mask
+    for some scan is not used."""
+    for name in ("A", "B", "H"):  # drop B's last two voxels (0.2, 0.1; both normal)
+        tmp_nifti(_vol([1, 1, 1, 0, 0] if name == "B" else [1] * 5, np.uint8), AFFINE,
+                  name=f"{folder}/{name}.nii.gz")
+    base = ["evaluate", "--pred", layout / "pred", "--truth", layout / "truth"]
+    r = run_cli([*base, "--out", layout / "m.json"])
+    assert r.rc == 0, r.err
+    d = json.loads((layout / "m.json").read_text(encoding="utf-8"))
+    assert d["masks"] == "voxels inside the brain masks" and d["warnings"] == []
+    assert d["inputs"]["masks"] == f"found: {layout / folder}"
+    assert d["cases"][1]["voxels"] == 3
+    assert r.out.splitlines()[0].startswith(f"brain masks: {layout / folder}")
+    assert "WARNING" not in r.out and r.err == ""
+
+    r = run_cli([*base, "--no-masks", "--out", layout / "n.json"])
+    d = json.loads((layout / "n.json").read_text(encoding="utf-8"))
+    assert d["inputs"]["masks"] == "none (--no-masks)" and d["cases"][1]["voxels"] == 5
+    assert r.out.startswith("WARNING:") and r.err == ""  # asked for: stdout and JSON say it
+
+    (layout / folder / "H.nii.gz").unlink()
+    r = run_cli([*base, "--out", layout / "o.json"])
+    d = json.loads((layout / "o.json").read_text(encoding="utf-8"))
+    assert d["inputs"]["masks"] == "none" and d["warnings"]
 
 
 def test_seg_files_and_masks_folder(layout, tmp_nifti, run_cli):
@@ -136,7 +170,7 @@ def test_missing_prediction_is_reported_and_exits_4(layout, run_cli):
     (layout / "pred" / "B_anomaly.nii.gz").unlink()
     out = layout / "m.json"
     r = run_cli(["evaluate", "--pred", layout / "pred", "--truth", layout / "truth",
-                 "--thresholds", layout / "thresholds.json", "--out", out])
+                 "--thresholds", layout / "thresholds.json", "--out", out, "--no-masks"])
     assert r.rc == evaluate_command.EXIT_MISSING == 4
     d = json.loads(out.read_text(encoding="utf-8"))
     assert d["missing_predictions"] == ["B"]

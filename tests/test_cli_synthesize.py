@@ -39,6 +39,10 @@ def test_synthesize_then_evaluate(dims, request, run_cli, tmp_path):
     assert data["n_real"] >= 6  # 6 validation scans: their training-filtered slices in 2D
     assert data["frechet"]["extractor"] == "medidiff-stats-v1"
     assert len(data["memorisation"]["nearest_ssim"]) == 4
+    # 4 samples: the Fréchet value comes with its small-sample warning (table, stderr, JSON)
+    assert r.out.startswith("WARNING: Frechet distance from only 4 synthetic")
+    assert "medidiff: warning: Frechet distance from only 4 synthetic" in r.err
+    assert len(data["warnings"]) == 1 and "biased upwards" in data["warnings"][0]
     assert not list(tmp_path.glob(".metrics.json*"))  # atomic: no temporary left
 
 
@@ -101,3 +105,18 @@ def test_docstrings_no_longer_say_not_implemented():
 
     for module in (synthesize, evaluate_synthesis):
         assert "NOT IMPLEMENTED YET" not in (module.__doc__ or "")
+
+
+def test_real_folder_without_volumes_points_to_its_images_subfolder(
+    tiny_checkpoint_2d, run_cli, tmp_path
+):
+    """sample_data/val holds images/ and brainmasks/: the error names the folder to pass."""
+    synth = tmp_path / "synth"
+    r = run_cli(["synthesize", "--checkpoint", tiny_checkpoint_2d, "--num", 2, "--out", synth,
+                 "--steps", 2, "--no-progress", "--device", "cpu"])
+    assert r.rc == 0, r.err
+    r = run_cli(["evaluate-synthesis", "--real", ROOT / "sample_data" / "val", "--synthetic",
+                 synth])
+    assert r.rc != 0 and r.err.count("\n") == 1
+    assert "no volume files" in r.err and "images/ (6)" in r.err
+    assert f"e.g. {ROOT / 'sample_data' / 'val' / 'images'}" in r.err

@@ -135,6 +135,25 @@ def test_cli_choices_and_help_defaults_come_from_constants():
     assert f"ddim {constants.SYNTHESIS_DEFAULT_STEPS['ddim']}" in synthesize["--steps"].help
 
 
+def test_anomaly_method_table_in_help_is_written_from_the_constants(monkeypatch):
+    """The method table of 'medidiff anomaly --help' (it once said ddim 5 steps while the
+    code used 3) is built from ANOMALY_DEFAULTS: every default appears, and a changed
+    constant changes the table."""
+    from medidiff.cli.commands import anomaly
+    from medidiff.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = sub.choices["anomaly"].description
+    d = constants.ANOMALY_DEFAULTS
+    assert "{METHOD_TABLE}" not in text and anomaly.method_table() in text
+    assert f"--t-start ({d['ddim'][0]}), --steps DDIM steps ({d['ddim'][2]})" in text
+    assert f"(t + 1 = {d['anoddpm'][0] + 1} steps)" in text
+    assert f"--t-start ({d['latent'][0]}), --steps steps ({d['latent'][2]})" in text
+    assert " ".join(map(str, constants.ENSEMBLE_STARTS)) in text
+    monkeypatch.setitem(constants.ANOMALY_DEFAULTS, "ddim", (40, "ddim", 7))
+    assert "--t-start (40), --steps DDIM steps (7)" in anomaly.method_table()
+
+
 @pytest.mark.parametrize("value", ["sigmoid", "quadratic"])
 def test_config_refuses_unknown_schedules_naming_the_known_ones(value):
     from medidiff.errors import ConfigError

@@ -52,7 +52,7 @@ def _check_run(run, files) -> None:
     for o in run.outcomes:
         if o.outcome == "scored":  # outputs on the input's own grid
             name = next(p for p in (run.out_dir).glob("*_anomaly.nii.gz")
-                        if p.name.startswith(_key(run, o)))
+                        if _key(run, o) in p.name)  # a series folder: inputs_cNNNN__series
             assert load_volume(name).shape == load_volume(o.file.path).shape
 
 

@@ -150,3 +150,23 @@ def test_demo_metrics_card_section_shows_the_3d_latent_rows(export, tmp_path):
     assert "| tumor | 3D latent method | 0.800 |" in section["table"]
     assert "| tumor | 2D default method | 0.900 |" in section["table"]
     assert "latent (t = 250, 5 euler steps)" in section["notes"]
+
+
+def test_shipped_cards_are_the_generators_and_name_only_files_that_exist(export):
+    """The cards in medidiff/weights are what card_markdown writes from their facts, and
+    every document, script or config they point to is in the repository (they once pointed
+    to a DOMAIN.md that is not)."""
+    import re
+
+    from medidiff.models import pretrained
+
+    for name in sorted(pretrained.MODELS):
+        path = pretrained.model_card_path(name)
+        if not path.is_file():
+            continue
+        card = path.read_text(encoding="utf-8")
+        assert export.card_markdown(pretrained.model_card_facts(name)) == card, name
+        named = set(re.findall(r"[\w./-]+\.(?:md|py|yaml)\b", card))
+        assert "sample_data/README.md" in named and "docs/own_data.md" in named
+        missing = [p for p in named if not (ROOT / p).is_file()]
+        assert not missing, f"{name}.md names files that do not exist: {missing}"

@@ -377,3 +377,54 @@ def test_ctrl_c_mid_run(command, server, tmp_path, tiny_checkpoint_2d):
     assert kill(server, child, signal.SIGINT) == 130, child.err()
     assert child.err() == MESSAGE + "\n"
     assert not temporaries(out)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc")
+@pytest.mark.parametrize("when", ["workers-starting", "workers-scoring"])
+def test_ctrl_c_to_the_process_group_with_worker_processes(when, tmp_path, tiny_checkpoint_2d):
+    """A terminal's Ctrl-C reaches the whole foreground group, workers included: exit 130,
+    our one line and nothing else on stderr (no worker traceback, no resource-tracker
+    warning about leaked semaphores), and no process of the group left behind."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "medidiff", "anomaly", "--checkpoint", str(tiny_checkpoint_2d),
+            "--input", str(_inputs(tmp_path / "inputs", 6)), "--out", str(out), "--workers", "2",
+            "--method", "ddim", "--t-start", "6", "--steps", "2", "--device", "cpu"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(), preexec_fn=_default_sigint, start_new_session=True,
+                            cwd=str(tmp_path))
+    if when == "workers-starting":  # a worker exists and is still importing PyTorch
+        started = lambda: any("spawn_main" in c for c in _group(proc.pid))  # noqa: E731
+    else:
+        started = lambda: len(_rows(out / "scores.csv")) >= 1  # noqa: E731
+    deadline = time.monotonic() + 180
+    while not started():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {when} seen: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.005)
+    time.sleep(0.2)  # past the milliseconds in which the worker is forked (Ctrl-C ignored)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"still running 60 s after Ctrl-C: {proc.communicate()[1][-3000:]}")
+    assert proc.returncode == 130, err
+    assert err == MESSAGE + "\n", err
+    deadline = time.monotonic() + 30
+    while (left := _group(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"processes left in the group: {left}"
+
+
+def _group(pgid: int) -> list[str]:
+    """Command lines of the live (not zombie) processes of a process group."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append((stat.parent / "cmdline").read_text().replace("\0", " "))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found

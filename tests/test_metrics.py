@@ -316,7 +316,8 @@ def test_report_dict_and_table():
     assert d["overall"]["scan_auroc"] is None  # no healthy scans
     assert set(d["groups"]) == {"ms", "tumor"}
     assert [c["name"] for c in d["cases"]] == ["A", "B"]
-    assert d["masks"] == "no brain masks: all voxels count"
+    assert d["masks"] == "none (background voxels counted: optimistic)"
+    assert d["warnings"] and "background voxels are counted" in d["warnings"][0]
     assert "oracle" in d["oracle_note"]
     table = report.table()
     rows = [ln for ln in table.splitlines() if ln.startswith("|")]
@@ -325,7 +326,8 @@ def test_report_dict_and_table():
     assert "Dice dataset-wise" in rows[0] and "oracle" in rows[0] and "per-scan" in rows[0]
     all_row = rows[-1]
     assert all_row.startswith("| all") and "0.600" in all_row and "0.375 ± 0.375" in all_row
-    assert "anomaly map > 0.45" in table and "no brain masks" in table
+    assert "anomaly map > 0.45" in table and "background voxels counted: optimistic" in table
+    assert table.splitlines()[0].startswith("WARNING: no scan has a brain mask")
 
 
 def test_rank_metrics_equal_sklearn_scores_on_many_voxels():

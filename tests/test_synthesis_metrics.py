@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +214,20 @@ def test_benchmark_verdicts_two_sided_and_no_worse():
     assert not bench.no_worse({"frechet": 1.20, "ms_ssim": 0.40}, ref, real)  # Frechet worse
     # less diverse than the reference by more than 10 %, and further from the real set
     assert not bench.no_worse({"frechet": 0.50, "ms_ssim": 0.50}, ref, real)
+
+
+def test_small_sets_get_a_frechet_warning_and_large_ones_do_not():
+    """Fréchet from < FRECHET_MIN_SAMPLES images per side is biased: table, JSON say so."""
+    from medidiff.synthesis.metrics import FRECHET_MIN_SAMPLES
+
+    real = ImageSet.from_arrays(_blobs(FRECHET_MIN_SAMPLES, seed=1), 2)
+    reference = RealReference.build(real, max_pairs=20)
+    few = evaluate_against(reference, ImageSet.from_arrays(_blobs(2, seed=2), 2))
+    assert len(few.warnings) == 1 and "only 2 synthetic image(s)" in few.warnings[0]
+    assert "real" not in few.warnings[0].split("(<")[0]  # the real side has enough
+    assert few.table().splitlines()[0].startswith("WARNING: Frechet distance from only 2")
+    assert json.loads(json.dumps(few.to_dict()))["warnings"] == list(few.warnings)
+    enough = evaluate_against(
+        reference, ImageSet.from_arrays(_blobs(FRECHET_MIN_SAMPLES, seed=3), 2))
+    assert enough.warnings == () and "WARNING" not in enough.table()
+    assert enough.to_dict()["warnings"] == []

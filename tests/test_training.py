@@ -52,6 +52,12 @@ def test_resume_is_bit_identical(tmp_path):
     Trainer(_tiny(), tmp_path / "cut", dataset=data, progress=False).fit(stop_after=3)
     resumed = Trainer(_tiny(), tmp_path / "cut", dataset=data, progress=False).fit(resume=True)
     assert resumed.resumed_from == 2 and resumed.steps == 6
+    # metrics.csv: the interrupted run's row of step 3 (after its last checkpoint) is
+    # replaced by the resumed run's, not repeated; the losses are those of the full run
+    cut_rows = list(csv.DictReader(open(tmp_path / "cut" / "metrics.csv")))
+    full_rows = list(csv.DictReader(open(tmp_path / "full" / "metrics.csv")))
+    assert [int(r["step"]) for r in cut_rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in cut_rows] == [r["loss"] for r in full_rows]
     from medidiff.models.checkpoint import load_inference
     from medidiff.models.training_state import load_training_state
 
@@ -84,6 +90,23 @@ def test_outputs_and_metrics(tmp_path):
 
     ck = load_inference(run / "model.safetensors")
     assert ck.config["train"]["max_steps"] == 6
+
+
+def test_fit_refuses_a_folder_with_a_trained_run_unless_told(tmp_path):
+    """Trainer.fit() from Python refuses to overwrite a run, as `medidiff train` does."""
+    from medidiff.errors import OutputError
+
+    data = _toy_data(4)
+    cfg = _tiny(max_steps=2, checkpoint_every=0)
+    Trainer(cfg, tmp_path / "r", dataset=data, progress=False).fit()
+    before = (tmp_path / "r" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(OutputError, match="already holds a trained run.*resume.*overwrite"):
+        Trainer(cfg, tmp_path / "r", dataset=data, progress=False).fit()
+    assert (tmp_path / "r" / "model.safetensors").stat().st_mtime_ns == before
+    again = Trainer(cfg, tmp_path / "r", dataset=data, progress=False).fit(overwrite=True)
+    assert again.resumed_from == 0 and again.steps == 2
+    rows = list(csv.DictReader(open(tmp_path / "r" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -44,7 +44,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,7 +65,7 @@ from medidiff.data.transforms import (
 )
 from medidiff.data.profile import InputCheck, InputProfile, check_scan
 from medidiff.errors import ConfigError, InputProfileError, VolumeContentError
-from medidiff.io.volume import Volume, load_volume, strip_volume_suffix
+from medidiff.io.volume import Volume, load_volume, scan_name
 
 #: what ``input_check`` may be: report out-of-profile scans, or refuse them
 INPUT_CHECKS = ("warn", "strict")
@@ -204,6 +203,8 @@ class AnomalyDetector:
             input profile (:mod:`medidiff.data.profile`) and the finding goes into the
             result (``AnomalyResult.input_check``); ``"strict"``: a scan out of profile
             raises :class:`~medidiff.errors.InputProfileError` before it is reconstructed.
+        volume_index: which volume of a 4D input file :meth:`score_file` scores (e.g. one
+            echo or time point; ``None``: inputs must be 3D).
 
     Attributes:
         reconstructor: what makes the reconstructions.
@@ -227,9 +228,15 @@ class AnomalyDetector:
         seed: int = 0,
         reconstructor: Reconstructor | None = None,
         input_check: str = "warn",
+        volume_index: int | None = None,
     ) -> None:
         if input_check not in INPUT_CHECKS:
             raise ConfigError(f"input_check must be one of {', '.join(INPUT_CHECKS)}; got {input_check!r}")
+        if volume_index is not None and (
+            isinstance(volume_index, bool) or not isinstance(volume_index, int)
+        ):
+            raise ConfigError(f"volume_index must be an integer or None; got {volume_index!r}")
+        self.volume_index = volume_index
         if reconstructor is None:
             from medidiff.runtime.distributed import resolve_device
 
@@ -397,7 +404,7 @@ class AnomalyDetector:
         start = time.perf_counter()
         if name is None:
             source = volume.meta.get("source")
-            name = strip_volume_suffix(Path(source).name) if source else "scan"
+            name = scan_name(source) if source else "scan"
         # cropping is reported by the input check, not as a Python warning
         pre = preprocess(volume, self.preprocessing, mask=mask, warn_crop=False)
         check = input_check if input_check is not None else self.check_input(volume, name)
@@ -480,13 +487,14 @@ class AnomalyDetector:
         progress: ProgressFn | None = None,
         on_check: Any = None,
     ) -> AnomalyResult:
-        """Load and score one file (``mask``: an optional brain mask file on its grid).
+        """Load and score one file (``mask``: an optional brain mask file on its grid; of a
+        4D file, the volume :attr:`volume_index` is scored).
 
         ``on_check(image, check)`` is called with the scan's :meth:`check_input` before
         the reconstruction starts (the runner reports out-of-profile scans at once)."""
-        volume = load_volume(image)
+        volume = load_volume(image, volume_index=self.volume_index)
         mask_volume = load_volume(mask) if mask is not None else None
-        name = name or strip_volume_suffix(Path(image).name)
+        name = name or scan_name(image)
         check = None
         if on_check is not None:
             check = self.check_input(volume, name)

@@ -313,14 +313,28 @@ class EvaluationReport:
         """How voxels were selected, in words."""
         n = len(self.cases)
         if self.masked_cases == 0:
-            return "no brain masks: all voxels count"
+            return "none (background voxels counted: optimistic)"
         if self.masked_cases == n:
             return "voxels inside the brain masks"
-        return f"brain masks for {self.masked_cases} of {n} scans (all voxels of the others)"
+        return (f"brain masks for {self.masked_cases} of {n} scans (background voxels of the "
+                "others counted: optimistic)")
+
+    @property
+    def mask_warning(self) -> str | None:
+        """What counting voxels without brain masks does to the numbers (``None`` when
+        every scan had a mask)."""
+        n = len(self.cases)
+        if self.masked_cases >= n:
+            return None
+        which = "no scan has" if self.masked_cases == 0 else f"{n - self.masked_cases} of {n} scans have"
+        return (f"{which} a brain mask: background voxels are counted, which makes voxel "
+                "AUROC/AUPRC optimistic (easy true negatives) and the voxel FPR low; give brain "
+                "masks (--masks DIR, or a 'mask' per datalist entry)")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (NaN written as ``null``) with explicitly named metrics."""
         return {
+            "warnings": [self.mask_warning] if self.mask_warning else [],
             "overall": self.overall.to_dict(),
             "groups": {name: g.to_dict() for name, g in self.groups.items()},
             "cases": [c.to_dict() for c in self.cases],
@@ -350,7 +364,8 @@ class EvaluationReport:
 
         rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in
                               enumerate(widths)) + "|"
-        lines = [line(header), rule, *(line(r) for r in rows), ""]
+        lines = [f"WARNING: {self.mask_warning}"] if self.mask_warning else []
+        lines += [line(header), rule, *(line(r) for r in rows), ""]
         thr = {
             "segmentation": "each scan's segmentation file",
             "voxel_threshold": f"anomaly map > {_fmt_threshold(self.voxel_threshold)}",

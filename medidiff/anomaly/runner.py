@@ -198,9 +198,9 @@ def _guarded(detector: Any, task: _Task) -> tuple[int, Any, str | None]:
 
 def _scan_name(image: Any) -> str:
     """A file's name without its volume suffix (for progress bars)."""
-    from medidiff.io.volume import strip_volume_suffix
+    from medidiff.io.volume import scan_name
 
-    return strip_volume_suffix(Path(image).name) if isinstance(image, (str, os.PathLike)) else str(image)
+    return scan_name(image) if isinstance(image, (str, os.PathLike)) else str(image)
 
 
 def _gather(obj: Any, info: Any) -> list[Any]:

@@ -81,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         code = _stdout_closed()
     if code == 130 and argv is None:
+        # Collect what the interrupted work left in reference cycles (a worker pool and its
+        # semaphores): os._exit runs no finalizers, and multiprocessing's resource tracker
+        # would otherwise warn about "leaked semaphore objects" after our one line.
+        import gc
+
+        gc.collect()
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

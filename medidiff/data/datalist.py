@@ -48,11 +48,12 @@ from pathlib import Path
 from typing import Any
 
 from medidiff.errors import DataError
-from medidiff.io import VOLUME_SUFFIXES, is_dicom_folder, is_volume_path, strip_volume_suffix
+from medidiff.io import VOLUME_SUFFIXES, is_dicom_folder, is_volume_path, scan_name
 
 __all__ = [
     "DatalistEntry",
     "class_names_of",
+    "datalist_splits",
     "load_datalist",
     "stratified_by_kind",
     "volume_files",
@@ -105,8 +106,10 @@ class DatalistEntry:
 
     @property
     def name(self) -> str:
-        """The image file name without its volume suffix, e.g. ``sub-000``."""
-        return strip_volume_suffix(self.image.name)
+        """The name of the case's outputs: the image file name without its volume suffix,
+        e.g. ``sub-000``; for a DICOM series folder ``patient7/T1/``, ``patient7_T1``
+        (see :func:`medidiff.io.volume.scan_name`)."""
+        return scan_name(self.image)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (paths as strings, ``None`` kept)."""
@@ -217,9 +220,31 @@ def _from_folder(folder: Path) -> list[DatalistEntry]:
         return [DatalistEntry(folder)]
     hints = [p.name for p in children if p.suffix.lower() in (".json", ".csv", ".tsv")]
     hint = f"; it holds {', '.join(hints)}: pass that datalist instead" if hints else ""
+    if not hint:
+        hint = _subfolder_hint(folder, children)
     raise DataError(
         f"{folder}: no volume files ({', '.join(VOLUME_SUFFIXES)}) or DICOM series in this folder{hint}"
     )
+
+
+def _subfolder_hint(folder: Path, children: list[Path]) -> str:
+    """``"; its subfolder images/ holds 6 volume files: pass FOLDER/images"`` when the
+    volumes sit one level down (sample_data's ``SPLIT/images/`` layout), else ``""``."""
+    counts = {}
+    for child in children:
+        if child.is_dir():
+            try:
+                n = sum(1 for p in child.iterdir() if _is_volume_file(p))
+            except OSError:
+                continue
+            if n:
+                counts[child.name] = n
+    if not counts:
+        return ""
+    pick = "images" if "images" in counts else next(iter(counts))
+    listed = ", ".join(f"{name}/ ({n})" for name, n in counts.items())
+    return (f"; its subfolders hold volume files: {listed}: pass the scans' folder, "
+            f"e.g. {folder / pick}")
 
 
 def _from_glob(pattern: str) -> list[DatalistEntry]:
@@ -308,11 +333,7 @@ def _from_json(path: Path, split: str | None, base: Path) -> list[DatalistEntry]
     if isinstance(data, list):
         items, where = data, str(path)
     elif isinstance(data, dict):
-        # splits: lists of entries (dicts or path strings), not e.g. "spacing_mm": [2, 2, 2]
-        available = [
-            k for k, v in data.items()
-            if isinstance(v, list) and all(isinstance(x, (dict, str)) for x in v)
-        ]
+        available = _json_splits(data)
         key = "training" if split is None else split
         if key not in available:
             raise DataError(
@@ -324,6 +345,47 @@ def _from_json(path: Path, split: str | None, base: Path) -> list[DatalistEntry]
     if not items:
         raise DataError(f"{where}: the list is empty")
     return [_json_entry(item, base, f"{where} entry {i}") for i, item in enumerate(items)]
+
+
+def _json_splits(data: dict) -> list[str]:
+    """The splits of a Decathlon-style object: lists of entries (dicts or path strings), not
+    e.g. ``"spacing_mm": [2, 2, 2]``."""
+    return [k for k, v in data.items()
+            if isinstance(v, list) and all(isinstance(x, (dict, str)) for x in v)]
+
+
+def datalist_splits(source: str | os.PathLike) -> list[str] | None:
+    """The splits a datalist offers: the lists of a Decathlon ``dataset.json``, or the values
+    of a CSV's ``split`` column; ``None`` for a source without splits (a folder, a glob, a
+    file, a plain list, a CSV without that column) or one that cannot be read (loading it
+    then says why).
+
+    Example:
+        >>> import json, tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "dataset.json"
+        >>> _ = path.write_text(json.dumps({"training": ["a.nii.gz"], "test": ["b.nii.gz"],
+        ...                                 "spacing_mm": [2.0]}))
+        >>> datalist_splits(path), datalist_splits(path.parent)
+        (['training', 'test'], None)
+    """
+    path = Path(os.fspath(source)).expanduser()
+    low = path.name.lower()
+    if not path.is_file():
+        return None
+    try:
+        if low.endswith(".json"):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return _json_splits(data) if isinstance(data, dict) else None
+        if low.endswith((".csv", ".tsv")):
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f, delimiter="\t" if low.endswith(".tsv") else ",")
+                fields = {(h or "").strip().lower(): h for h in reader.fieldnames or []}
+                if "split" not in fields:
+                    return None
+                return sorted({(r.get(fields["split"]) or "").strip() for r in reader} - {""})
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error):
+        return None
+    return None
 
 
 def _json_path(value: Any, base: Path, where: str, key: str) -> Path | None:

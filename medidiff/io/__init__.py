@@ -37,6 +37,7 @@ from medidiff.io.volume import (
     is_volume_path,
     load_volume,
     save_volume,
+    scan_name,
     strip_volume_suffix,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "load_volume",
     "max_voxel_bytes",
     "save_volume",
+    "scan_name",
     "sitk_geometry_to_ras",
     "strip_volume_suffix",
     "write_json_atomic",

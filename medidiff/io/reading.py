@@ -201,7 +201,9 @@ def _plan_4d(
         "4d",
         path,
         f"4D data of shape {disk} ({n} volumes) where a 3D volume is needed; "
-        "pick one with volume_index (CLI: --volume-index N)",
+        "pick one with --volume-index N (medidiff info, anomaly, calibrate; Python: "
+        "load_volume(..., volume_index=N)), or split it into 3D files first (e.g. FSL's "
+        "'fslsplit FILE OUT -t') and list those for train and the other commands",
     )
 
 

@@ -265,6 +265,29 @@ def is_volume_path(path: str | os.PathLike) -> bool:
     return Path(path).name.lower().endswith(VOLUME_SUFFIXES)
 
 
+def scan_name(path: str | os.PathLike) -> str:
+    """The name of the outputs derived from a scan (``NAME_anomaly.nii.gz``, ...).
+
+    A file gives its name without the volume suffix (``sub-01.nii.gz`` -> ``sub-01``). A
+    DICOM series folder gives its parent folder's name and its own joined by ``_``
+    (``patient7/T1/`` -> ``patient7_T1``): series folders are usually named after the
+    sequence (``T1``, ``SE000002``), so the folder name alone would be the same for every
+    patient and their outputs would collide. (Names come from the path, never from DICOM
+    tags such as PatientID, which would put identifying data into file names.)
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> series = pathlib.Path(tempfile.mkdtemp()) / "patient7" / "T1"
+        >>> series.mkdir(parents=True)
+        >>> scan_name("sub-01.nii.gz"), scan_name(series)
+        ('sub-01', 'patient7_T1')
+    """
+    p = Path(os.path.abspath(os.fspath(path)))
+    if p.is_dir():
+        return f"{p.parent.name}_{p.name}" if p.parent.name else p.name
+    return strip_volume_suffix(p.name)
+
+
 def strip_volume_suffix(name: str | os.PathLike) -> str:
     """``name`` without its volume suffix: ``"a.nii.gz" -> "a"``, ``"b.nrrd" -> "b"``.
 
@@ -513,5 +536,6 @@ __all__ = [
     "is_volume_path",
     "load_volume",
     "save_volume",
+    "scan_name",
     "strip_volume_suffix",
 ]

@@ -59,6 +59,62 @@ def default_workers(device: Any, items: int) -> int:
     return max(1, min(items, usable_cpus(), MAX_AUTO_WORKERS))
 
 
+class _DeferredInterrupt:
+    """Ctrl-C while worker processes start: recorded, raised once the pool exists.
+
+    A terminal's Ctrl-C reaches every process of its foreground group. Started naively,
+    a worker still importing PyTorch would print a KeyboardInterrupt traceback, and a Ctrl-C
+    that stops the parent half-way through starting the pool would leave a worker loading
+    state the parent then deletes (another traceback). So while the pool starts, Ctrl-C is
+    only recorded here (:meth:`raise_if_interrupted` raises it once the pool can be
+    terminated cleanly), and it is *ignored* for the moment each worker is forked and
+    exec'ed: an ignored signal stays ignored across exec and Python then installs no
+    handler of its own, so workers never see it (``multiprocessing.util.spawnv_passfds``,
+    which the spawn start method calls for every child, is wrapped for that moment; a
+    Ctrl-C during those few milliseconds is lost). Only the main thread can do this;
+    elsewhere it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self._restore: list[Callable[[], None]] = []
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        import signal
+        import threading
+        from multiprocessing import util
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+
+        def record(signum: int, frame: Any) -> None:
+            self.interrupted = True
+
+        previous = signal.signal(signal.SIGINT, record)
+        self._restore.append(lambda: signal.signal(signal.SIGINT, previous))
+        original = getattr(util, "spawnv_passfds", None)
+        if original is not None:
+
+            def spawn_ignoring_sigint(*args: Any, **kwargs: Any) -> Any:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    signal.signal(signal.SIGINT, record)
+
+            util.spawnv_passfds = spawn_ignoring_sigint
+            self._restore.append(lambda: setattr(util, "spawnv_passfds", original))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        while self._restore:
+            self._restore.pop()()
+
+    def raise_if_interrupted(self) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+
+
 def _init_worker(payload: bytes, threads: int) -> None:
     import signal
 
@@ -118,10 +174,12 @@ def map_scans(
 
         payload = pickle.dumps(shared)
         threads = max(1, torch.get_num_threads() // workers)
-        pool = multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_init_worker, initargs=(payload, threads)
-        )
+        with _DeferredInterrupt() as deferred:
+            pool = multiprocessing.get_context("spawn").Pool(
+                workers, initializer=_init_worker, initargs=(payload, threads)
+            )
         try:
+            deferred.raise_if_interrupted()
             for result in pool.imap(_call, [(fn, item) for item in items], chunksize=1):
                 yield result
                 bar.update(1)

@@ -182,6 +182,11 @@ class RealReference:
         )
 
 
+#: Below this many images on either side the Fréchet distance gets a warning (see
+#: :attr:`SynthesisEvaluation.warnings`).
+FRECHET_MIN_SAMPLES = 10
+
+
 @dataclass(frozen=True)
 class SynthesisEvaluation:
     """All synthesis metrics of one synthetic set against one real set.
@@ -208,9 +213,38 @@ class SynthesisEvaluation:
     foreground_threshold: float
     sources: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Caveats the numbers need: a Fréchet distance from fewer than
+        :data:`FRECHET_MIN_SAMPLES` images on either side.
+
+        The Fréchet distance compares means and covariances estimated from the two sets.
+        With few images the estimates are noisy and the distance is biased upwards: two
+        samples of n images from the *same* distribution are apart by 2 tr(Sigma) / n in
+        expectation in the mean term alone (Chong & Forsyth, CVPR 2020, show that FID's
+        bias falls like 1/n), and with fewer images than features the covariance is
+        singular. A value from a handful of
+        samples therefore cannot be compared with one from a larger set (e.g. a model
+        card's), and is not a quality measure on its own.
+        """
+        small = min(self.n_synthetic, self.n_real)
+        if small >= FRECHET_MIN_SAMPLES:
+            return ()
+        sides = " and ".join(
+            f"{n} {side}" for side, n in (("synthetic", self.n_synthetic), ("real", self.n_real))
+            if n < FRECHET_MIN_SAMPLES
+        )
+        return (
+            f"Frechet distance from only {sides} image(s) (< {FRECHET_MIN_SAMPLES} per side): "
+            "means and covariances from so few images are noisy and the distance is biased "
+            "upwards at small n (the covariance is singular with fewer images than the "
+            f"{self.frechet.num_features} features), so it is not comparable with values from "
+            "larger sets such as a model card's; generate more samples (--num)",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (NaN written as ``NaN``)."""
-        out = asdict(self)
+        out = {"warnings": list(self.warnings), **asdict(self)}
         out["metric_notes"] = {
             "ms_ssim": "mean pairwise MS-SSIM (MONAI MultiScaleSSIMMetric); lower = more diverse",
             "foreground_w1": "Wasserstein-1 distance between foreground (> threshold) intensity "
@@ -242,7 +276,8 @@ class SynthesisEvaluation:
                  for name, real, v in zip(self._synthetic_names(), m.nearest_real, m.nearest_ssim)
                  if name in m.flagged]
         width = max(len(r[0]) for r in rows) + 2
-        return "\n".join(f"{k.ljust(width)}{v}" for k, v in rows)
+        lines = [f"WARNING: {w}" for w in self.warnings]
+        return "\n".join([*lines, *(f"{k.ljust(width)}{v}" for k, v in rows)])
 
     def _synthetic_names(self) -> tuple[str, ...]:
         return tuple(self.sources.get("synthetic_names", ()))

@@ -56,6 +56,25 @@ CHECKPOINT_NAME = "last.pt"
 METRICS_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "samples_per_s"]
 
 
+def check_run_folder(run_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a fresh run in a folder that already holds a trained one.
+
+    ``medidiff train`` calls this before loading any data, and :meth:`Trainer.fit` calls
+    it again, so a script that reuses a run folder by mistake is stopped the same way.
+
+    Raises:
+        OutputError: ``run_dir`` has ``model.safetensors`` or ``checkpoints/last.pt`` and
+            neither ``resume`` nor ``overwrite`` is set.
+    """
+    run_dir = Path(run_dir)
+    existing = [run_dir / "model.safetensors", run_dir / "checkpoints" / "last.pt"]
+    if not (resume or overwrite) and any(p.exists() for p in existing):
+        raise OutputError(
+            f"{run_dir}: already holds a trained run; pass --resume to continue it or "
+            "--overwrite to start afresh (Python: fit(resume=True) or fit(overwrite=True))"
+        )
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What :meth:`Trainer.fit` did.
@@ -465,17 +484,28 @@ class Trainer:
         return tuple(image.shape[1:])
 
     # ---- the loop -------------------------------------------------------------------
-    def fit(self, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+    def fit(
+        self, *, resume: bool = False, overwrite: bool = False, stop_after: int | None = None
+    ) -> TrainResult:
         """Train to ``config.train.max_steps``.
 
         Args:
-            resume: continue from ``RUN_DIR/checkpoints/last.pt``.
+            resume: continue from ``RUN_DIR/checkpoints/last.pt``; ``metrics.csv`` keeps its
+                rows up to the resumed step (rows logged after that checkpoint by the
+                interrupted run are dropped, so no step appears twice).
+            overwrite: start afresh in a run folder that already holds a trained run
+                (without it, or ``resume``, such a folder is refused).
             stop_after: stop after this step as if the job were killed there (no final
                 save; what survives is the last periodic checkpoint). For tests and
                 time-boxed jobs.
+
+        Raises:
+            OutputError: the run folder holds a trained run and neither ``resume`` nor
+                ``overwrite`` is set; or it cannot be created.
         """
         c = self.config.train
         t_start = time.perf_counter()
+        check_run_folder(self.run_dir, resume=resume, overwrite=overwrite)
         if self.info.is_main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -491,7 +521,8 @@ class Trainer:
             write_text_atomic(self.run_dir / "config.yaml", self.config.to_yaml())
         if self.info.is_main:  # measured now, not at the first save: a problem shows at once
             getattr(self.dataset, "input_profile", None)
-        logger = _Logger(self.run_dir, append=resume and start > 0) if self.info.is_main else None
+        logger = (_Logger(self.run_dir, resumed_from=start if resume else None)
+                  if self.info.is_main else None)
         bar = None
         if self.progress:
             from medidiff.runtime.progress import Progress
@@ -556,12 +587,42 @@ def _collate(items: list) -> dict:
     return {"image": torch.stack([torch.as_tensor(i) for i in items]).float()}
 
 
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the rows of ``metrics.csv`` up to ``last_step`` (the resumed checkpoint's step).
+
+    An interrupted run logs steps after its last checkpoint; the resumed run trains those
+    steps again, so their old rows are dropped (atomically) instead of appearing twice.
+    """
+    from medidiff.io import write_text_atomic
+
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    kept = [rows[0]]
+    for row in rows[1:]:
+        try:
+            if row and int(row[0]) <= last_step:
+                kept.append(row)
+        except ValueError:  # not a step number: keep it rather than lose data
+            kept.append(row)
+    if len(kept) == len(rows):
+        return
+    import io
+
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(kept)
+    write_text_atomic(path, buffer.getvalue())
+
+
 class _Logger:
     """metrics.csv plus TensorBoard scalars (rank 0)."""
 
-    def __init__(self, run_dir: Path, append: bool) -> None:
+    def __init__(self, run_dir: Path, resumed_from: int | None) -> None:
         path = run_dir / "metrics.csv"
-        keep = append and path.exists()
+        keep = resumed_from is not None and resumed_from > 0 and path.exists()
+        if keep:
+            _truncate_metrics(path, resumed_from)
         self.file = open(path, "a" if keep else "w", newline="", encoding="utf-8")
         self.csv = csv.writer(self.file)
         if not keep:
@@ -570,7 +631,9 @@ class _Logger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+            # purge_step: TensorBoard hides the interrupted run's events after the checkpoint
+            purge = resumed_from + 1 if keep else None
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge)
         except Exception:  # tensorboard missing: metrics.csv still has everything
             self.tb = None
 

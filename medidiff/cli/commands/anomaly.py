@@ -4,19 +4,7 @@ Each scan is noised part of the way and denoised by a model trained on healthy s
 residual between scan and reconstruction, post-processed on the model grid (brain mask,
 3D median filter, eroded mask), is the anomaly map. Methods (--method):
 
-  ddim      noise to --t-start (50), --steps DDIM steps (3)              [default, fast]
-  anoddpm   noise to --t-start (250), full DDPM chain (t + 1 = 251 steps) [slow reference]
-  x0        noise to --t-start (250), one-shot x0 prediction (1 step)
-  patched   pDDPM: noise one patch at a time at t = 500, one-shot, stitched
-            (--patch-size / --patch-stride in model voxels; default half the slice, 50 % overlap)
-  ensemble  residuals averaged over --t-starts (250 500 750), one-shot each (cDDPM-style)
-  multi     several reconstructions (--t-starts 25 50 100 200, --steps 1 each), residuals
-            averaged with the structure-aware l1ssim (--residual mahalanobis: the per-voxel
-            Mahalanobis distance to them, Behrendt et al. 2024)
-  thor      noise to --t-start (100), --steps DDIM steps (5), each intermediate state
-            harmonised with the noised input where it agrees with it (THOR, Bercea 2024)
-  latent    latent models only [their default]: encode the volume, noise the latent to
-            --t-start (600), --steps steps (1), decode; residual in image space
+{METHOD_TABLE}
 
 A rectified-flow model takes the euler sampler where a method's is ddim or ddpm; on a latent
 model every method but patched runs in latent space.
@@ -67,22 +55,67 @@ from medidiff.cli.commands._common import add_device_args
 from medidiff.constants import (
     ANOMALY_DEFAULTS,
     ANOMALY_METHODS,
+    DEFAULT_RESIDUALS,
     ENSEMBLE_STARTS,
     MULTI_STARTS,
     NOISE_KINDS,
     SAMPLERS,
 )
 
+#: The split of a datalist that ``anomaly`` scores when --split is not given: never the
+#: training split by accident (a model reconstructs its own training scans best).
+SCORING_SPLIT = "test"
+
 #: Methods, from medidiff.constants so that ``--help`` needs no heavy import.
 METHOD_NAMES = ANOMALY_METHODS
+
+
+def method_table() -> str:
+    """The methods and their default settings as ``--help`` lists them, written from
+    :data:`medidiff.constants.ANOMALY_DEFAULTS` so the help cannot drift from the code."""
+    d = ANOMALY_DEFAULTS
+    t_anoddpm = d["anoddpm"][0]
+    rows = [
+        ("ddim", f"noise to --t-start ({d['ddim'][0]}), --steps DDIM steps ({d['ddim'][2]})",
+         "[default, fast]"),
+        ("anoddpm", f"noise to --t-start ({t_anoddpm}), full DDPM chain "
+                    f"(t + 1 = {t_anoddpm + 1} steps)", "[slow reference]"),
+        ("x0", f"noise to --t-start ({d['x0'][0]}), one-shot x0 prediction "
+               f"({d['x0'][2]} step)", ""),
+        ("patched", f"pDDPM: noise one patch at a time at t = {d['patched'][0]}, one-shot, "
+                    "stitched\n(--patch-size / --patch-stride in model voxels; default half "
+                    "the slice, 50 % overlap)", ""),
+        ("ensemble", "residuals averaged over --t-starts "
+                     f"({' '.join(map(str, ENSEMBLE_STARTS))}), one-shot each (cDDPM-style)", ""),
+        ("multi", f"several reconstructions (--t-starts {' '.join(map(str, MULTI_STARTS))}, "
+                  f"--steps {d['multi'][2]} each),\nresiduals averaged with the structure-aware "
+                  f"{DEFAULT_RESIDUALS['multi']} (--residual mahalanobis:\nthe per-voxel Mahalanobis "
+                  "distance to them, Behrendt et al. 2024)", ""),
+        ("thor", f"noise to --t-start ({d['thor'][0]}), --steps DDIM steps ({d['thor'][2]}), each "
+                 "intermediate\nstate harmonised with the noised input where it agrees with it "
+                 "(THOR,\nBercea et al. 2024)", ""),
+        ("latent", "latent models only [their default]: encode the volume, noise the latent "
+                   f"to\n--t-start ({d['latent'][0]}), --steps steps ({d['latent'][2]}), "
+                   "decode; residual in image space", ""),
+    ]
+    lines = []
+    for name, text, tag in rows:
+        first, *rest = text.split("\n")
+        lines.append(f"  {name:<9} {first}" + (f"  {tag}" if tag else ""))
+        lines += [f"  {'':<9} {more}" for more in rest]
+    return "\n".join(lines)
+
+
+__doc__ = (__doc__ or "").replace("{METHOD_TABLE}", method_table())
 EXIT_SOME_FAILED = 4
 
 
 # ---- arguments shared with 'medidiff calibrate' ---------------------------------------------
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--checkpoint, method and post-processing options, batch size, device, seed, masks."""
+def add_model_arguments(p: argparse.ArgumentParser, *, split_default: str = "training") -> None:
+    """--checkpoint, method and post-processing options, batch size, device, seed, masks
+    (``split_default``: the --split a datalist is read with when none is given)."""
     p.add_argument(
         "--checkpoint",
         help="model.safetensors written by 'medidiff train', or the name of a shipped model "
@@ -92,7 +125,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--split",
         default=None,
-        help="which list of a Decathlon dataset.json (or CSV split) to read (default: training)",
+        help="which list of a Decathlon dataset.json (or which rows of a CSV with a 'split' "
+        f"column) to read (default: {split_default})",
     )
     p.add_argument(
         "--masks",
@@ -100,6 +134,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR_or_DATALIST",
         help="brain masks: a folder with files named like the inputs, or a datalist whose entries "
         "have a 'mask' (default: a datalist entry's own mask, else the preprocessed foreground)",
+    )
+    p.add_argument(
+        "--volume-index",
+        type=int,
+        default=None,
+        metavar="N",
+        help="score volume N (0-based; -1 the last) of 4D inputs, e.g. one echo or time point "
+        "(default: inputs must be 3D; 'medidiff info FILE' shows how many volumes a file has)",
     )
     _add_method_arguments(p.add_argument_group("method"))
     _add_postprocess_arguments(p.add_argument_group("post-processing"))
@@ -289,12 +331,45 @@ def build_detector(args: argparse.Namespace, checkpoint: Path, method: Any, post
         batch_size=args.batch_size,
         seed=args.seed,
         input_check="strict" if getattr(args, "strict", False) else "warn",
+        volume_index=getattr(args, "volume_index", None),
     )
     if detector.input_profile is None and info.is_main:
         print(f"medidiff: note: {checkpoint} records no profile of its training scans (written "
               "before medidiff recorded one), so inputs are checked against the model grid only, "
               "not for modality, intensities or skull-stripping", file=sys.stderr, flush=True)
     return detector
+
+
+def datalist_split(
+    sources: list[str], split: str | None, default: str
+) -> tuple[str | None, tuple[str, str] | None]:
+    """The split to read from the datalists among ``sources``: ``split`` if given, else
+    ``default`` when every datalist with splits has it.
+
+    Returns:
+        ``(split, None)`` when no source has splits, else ``(split, (the datalists, their
+        splits))`` as text for the line that says which split is read.
+
+    Raises:
+        ConfigError: no ``split`` given and some datalist has no ``default`` split.
+    """
+    from medidiff.data.datalist import datalist_splits
+    from medidiff.errors import ConfigError
+
+    offered = {s: datalist_splits(s) for s in sources}
+    offered = {s: found for s, found in offered.items() if found is not None}
+    if not offered:
+        return split, None
+    if split is None:
+        lacking = [s for s, found in offered.items() if default not in found]
+        if lacking:
+            raise ConfigError(
+                f"{lacking[0]}: a datalist with splits {', '.join(offered[lacking[0]]) or 'none'} "
+                f"and no {default!r} split; choose the scans to read with --split NAME"
+            )
+        split = default
+    names = sorted({n for found in offered.values() for n in found})
+    return split, (", ".join(offered), ", ".join(names))
 
 
 def require_checkpoint(args: argparse.Namespace) -> Path:
@@ -327,7 +402,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-overlay", action="store_true", help="do not write NAME_overlay.png montages"
     )
-    add_model_arguments(p)
+    add_model_arguments(p, split_default=f"{SCORING_SPLIT}; the split read is printed")
 
 
 def write_overlay(result: Any, entry: Any, out: Path, *, scale: Any) -> dict[str, Any]:
@@ -345,9 +420,13 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = require_checkpoint(args)
     method, post = configs_from_args(args)
     thresholds = Thresholds.load(args.thresholds) if args.thresholds else None
-    entries = load_entries(args.input, args.split, args.masks)
+    split, datalists = datalist_split(args.input, args.split, SCORING_SPLIT)
+    entries = load_entries(args.input, split, args.masks)
     info = init_distributed(args.device)
     try:
+        if info.is_main and datalists:
+            how = "" if args.split else f" (the default; --split picks another of {datalists[1]})"
+            print(f"scoring split {split!r} of {datalists[0]}: {len(entries)} scan(s){how}")
         detector = build_detector(args, checkpoint, method, post, info)
         overlay = None
         if not args.no_overlay:

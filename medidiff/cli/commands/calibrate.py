@@ -43,6 +43,10 @@ from typing import Any
 from medidiff.cli.commands.anomaly import add_model_arguments
 from medidiff.constants import CALIBRATION_DEFAULTS
 
+#: The split of a datalist ``calibrate`` reads when --split is not given: the healthy
+#: validation scans (never the training scans, which the model reconstructs best).
+CALIBRATION_SPLIT = "validation"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -93,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         EXIT_SOME_FAILED,
         build_detector,
         configs_from_args,
+        datalist_split,
         require_checkpoint,
     )
     from medidiff.runtime.distributed import cleanup, init_distributed
@@ -100,9 +105,13 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = require_checkpoint(args)
     out = _check_out(args)
     method, post = configs_from_args(args)
-    entries = load_entries(args.healthy, args.split, args.masks)
+    split, datalists = datalist_split(args.healthy, args.split, CALIBRATION_SPLIT)
+    entries = load_entries(args.healthy, split, args.masks)
     info = init_distributed(args.device)
     try:
+        if info.is_main and datalists:
+            how = "" if args.split else f" (the default; --split picks another of {datalists[1]})"
+            print(f"calibrating on split {split!r} of {datalists[0]}: {len(entries)} scan(s){how}")
         detector = build_detector(args, checkpoint, method, post, info)
         done = calibrate_scans(
             detector, entries, fpr=args.fpr, target=args.target, max_fp_ml=args.max_fp_ml,

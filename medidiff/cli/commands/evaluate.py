@@ -7,8 +7,13 @@ PRED/NAME_seg.nii.gz if present, and its scan score the row of PRED/scores.csv w
 scan, all zero for a healthy scan) or a datalist: a Decathlon dataset.json (split 'test'
 unless --split says otherwise) or CSV, whose entries give the lesion mask ('label' /
 'segmentation'), the brain mask ('mask') and the group ('kind'). Predictions and truth
-must share shape and affine. Brain masks come from --masks (same file names) or the
-datalist; without masks every voxel counts, and the output says so.
+must share shape and affine. Brain masks come from --masks (same file names), the
+datalist, or else the standard layout, which is looked for: a folder named brainmasks
+(or brain_masks, brainmask, brain_mask) beside the lesion masks' folder, e.g.
+sample_data/test/brainmasks/ for sample_data/test/labels/, with a mask for every scan.
+Without masks every voxel counts, background included, which makes voxel AUROC/AUPRC
+optimistic: the output then opens with a WARNING line (also on stderr and in the JSON's
+"warnings"); --no-masks says that this is intended and skips the search.
 
 Reported: voxel AUROC and AUPRC (pooled over all scans inside the masks); Dice at the
 calibrated threshold (the _seg files, else anomaly map > the voxel_threshold of
@@ -49,8 +54,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truth", required=True, metavar="DIR_OR_DATALIST",
                    help="folder of ground-truth lesion masks (NAME.nii.gz), or a dataset.json / "
                         "CSV datalist with lesion masks, brain masks and kinds")
-    p.add_argument("--masks", metavar="DIR",
-                   help="folder of brain masks with the same file names (overrides the datalist's)")
+    masks = p.add_mutually_exclusive_group()
+    masks.add_argument("--masks", metavar="DIR",
+                       help="folder of brain masks with the same file names (overrides the "
+                            "datalist's; default: the datalist's, else a brainmasks/ folder "
+                            "beside the lesion masks' folder when it has a mask for every scan)")
+    masks.add_argument("--no-masks", action="store_true",
+                       help="count every voxel, background included (optimistic voxel metrics); "
+                            "no search for brain masks")
     p.add_argument("--thresholds", metavar="JSON",
                    help="thresholds JSON from 'medidiff calibrate'; its voxel_threshold is used "
                         "for scans without a NAME_seg file")
@@ -77,8 +88,19 @@ def run(args: argparse.Namespace) -> int:
             f"--pred {pred_dir}: not a folder; give the output folder of 'medidiff anomaly'"
         )
     targets, no_truth, split = _truth_targets(args.truth, args.split)
+    mask_source = "datalist" if any(t["mask"] is not None for t in targets) else "none"
     if args.masks:
         targets = _with_mask_folder(targets, Path(args.masks).expanduser())
+        mask_source = f"--masks {args.masks}"
+    elif args.no_masks:
+        targets = [{**t, "mask": None} for t in targets]
+        mask_source = "none (--no-masks)"
+    else:
+        targets, found = _standard_masks(targets)
+        if found is not None:
+            mask_source = f"found: {found}"
+            print(f"brain masks: {found} (beside the lesion masks; --masks DIR gives others, "
+                  "--no-masks counts every voxel)")
     voxel_threshold = _read_voxel_threshold(args.thresholds) if args.thresholds else None
     scores = ScoresTable(pred_dir / "scores.csv").scores()
 
@@ -114,9 +136,14 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     report = replace(report, notes=tuple(notes))
+    if report.mask_warning and not args.no_masks:  # asked for: the table's line suffices
+        import sys
+
+        print(f"medidiff: warning: {report.mask_warning}", file=sys.stderr, flush=True)
     print(report.table())
     if args.out:
-        out = write_json_atomic(args.out, _json(report, args, pred_dir, split, missing, no_truth))
+        out = write_json_atomic(
+            args.out, _json(report, args, pred_dir, split, missing, no_truth, mask_source))
         print(f"metrics written to {out}")
     if missing:
         import sys
@@ -219,6 +246,38 @@ def _with_mask_folder(targets: list[dict[str, Any]], folder: Path) -> list[dict[
     return found
 
 
+#: folder names of brain masks beside the lesion masks' folder (sample_data: brainmasks/)
+MASK_FOLDERS = ("brainmasks", "brain_masks", "brainmask", "brain_mask")
+
+
+def _standard_masks(targets: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
+    """Brain masks for the targets without one, from the standard layout: for a lesion mask
+    ``ROOT/labels/NAME.nii.gz``, ``ROOT/brainmasks/NAME.nii.gz`` (or another name of
+    :data:`MASK_FOLDERS`). Used only when every such target has one there.
+
+    Returns:
+        The targets (with masks where found) and the folder they came from, as text
+        (``None``: nothing found, targets unchanged).
+    """
+    lacking = [t for t in targets if t["mask"] is None]
+    if not lacking:
+        return targets, None
+    for folder_name in MASK_FOLDERS:
+        found: dict[str, Path] = {}
+        for t in lacking:
+            truth_dir = Path(t["truth"]).parent
+            folder = truth_dir.parent / folder_name
+            mask = _find_volume(folder, t["name"]) if folder != truth_dir else None
+            if mask is None:
+                break
+            found[t["name"]] = mask
+        else:
+            folders = sorted({str(m.parent) for m in found.values()})
+            where = folders[0] if len(folders) == 1 else f"{folders[0]} and {len(folders) - 1} more"
+            return [{**t, "mask": t["mask"] or found.get(t["name"])} for t in targets], where
+    return targets, None
+
+
 def _read_voxel_threshold(path_text: str) -> float:
     """The ``voxel_threshold`` key of a thresholds JSON (other keys are ignored)."""
     import json
@@ -286,6 +345,7 @@ def _json(
     split: str | None,
     missing: list[str],
     no_truth: list[str],
+    mask_source: str,
 ) -> dict[str, Any]:
     from medidiff import __version__
 
@@ -295,7 +355,7 @@ def _json(
             "pred": str(pred_dir),
             "truth": str(args.truth),
             "split": split,
-            "masks": args.masks,
+            "masks": mask_source,
             "thresholds": args.thresholds,
         },
         "missing_predictions": missing,

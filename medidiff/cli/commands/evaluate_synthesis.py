@@ -9,7 +9,8 @@ training slices, a 3D model's with whole volumes. Metrics:
     fewer scales / a smaller window on small images, reported),
   Wasserstein-1 distance between foreground intensity distributions (model scale),
   a Frechet distance on fixed hand-crafted features ("medidiff-stats-v1": NOT FID, not
-    comparable with published FIDs),
+    comparable with published FIDs; biased upwards at small n, so fewer than 10 images on
+    either side get a WARNING line, on stderr and in the JSON's "warnings"),
   memorisation: each sample's nearest real image by SSIM; near-copies above a threshold
     (default max(0.95, 99th percentile of real-vs-real nearest-neighbour SSIM)) are flagged.
 
@@ -67,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
         args.real, args.synthetic, checkpoint=args.checkpoint, split=args.split,
         memorisation_threshold=args.memorisation_threshold, max_pairs=args.max_pairs, seed=args.seed,
     )
+    if result.warnings:
+        import sys
+
+        for warning in result.warnings:
+            print(f"medidiff: warning: {warning}", file=sys.stderr, flush=True)
     print(result.table())
     write_json_atomic(out, result.to_dict())
     print(f"metrics written to {out}")

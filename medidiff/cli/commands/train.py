@@ -39,21 +39,18 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from medidiff.config import Config
-    from medidiff.errors import OutputError
     from medidiff.io import check_writable_folder
     from medidiff.training import build_trainer
+    from medidiff.training.trainer import check_run_folder
 
     config = Config.from_yaml(args.config, args.overrides)
     run_dir = Path(args.out)
-    existing = [run_dir / "model.safetensors", run_dir / "checkpoints" / "last.pt"]
-    if any(p.exists() for p in existing) and not (args.resume or args.overwrite):
-        raise OutputError(
-            f"{run_dir}: already holds a trained run; pass --resume to continue it or --overwrite to start afresh"
-        )
-    check_writable_folder(run_dir)  # before the (possibly long) data loading
+    # before the (possibly long) data loading; fit() checks the run folder again
+    check_run_folder(run_dir, resume=args.resume, overwrite=args.overwrite)
+    check_writable_folder(run_dir)
     trainer = build_trainer(config, run_dir, device=args.device, progress=not args.no_progress,
                             config_dir=Path(args.config).resolve().parent)
-    result = trainer.fit(resume=args.resume)
+    result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     if trainer.info.is_main:
         print(
             f"trained {result.steps} steps (from {result.resumed_from}) in {result.seconds:.1f} s, "
