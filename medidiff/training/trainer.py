@@ -211,10 +211,28 @@ class Trainer:
             if getattr(m, k) is not None
         }
         # One extra class embedding, the last row, is the null class of classifier-free guidance.
+        # A concat mask-conditioned model takes the label channels after the image channel.
         kwargs = model_kwargs(
-            m.spatial_dims, m.preset, num_class_embeds=class_embeddings(m.num_class_embeds), **overrides
+            m.spatial_dims, m.preset, num_class_embeds=class_embeddings(m.num_class_embeds),
+            in_channels=1 + self.num_condition_channels, out_channels=1, **overrides
         )
-        return kwargs, build_model_from_kwargs(kwargs)
+        model = build_model_from_kwargs(kwargs)
+        self._init_from_checkpoint(model, kwargs)
+        return kwargs, model
+
+    @property
+    def num_condition_channels(self) -> int:
+        """Label channels concatenated to the network input (``conditioning.mask: concat``)."""
+        c = self.config.conditioning
+        return len(c.labels) if c.mask == "concat" else 0
+
+    def _init_from_checkpoint(self, model: torch.nn.Module, kwargs: dict) -> None:
+        """``init.checkpoint``: start from a trained U-Net (extra input channels at zero)."""
+        if not self.config.init.checkpoint:
+            return
+        from medidiff.models.init_weights import load_init_weights
+
+        load_init_weights(model, kwargs, resolve_config_checkpoint(self.config.init.checkpoint, self.config_dir))
 
     def _build_process(self) -> None:
         """The forward process the network learns to undo: schedule and noise."""
@@ -249,7 +267,7 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------
     def _loss(self, batch: dict, step: int) -> torch.Tensor:
-        from medidiff.diffusion.guidance import drop_labels
+        from medidiff.diffusion.guidance import concat_condition, drop_condition, drop_labels
         from medidiff.diffusion.noise import sample_noise
         from medidiff.diffusion.prediction import training_target
         from medidiff.diffusion.schedules import q_sample
@@ -267,6 +285,13 @@ class Trainer:
             noise = sample_noise(self.noise_spec, tuple(x0.shape), generator=g, device=self.device)
             x_t = q_sample(self.schedule, x0, t, noise)
             target = training_target(self.schedule, x0, t, noise, prediction_type=c.diffusion.prediction_type)
+        condition = batch.get("condition")
+        if self.num_condition_channels:
+            if condition is None:
+                raise DataError("a mask-conditioned model needs label maps: the dataset serves no 'condition'")
+            condition = condition.to(self.device, non_blocking=True).float()
+            drop = torch.rand(b, device=self.device, generator=g) < c.conditioning.dropout
+            x_t = concat_condition(x_t, drop_condition(condition, drop))
         labels = batch.get("class_label")
         if labels is not None and c.model.num_class_embeds:
             labels = labels.to(self.device).long()
@@ -400,7 +425,7 @@ class Trainer:
             raise CheckpointError(f"{path}: no checkpoint to resume from; run without --resume first")
         state = load_training_state(path)
         saved = Config.from_dict(state["config"])
-        for section in ("stage", "model", "diffusion", "data", "autoencoder"):
+        for section in ("stage", "model", "diffusion", "data", "autoencoder", "conditioning", "base"):
             if getattr(saved, section) != getattr(self.config, section):
                 raise ConfigError(
                     f"--resume: the '{section}' section differs from the checkpoint's ({path}); "
@@ -431,8 +456,19 @@ class Trainer:
 
         model = build_model_from_kwargs(self.model_kwargs).to(self.device).eval()
         model.load_state_dict(self.inference_state_dict())
-        shape = (c.preview_samples, int(self.model_kwargs.get("in_channels", 1)), *self.dataset_spatial_shape())
+        channels = int(self.model_kwargs.get("in_channels", 1)) - self.num_condition_channels
+        shape = (c.preview_samples, channels, *self.dataset_spatial_shape())
         model_fn = lambda x, t: model(x, timesteps=t)  # noqa: E731
+        if self.num_condition_channels:  # the label maps of the first training items, guidance 1
+            from medidiff.diffusion.guidance import concat_condition, mask_guided_model_fn
+
+            step = max(1, len(self.dataset) // c.preview_samples)
+            conditions = torch.stack([
+                torch.as_tensor(self.dataset[i * step]["condition"]) for i in range(c.preview_samples)
+            ]).to(self.device)
+            model_fn = mask_guided_model_fn(
+                lambda x, t, cond: model(concat_condition(x, cond), timesteps=t), conditions, 1.0
+            )
         n_classes = self.config.model.num_class_embeds
         if n_classes:  # one sample per class in turn, plain conditional (guidance 1)
             from medidiff.diffusion.guidance import guided_model_fn
@@ -531,6 +567,26 @@ class Trainer:
         )
 
 
+def resolve_config_checkpoint(value: str, config_dir: Path | None) -> Path:
+    """A checkpoint named in a config (``init.checkpoint``, ``base.checkpoint``): a shipped
+    model's name, a path relative to the config's folder (when it exists there), or a path
+    as given.
+
+    Raises:
+        CheckpointError: the file does not exist.
+    """
+    from medidiff.models.pretrained import MODELS, pretrained_path
+
+    if value in MODELS:
+        return pretrained_path(value)
+    path = Path(os.path.expanduser(value))
+    if config_dir is not None and not path.is_absolute() and (config_dir / path).exists():
+        path = config_dir / path
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint named in the config not found")
+    return path
+
+
 def _adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
     """AdamW with the fused kernel where this torch build has one for the device (one
     kernel per step instead of several foreach passes), else the foreach implementation."""
@@ -547,6 +603,8 @@ def _collate(items: list) -> dict:
         out = {"image": torch.stack([torch.as_tensor(i["image"]) for i in items]).float()}
         if items[0].get("class_label") is not None:
             out["class_label"] = torch.as_tensor([int(i["class_label"]) for i in items])
+        if items[0].get("condition") is not None:
+            out["condition"] = torch.stack([torch.as_tensor(i["condition"]) for i in items]).float()
         return out
     return {"image": torch.stack([torch.as_tensor(i) for i in items]).float()}
 
