@@ -178,3 +178,55 @@ def test_slice_dataset_serves_label_maps(tmp_path: Path) -> None:
     item = ds[4]
     assert item["condition"].shape == (3, 16, 16)
     assert item["condition"][2].sum() > 0  # the lesion slice has the ms channel
+
+
+# ---- ControlNet ----------------------------------------------------------------------------
+
+
+def _base(tmp_path: Path) -> Path:
+    torch.manual_seed(1)
+    path = tmp_path / "base.safetensors"
+    save_inference(path, build_model(2, "tiny"), model_kwargs=model_kwargs(2, "tiny"),
+                   config={"model": {"spatial_dims": 2, "preset": "tiny"}},
+                   preprocessing={"shape": [16, 16, 8]})
+    return path
+
+
+def _controlnet_config(base: Path, **diffusion) -> Config:
+    raw = _cond_config()
+    raw["stage"] = "controlnet"
+    raw["base"] = {"checkpoint": str(base)}
+    raw["conditioning"]["mask"] = "controlnet"
+    raw["diffusion"] = diffusion
+    return Config.from_dict(raw)
+
+
+def test_controlnet_trains_only_the_controlnet(tmp_path: Path) -> None:
+    from medidiff.models.loaded import load_model
+    from medidiff.training import build_trainer
+
+    base_path = _base(tmp_path)
+    base = load_model(base_path)
+    trainer = build_trainer(_controlnet_config(base_path), tmp_path / "run", dataset=_dataset(),
+                            progress=False, device="cpu")
+    assert 0 < trainer.trainable_parameters() < sum(p.numel() for p in trainer.model.parameters())
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 500])
+    cond = torch.stack([_dataset()[0]["condition"]] * 2)
+    with torch.no_grad():  # zero convolutions: at step 0 the pair is the base model
+        assert torch.allclose(trainer.model.eval()(x, t, cond), base.model(x, t), atol=1e-5)
+    trainer.model.train()
+    result = trainer.fit()
+    loaded = load_model(result.model_path)
+    assert loaded.checkpoint.network == "controlled_diffusion" and loaded.conditioning.mask == "controlnet"
+    for k, v in base.model.state_dict().items():  # the base did not move
+        assert torch.equal(loaded.model.unet.state_dict()[k], v)
+    out = loaded.mask_model_fn(cond, guidance=1.5)(x, t)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_controlnet_refuses_a_mismatched_base(tmp_path: Path) -> None:
+    from medidiff.training import build_trainer
+
+    with pytest.raises(ConfigError, match="diffusion.schedule"):
+        build_trainer(_controlnet_config(_base(tmp_path), schedule="cosine"), tmp_path / "r",
+                      dataset=_dataset(), progress=False, device="cpu")

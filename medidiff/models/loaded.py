@@ -150,7 +150,8 @@ class LoadedModel:
     def unet_kwargs(self) -> dict[str, Any]:
         """The ``DiffusionModelUNet`` kwargs (the ``unet`` part of a latent model's)."""
         kwargs = self.checkpoint.model_kwargs
-        return dict(kwargs["unet"]) if self.is_latent else dict(kwargs)
+        nested = self.is_latent or self.checkpoint.network == "controlled_diffusion"
+        return dict(kwargs["unet"]) if nested else dict(kwargs)
 
     @property
     def spatial_dims(self) -> int:

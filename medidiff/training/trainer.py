@@ -176,7 +176,8 @@ class Trainer:
             fmt = torch.channels_last if c.model.spatial_dims == 2 else torch.channels_last_3d
             self.model = self.model.to(memory_format=fmt)
         self._build_process()
-        self.optimizer = _adamw(self.model.parameters(), lr=c.train.lr, weight_decay=c.train.weight_decay)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # a frozen base stays out
+        self.optimizer = _adamw(trainable, lr=c.train.lr, weight_decay=c.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(s, c.train.warmup_steps, c.train.max_steps, c.train.min_lr_ratio),
@@ -286,12 +287,17 @@ class Trainer:
             x_t = q_sample(self.schedule, x0, t, noise)
             target = training_target(self.schedule, x0, t, noise, prediction_type=c.diffusion.prediction_type)
         condition = batch.get("condition")
-        if self.num_condition_channels:
+        extra = {}
+        if c.conditioning.mask != "none":
             if condition is None:
                 raise DataError("a mask-conditioned model needs label maps: the dataset serves no 'condition'")
             condition = condition.to(self.device, non_blocking=True).float()
             drop = torch.rand(b, device=self.device, generator=g) < c.conditioning.dropout
-            x_t = concat_condition(x_t, drop_condition(condition, drop))
+            condition = drop_condition(condition, drop)  # the null condition, for guidance
+            if c.conditioning.mask == "concat":
+                x_t = concat_condition(x_t, condition)
+            else:  # a ControlNet reads it
+                extra["condition"] = condition
         labels = batch.get("class_label")
         if labels is not None and c.model.num_class_embeds:
             labels = labels.to(self.device).long()
@@ -300,7 +306,7 @@ class Trainer:
         else:
             labels = None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            pred = self.ddp_model(x_t, timesteps=t, class_labels=labels)
+            pred = self.ddp_model(x_t, timesteps=t, class_labels=labels, **extra)
         return F.mse_loss(pred.float(), target.float())
 
     def _flow_inputs(
@@ -451,24 +457,27 @@ class Trainer:
             return None
         from medidiff.diffusion.samplers import sampler_for
         from medidiff.diffusion.sampling import sample
-        from medidiff.models.unet import build_model_from_kwargs
         from medidiff.io.images import save_image_grid
 
-        model = build_model_from_kwargs(self.model_kwargs).to(self.device).eval()
+        model = self._fresh_network().to(self.device).eval()
         model.load_state_dict(self.inference_state_dict())
-        channels = int(self.model_kwargs.get("in_channels", 1)) - self.num_condition_channels
+        unet_kwargs = self.model_kwargs.get("unet", self.model_kwargs)
+        channels = int(unet_kwargs.get("out_channels", 1))
         shape = (c.preview_samples, channels, *self.dataset_spatial_shape())
         model_fn = lambda x, t: model(x, timesteps=t)  # noqa: E731
-        if self.num_condition_channels:  # the label maps of the first training items, guidance 1
+        mode = self.config.conditioning.mask
+        if mode != "none":  # the label maps of training items spread over the set, guidance 1
             from medidiff.diffusion.guidance import concat_condition, mask_guided_model_fn
 
             step = max(1, len(self.dataset) // c.preview_samples)
             conditions = torch.stack([
                 torch.as_tensor(self.dataset[i * step]["condition"]) for i in range(c.preview_samples)
             ]).to(self.device)
-            model_fn = mask_guided_model_fn(
-                lambda x, t, cond: model(concat_condition(x, cond), timesteps=t), conditions, 1.0
-            )
+            if mode == "concat":
+                net = lambda x, t, cond: model(concat_condition(x, cond), timesteps=t)  # noqa: E731
+            else:
+                net = lambda x, t, cond: model(x, timesteps=t, condition=cond)  # noqa: E731
+            model_fn = mask_guided_model_fn(net, conditions, 1.0)
         n_classes = self.config.model.num_class_embeds
         if n_classes:  # one sample per class in turn, plain conditional (guidance 1)
             from medidiff.diffusion.guidance import guided_model_fn
@@ -487,6 +496,12 @@ class Trainer:
         images = self.decode_preview(result.sample)
         save_image_grid(images.float().cpu().numpy(), path, title=f"step {self.step}")
         return path
+
+    def _fresh_network(self) -> torch.nn.Module:
+        """A new network of this run's architecture (for previews from the EMA weights)."""
+        from medidiff.models.unet import build_model_from_kwargs
+
+        return build_model_from_kwargs(self.model_kwargs)
 
     def decode_preview(self, samples: torch.Tensor) -> torch.Tensor:
         """What a preview shows of the sampled network outputs: the samples themselves
