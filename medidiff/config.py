@@ -500,6 +500,11 @@ def _check_conditioning(cfg: Config) -> None:
         raise ConfigError("config key 'base.checkpoint' is needed for stage: controlnet (the frozen base model)")
     if cfg.stage != "controlnet" and cfg.base.checkpoint:
         raise ConfigError("config key 'base.checkpoint' applies to stage: controlnet only")
+    if c.mask != "none" and cfg.stage in ("latent", "autoencoder"):
+        raise ConfigError(
+            f"conditioning.mask with stage: {cfg.stage} is not implemented: mask-conditioned models "
+            "are pixel-space (stage: diffusion or controlnet)"
+        )
     if c.mask != "none" and cfg.model.num_class_embeds:
         raise ConfigError(
             "conditioning.mask and model.num_class_embeds cannot be combined yet; use one kind of "

@@ -46,6 +46,8 @@ def test_config_conditioning_round_trip() -> None:
     ({"stage": "controlnet", "conditioning": {"mask": "controlnet", "labels": ["a"]}}, "base.checkpoint"),
     ({"conditioning": {"mask": "controlnet", "labels": ["a"]}}, "go together"),
     ({"base": {"checkpoint": "x"}}, "stage: controlnet only"),
+    ({"stage": "latent", "autoencoder": {"checkpoint": "a"},
+      "conditioning": {"mask": "concat", "labels": ["a"]}}, "not implemented"),
 ])
 def test_config_conditioning_refusals(section: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
