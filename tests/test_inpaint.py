@@ -231,3 +231,25 @@ def test_cli_refusals(tmp_path: Path, run_cli) -> None:
     assert res.rc != 0 and "no such file or folder" in res.err
     res = run_cli(["synthesize", "--checkpoint", str(plain), "--out", str(tmp_path / "e")])
     assert res.rc != 0 and "--num is required" in res.err
+
+
+def test_write_pairs_shards_over_ranks(tmp_path: Path) -> None:
+    from medidiff.runtime.distributed import DistInfo
+    from medidiff.synthesis.inpaint import PairedScan
+    from medidiff.synthesis.pairs import PairJob, write_pairs
+
+    made = []
+
+    def make(job):
+        made.append(job.name)
+        v = Volume(np.full((4, 4, 4), job.seed, np.float32), np.eye(4))
+        return PairedScan(v, v.with_array(np.ones((4, 4, 4), np.uint8)), np.ones((4, 4, 4), bool), 1, 0.0)
+
+    jobs = [PairJob(name=f"p{i}", seed=i, mask_source="random:ms", kind="ms") for i in range(5)]
+    write_pairs(jobs, make, tmp_path, settings={}, info=DistInfo(rank=1, world_size=2))
+    assert made == ["p1", "p3"]
+    summary = write_pairs(jobs, make, tmp_path, settings={}, info=DistInfo(rank=0, world_size=2))
+    assert made == ["p1", "p3", "p0", "p2", "p4"]
+    rows = read_pairs_manifest(summary.manifest)  # rank 0's manifest lists every finished pair
+    assert [r["name"] for r in rows] == [f"p{i}" for i in range(5)]
+    assert load_volume(tmp_path / "p3_synth.nii.gz").array.max() == 3  # seeded per pair

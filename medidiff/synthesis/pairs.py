@@ -164,13 +164,26 @@ def _check_config(out: Path, settings: Mapping[str, Any], overwrite: bool) -> No
         )
 
 
-def _gather(rows: list[dict[str, str]], info: Any) -> list[dict[str, str]]:
+def _collectives(info: Any) -> bool:
+    """True in a real torchrun job (not a DistInfo made up for one rank's share)."""
     if info is None or not getattr(info, "enabled", False):
-        return rows
+        return False
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier(info: Any) -> None:
+    if _collectives(info):
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _gather(rows: list[dict[str, str]], info: Any) -> list[dict[str, str]]:
+    if not _collectives(info):
         return rows
+    import torch.distributed as dist
     gathered: list[Any] | None = [None] * info.world_size if info.is_main else None
     dist.gather_object(rows, gathered, dst=0)
     return [r for part in (gathered or []) for r in (part or [])] if info.is_main else rows
@@ -202,7 +215,7 @@ def write_pairs(
         OutputError: the folder holds pairs of other settings, or cannot be written.
     """
     from medidiff.io import check_writable_folder, load_volume, save_volume, write_text_atomic
-    from medidiff.runtime.distributed import DistInfo, barrier, shard
+    from medidiff.runtime.distributed import DistInfo, shard
 
     began = time.perf_counter()
     info = info or DistInfo()
@@ -214,7 +227,7 @@ def write_pairs(
         check_writable_folder(out)
         _check_config(out, settings, overwrite)
         write_text_atomic(out / PAIRS_CONFIG, json.dumps(dict(settings), indent=2, sort_keys=True))
-    barrier(info)
+    _barrier(info)
     previous = {r.get("name"): r for r in read_pairs_manifest(out / MANIFEST_NAME)}
     mine = shard(list(jobs), info)
     if progress and info.is_main:
@@ -247,6 +260,6 @@ def write_pairs(
             ordered.append(_row(job, _lesion_ml(load_volume(out / label_name)),
                                 old.get("nfe", ""), old.get("seconds", "")))
         _write_manifest(out / MANIFEST_NAME, ordered)
-    barrier(info)
+    _barrier(info)
     return PairsSummary(out_dir=out, generated=tuple(generated), skipped=tuple(skipped),
                         manifest=out / MANIFEST_NAME, seconds=time.perf_counter() - began)
