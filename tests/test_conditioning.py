@@ -141,6 +141,21 @@ def test_trainer_concat_records_conditioning(tmp_path: Path) -> None:
     assert out.shape == (1, 1, 16, 16)
 
 
+def test_trainer_concat_3d(tmp_path: Path) -> None:
+    from medidiff.models.loaded import load_model
+    from medidiff.training.trainer import Trainer
+
+    raw = _cond_config()
+    raw["model"]["spatial_dims"] = 3
+    data = [{"image": torch.rand(1, 8, 8, 8),
+             "condition": torch.from_numpy(one_hot(np.random.default_rng(i).integers(0, 4, (8, 8, 8)), 3))}
+            for i in range(2)]
+    result = Trainer(Config.from_dict(raw), tmp_path / "run", dataset=data, progress=False, device="cpu").fit()
+    loaded = load_model(result.model_path)
+    cond = data[0]["condition"][None]
+    assert loaded.mask_model_fn(cond)(torch.randn(1, 1, 8, 8, 8), torch.tensor([3])).shape == (1, 1, 8, 8, 8)
+
+
 def test_trainer_init_checkpoint_starts_at_old_model(tmp_path: Path) -> None:
     from medidiff.training.trainer import Trainer
 

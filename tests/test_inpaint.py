@@ -23,15 +23,15 @@ LABELS = ["brain", "tumor", "ms"]
 AFFINE = np.array([[1.5, 0, 0, -10], [0, 1.5, 0, -12], [0, 0, 2.0, 4], [0, 0, 0, 1]])
 
 
-def _checkpoint(path: Path, conditional: bool) -> Path:
-    config = {"model": {"spatial_dims": 2, "preset": "tiny"}, "diffusion": {"num_train_timesteps": 100}}
+def _checkpoint(path: Path, conditional: bool, dims: int = 2) -> Path:
+    config = {"model": {"spatial_dims": dims, "preset": "tiny"}, "diffusion": {"num_train_timesteps": 100}}
     extra_in = 0
     if conditional:
         config["conditioning"] = {"mask": "concat", "labels": LABELS, "dropout": 0.1}
         extra_in = len(LABELS)
     torch.manual_seed(0)
-    model = build_model(2, "tiny", in_channels=1 + extra_in)
-    save_inference(path, model, model_kwargs=model_kwargs(2, "tiny", in_channels=1 + extra_in), config=config,
+    model = build_model(dims, "tiny", in_channels=1 + extra_in)
+    save_inference(path, model, model_kwargs=model_kwargs(dims, "tiny", in_channels=1 + extra_in), config=config,
                    preprocessing={"shape": [16, 16, 12], "spacing": [2.0, 2.0, 2.0]},
                    extra={"intensity_reference": {"a_min": 0.0, "a_max": 100.0}})
     return path
@@ -101,6 +101,16 @@ def test_inpaint_changes_only_the_dilated_mask(tmp_path: Path, conditional: bool
     again = inpainter.inpaint(scan, lesion, seed=3, kind="tumor" if conditional else None,
                               brain=scan.with_array(brain))
     assert np.array_equal(again.image.array, out)  # seeded
+
+
+def test_inpaint_3d_model(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path / "m3.safetensors", True, dims=3)
+    scan, brain, lesion = _scan()
+    result = Inpainter(ckpt, device="cpu", steps=2, resample=2, margin=1).inpaint(
+        scan, lesion, seed=0, kind="ms", brain=scan.with_array(brain))
+    outside = blend_weights(lesion, 1) == 0
+    assert np.abs(result.image.array[outside] - scan.array[outside]).max() <= 1e-6
+    assert result.nfe == 3
 
 
 def test_inpaint_refusals(tmp_path: Path) -> None:
