@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="segmenter seeds (default 0 1 2)")
     p.add_argument("--anomaly-limit", type=int, default=None,
                    help="score at most this many inpainted and real scans for the AUPRC (default all)")
+    p.add_argument("--parts", nargs="+", choices=("utility", "realism"), default=["utility", "realism"],
+                   help="what to measure (default both; run them as two processes to use two cores)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 test scans, 6 pairs")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -299,6 +301,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     healthy_masks = {str(e.image): str(e.mask) for e in datalist("training")}
 
     real_entries = datalist("training_lesions")
+    result: dict[str, Any] = {
+        "checkpoint": str(args.checkpoint), "pairs": str(folder), "num_pairs": len(rows),
+        "repaint": {"steps": args.steps, "resample": args.resample, "guidance": args.guidance},
+        "quick": bool(args.quick),
+    }
+    if "utility" in args.parts:
+        result.update(utility_part(args, preprocessing, folder, rows, healthy_masks, real_entries))
+    if "realism" in args.parts:
+        result.update(realism_part(args, preprocessing, folder, rows, healthy_masks, real_entries))
+    result["seconds"] = time.perf_counter() - began
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def utility_part(args: argparse.Namespace, preprocessing: Any, folder: Path, rows: list, healthy_masks: dict,
+                 real_entries: list) -> dict[str, Any]:
+    """Segmenters on real / synthetic / both, Dice on the test lesion scans."""
     test_entries = [e for e in datalist("test") if e.extra.get("kind") != "healthy"]
     if args.quick:
         test_entries = test_entries[::3]
@@ -326,8 +347,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kinds = [k for k in runs[0] if k not in ("mean", "per_scan")]
         utility[name] = {"dice": [r["mean"] for r in runs],
                          **{k: [r[k] for r in runs] for k in kinds}, "slices": len(data)}
+    print("\n| training data | slices | Dice (mean +- std over seeds) | " +
+          " | ".join(k for k in utility["real"] if k not in ("dice", "slices")) + " |")
+    print("|---|---|---|" + "---|" * (len(utility["real"]) - 2))
+    for name, u in utility.items():
+        extra = " | ".join(_fmt(u[k]) for k in u if k not in ("dice", "slices"))
+        print(f"| {name} | {u['slices']} | {_fmt(u['dice'])} | {extra} |")
+    ratio = np.mean(utility["synthetic"]["dice"]) / max(np.mean(utility["real"]["dice"]), 1e-9)
+    gain = np.mean(utility["real+synthetic"]["dice"]) - np.mean(utility["real"]["dice"])
+    print(f"\nsynthetic-only / real-only Dice: {ratio:.1%} (target >= 90 %); real+synthetic - real: {gain:+.3f} (target > 0)")
+    return {
+        "segmenter": {"network": "monai UNet 2D (8, 16, 32, 64), 1 res unit", "loss": "DiceCE (sigmoid)",
+                      "optimizer": "Adam 1e-3", "iterations": args.iterations, "batch": 16, "seeds": args.seeds,
+                      "eval": "per-scan Dice on the model grid, test split lesion scans"},
+        "utility": utility, "synthetic_over_real": float(ratio), "real_plus_synthetic_gain": float(gain),
+    }
 
-    # realism: W1 and anomaly AUPRC
+
+def realism_part(args: argparse.Namespace, preprocessing: Any, folder: Path, rows: list, healthy_masks: dict,
+                 real_entries: list) -> dict[str, Any]:
+    """W1 of lesion intensities and the anomaly detector's AUPRC, inpainted vs real."""
     synth_k = [(str(folder / r["image"]), str(folder / r["label"]), healthy_masks.get(r["source_scan"]), r["kind"])
                for r in rows]
     before_k = [(r["source_scan"], str(folder / r["label"]), healthy_masks.get(r["source_scan"]), r["kind"])
@@ -341,16 +380,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     auprc = {"inpainted": anomaly_auprc(synth_k, limit, args.device),
              "real_val_lesions": anomaly_auprc(val_k, limit, args.device)}
 
-    # tables
-    print("\n| training data | slices | Dice (mean +- std over seeds) | " +
-          " | ".join(k for k in utility["real"] if k not in ("dice", "slices")) + " |")
-    print("|---|---|---|" + "---|" * (len(utility["real"]) - 2))
-    for name, u in utility.items():
-        extra = " | ".join(_fmt(u[k]) for k in u if k not in ("dice", "slices"))
-        print(f"| {name} | {u['slices']} | {_fmt(u['dice'])} | {extra} |")
-    ratio = np.mean(utility["synthetic"]["dice"]) / max(np.mean(utility["real"]["dice"]), 1e-9)
-    gain = np.mean(utility["real+synthetic"]["dice"]) - np.mean(utility["real"]["dice"])
-    print(f"\nsynthetic-only / real-only Dice: {ratio:.1%} (target >= 90 %); real+synthetic - real: {gain:+.3f} (target > 0)")
     print("\n| kind | W1 inpainted vs real | W1 healthy tissue under the mask vs real | W1 real (val) vs real (train) |")
     print("|---|---|---|---|")
     for kind, row in w1.items():
@@ -362,20 +391,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, row in auprc.items():
         print(f"| {name} | " + " | ".join(f"{row.get(k, float('nan')):.3f}" for k in columns) + " |")
 
-    result = {
-        "checkpoint": str(args.checkpoint), "pairs": str(folder), "num_pairs": len(rows),
-        "repaint": {"steps": args.steps, "resample": args.resample, "guidance": args.guidance},
-        "segmenter": {"network": "monai UNet 2D (8, 16, 32, 64), 1 res unit", "loss": "DiceCE (sigmoid)",
-                      "optimizer": "Adam 1e-3", "iterations": args.iterations, "batch": 16, "seeds": args.seeds,
-                      "eval": "per-scan Dice on the model grid, test split lesion scans"},
-        "utility": utility, "synthetic_over_real": float(ratio), "real_plus_synthetic_gain": float(gain),
-        "w1_model_scale": w1, "anomaly_voxel_auprc": auprc, "seconds": time.perf_counter() - began,
-        "quick": bool(args.quick),
-    }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    return result
+    return {"w1_model_scale": w1, "anomaly_voxel_auprc": auprc}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Montage of a paired synthetic dataset: each image at its lesion's largest axial slice with
 the label outlined (red), so a glance shows whether the painted lesions sit in their labels.
+Volumes are shown in RAS order whatever their on-disk voxel order.
 
 Example:
     >>> import tempfile, pathlib, numpy as np
@@ -28,6 +29,13 @@ from medidiff.viz.display import draw_contour, new_figure, robust_range, save_fi
 __all__ = ["save_pair_montage"]
 
 
+def _ras(volume) -> np.ndarray:
+    """The volume's voxels in RAS axis order (so axis 2 is axial whatever the file's order)."""
+    import nibabel as nib
+
+    return np.asarray(nib.as_closest_canonical(nib.Nifti1Image(np.asarray(volume.array), volume.affine)).dataobj)
+
+
 def save_pair_montage(folder: str | os.PathLike, rows: Sequence[Mapping[str, str]],
                       path: str | os.PathLike, *, max_pairs: int = 16, columns: int = 4) -> Path | None:
     """Write a PNG of up to ``max_pairs`` pairs from a pairs manifest's ``rows``.
@@ -53,8 +61,8 @@ def save_pair_montage(folder: str | os.PathLike, rows: Sequence[Mapping[str, str
     for ax in axes:
         ax.axis("off")
     for ax, row in zip(axes, chosen):
-        image = np.asarray(load_volume(Path(folder) / row["image"]).array, dtype=np.float32)
-        label = np.asarray(load_volume(Path(folder) / row["label"]).array) > 0
+        image = _ras(load_volume(Path(folder) / row["image"])).astype(np.float32)
+        label = _ras(load_volume(Path(folder) / row["label"])) > 0
         z = int(np.argmax(label.sum(axis=(0, 1)))) if label.any() else image.shape[2] // 2
         lo, hi = robust_range(image)
         title = f"{row.get('name', '')}\n{row.get('kind', '')} {row.get('lesion_ml', '')} ml"
