@@ -205,10 +205,63 @@ class AutoencoderConfig:
     overlap: float = 0.25
 
 
+#: The ``conditioning.mask`` choices: no mask conditioning, the label map as extra input
+#: channels of the U-Net (Med-DDPM style), or a ControlNet on a frozen base model.
+MASK_CONDITIONINGS = ("none", "concat", "controlnet")
+
+
+@dataclass(frozen=True)
+class ConditioningConfig:
+    """Conditioning of the denoiser on a label map (mask-conditioned synthesis).
+
+    Attributes:
+        mask: ``none``, ``concat`` (the label map's one-hot channels are concatenated to
+            the network input x_t; Med-DDPM, Dorjsembe et al. 2024) or ``controlnet``
+            (MONAI ``ControlNet`` on a frozen ``base.checkpoint``; Zhang et al. 2023).
+        labels: the label names, in order: value ``i + 1`` of a label map is
+            ``labels[i]`` and becomes channel ``i``. ``brain`` is the datalist's brain
+            mask, ``lesion`` its lesion label of any kind, any other name (e.g. ``tumor``)
+            the lesion label of entries of that ``kind`` (see
+            :mod:`medidiff.data.labels`).
+        dropout: probability of replacing the whole condition by the null condition
+            during training, for classifier-free guidance (Ho & Salimans 2022).
+    """
+
+    mask: str = "none"
+    labels: list[str] = field(default_factory=list)
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """Where the trainable weights start.
+
+    Attributes:
+        checkpoint: ``model.safetensors`` (or a shipped model's name, e.g. ``brain_mri_2d``)
+            of a diffusion U-Net with the same architecture to start from (fine-tuning).
+            Input channels the new model has in addition (the label channels of a
+            mask-conditioned model) start at zero, so step 0 equals the old model.
+    """
+
+    checkpoint: Union[str, None] = None
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """``stage: controlnet``: the frozen base model the ControlNet steers.
+
+    Attributes:
+        checkpoint: ``model.safetensors`` of a pixel-space diffusion U-Net (or a shipped
+            model's name, e.g. ``brain_mri_2d``).
+    """
+
+    checkpoint: Union[str, None] = None
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole run: ``stage`` (what is trained) and the ``data``, ``model``, ``diffusion``,
-    ``train`` and ``autoencoder`` sections."""
+    ``train``, ``autoencoder``, ``conditioning``, ``init`` and ``base`` sections."""
 
     name: str = "run"
     stage: str = "diffusion"
@@ -217,6 +270,9 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
 
     # ---- construction -------------------------------------------------------------
     @classmethod
@@ -396,6 +452,7 @@ def _check_values(cfg: Config) -> None:
             "config key 'autoencoder.checkpoint' is needed for stage: latent (the model.safetensors "
             "of a trained autoencoder run)"
         )
+    _check_conditioning(cfg)
     if a.tile is not None and (len(a.tile) not in (1, 2, 3) or min(a.tile) < 1):
         raise ConfigError(f"config key 'autoencoder.tile' must be 1 to 3 positive integers; got {a.tile}")
     if not 0 <= a.overlap < 1:
@@ -412,3 +469,44 @@ def _check_values(cfg: Config) -> None:
         Preprocessing.from_dict(cfg.data.preprocessing, prefix="data.preprocessing")
     if not 0 <= cfg.data.min_foreground < 1:
         raise ConfigError(f"config key 'data.min_foreground' must lie in [0, 1); got {cfg.data.min_foreground}")
+
+
+def _check_conditioning(cfg: Config) -> None:
+    c = cfg.conditioning
+    _choice("conditioning.mask", c.mask, MASK_CONDITIONINGS)
+    if not 0 <= c.dropout < 1:
+        raise ConfigError(f"config key 'conditioning.dropout' must lie in [0, 1); got {c.dropout}")
+    if c.mask == "none":
+        if c.labels:
+            raise ConfigError(
+                "config key 'conditioning.labels' needs conditioning.mask: concat or controlnet"
+            )
+    else:
+        if not c.labels:
+            raise ConfigError(
+                f"config key 'conditioning.labels' must name at least one label for "
+                f"conditioning.mask: {c.mask}, e.g. [brain, tumor, ms, stroke]"
+            )
+        if len(set(c.labels)) != len(c.labels) or not all(n.strip() for n in c.labels):
+            raise ConfigError(f"config key 'conditioning.labels' must be distinct names; got {c.labels}")
+        if len(c.labels) > 254:
+            raise ConfigError("config key 'conditioning.labels' holds more than 254 labels")
+    if (cfg.stage == "controlnet") != (c.mask == "controlnet"):
+        raise ConfigError(
+            "stage: controlnet and conditioning.mask: controlnet go together (a ControlNet "
+            "trained on label maps over a frozen base.checkpoint)"
+        )
+    if cfg.stage == "controlnet" and not cfg.base.checkpoint:
+        raise ConfigError("config key 'base.checkpoint' is needed for stage: controlnet (the frozen base model)")
+    if cfg.stage != "controlnet" and cfg.base.checkpoint:
+        raise ConfigError("config key 'base.checkpoint' applies to stage: controlnet only")
+    if c.mask != "none" and cfg.stage in ("latent", "autoencoder"):
+        raise ConfigError(
+            f"conditioning.mask with stage: {cfg.stage} is not implemented: mask-conditioned models "
+            "are pixel-space (stage: diffusion or controlnet)"
+        )
+    if c.mask != "none" and cfg.model.num_class_embeds:
+        raise ConfigError(
+            "conditioning.mask and model.num_class_embeds cannot be combined yet; use one kind of "
+            "conditioning"
+        )

@@ -39,7 +39,7 @@ __all__ = [
 #: What ``medidiff train`` trains: a diffusion U-Net on images, the autoencoder that is
 #: the first stage of a latent model, or the latent model's diffusion U-Net on the latents
 #: of a trained (frozen) autoencoder.
-STAGES = ("diffusion", "autoencoder", "latent")
+STAGES = ("diffusion", "autoencoder", "latent", "controlnet")
 
 #: The autoencoders of a latent model (``autoencoder.kind``): KL-regularised (MONAI
 #: ``AutoencoderKL``) or vector-quantised (MONAI ``VQVAE``); Rombach et al. 2022's "KL-reg."

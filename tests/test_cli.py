@@ -1,4 +1,4 @@
-"""The CLI surface: every DESIGN.md command is listed, has help, and is a thin wrapper."""
+"""The CLI surface: every DESIGN.md command (plus issue 14's inpaint) is listed, has help, and is a thin wrapper."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 from medidiff.cli.main import COMMANDS, main
 
-DESIGN_COMMANDS = ["info", "train", "synthesize", "calibrate", "anomaly", "evaluate", "evaluate-synthesis", "export-bundle",
-                   "demo"]
+DESIGN_COMMANDS = ["info", "train", "synthesize", "inpaint", "calibrate", "anomaly", "evaluate",
+                   "evaluate-synthesis", "export-bundle", "demo"]
 
 
 def test_help_lists_all_commands(capsys):

@@ -18,6 +18,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("info", "medidiff.cli.commands.info", "print a volume's shape, spacing, orientation, affine and range"),
     ("train", "medidiff.cli.commands.train", "train a diffusion U-Net (or a latent model's autoencoder) from a YAML config"),
     ("synthesize", "medidiff.cli.commands.synthesize", "generate new scans from a checkpoint"),
+    ("inpaint", "medidiff.cli.commands.inpaint",
+     "paint lesions into scans: image + label pairs (RePaint, mask-conditioned models)"),
     ("calibrate", "medidiff.cli.commands.calibrate", "anomaly thresholds from healthy scans at a target FPR"),
     ("anomaly", "medidiff.cli.commands.anomaly", "score scans for anomalies (maps, segmentations, scores)"),
     ("evaluate", "medidiff.cli.commands.evaluate", "voxel/scan metrics of anomaly maps against masks"),

@@ -109,21 +109,37 @@ class PreprocessItem(Transform):
     ``a_min``/``a_max`` the intensity map.
     """
 
-    def __init__(self, preprocessing: Preprocessing) -> None:
+    def __init__(self, preprocessing: Preprocessing, *, with_labels: bool = False) -> None:
         self.preprocessing = preprocessing
+        self.with_labels = with_labels
 
     def __call__(self, item: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         volume = load_volume(item["image"])
         mask = load_volume(item["mask"]) if item.get("mask") else None
         pre = preprocess(volume, self.preprocessing, mask=mask)
         foreground = pre.mask > 0 if pre.mask is not None else pre.foreground
-        return {
+        out = {
             "image": torch.from_numpy(pre.image),
             "slice_foreground": torch.from_numpy(foreground.mean(axis=(0, 1)).astype(np.float32)),
             "affine": torch.from_numpy(pre.affine),
             "a_min": torch.tensor(float(pre.intensity["a_min"]), dtype=torch.float64),
             "a_max": torch.tensor(float(pre.intensity["a_max"]), dtype=torch.float64),
         }
+        if self.with_labels:  # label maps of mask-conditioned models: nearest neighbour
+            brain = (pre.mask > 0) if pre.mask is not None else np.zeros(pre.image.shape, bool)
+            lesion = np.zeros(pre.image.shape, bool)
+            if item.get("segmentation"):
+                from medidiff.data.transforms import to_model
+
+                seg = load_volume(item["segmentation"])
+                if seg.shape != volume.shape:
+                    raise DataError(
+                        f"{item['segmentation']}: label shape {seg.shape} differs from its image's {volume.shape}"
+                    )
+                lesion = to_model((np.asarray(seg.array) > 0).astype(np.uint8), pre, reference=seg, interpolation="nearest") > 0
+            out["brain"] = torch.from_numpy(brain.astype(np.uint8))
+            out["lesion"] = torch.from_numpy(lesion.astype(np.uint8))
+        return out
 
 
 def _file_stamp(path: Path | None) -> str | None:
@@ -185,12 +201,14 @@ class PreprocessedDataset(torch.utils.data.Dataset):
         class_names: Sequence[str] | None = None,
         cache_workers: int = 1,
         progress: bool = False,
+        condition_labels: Sequence[str] | None = None,
     ) -> None:
         from monai.data import CacheDataset, Dataset, PersistentDataset
 
         self.entries = list(entries)
         if not self.entries:
             raise DataError("the datalist is empty")
+        self.condition_labels = tuple(condition_labels) if condition_labels else None
         self.preprocessing = preprocessing
         self.class_names = tuple(class_names) if class_names is not None else None
         self._labels: list[int] | None = None
@@ -213,10 +231,12 @@ class PreprocessedDataset(torch.utils.data.Dataset):
                 "stamp": [_file_stamp(e.image), _file_stamp(e.mask)],
                 "preprocessing": settings,
                 "format": _CACHE_FORMAT,
+                **({"segmentation": None if e.segmentation is None else str(e.segmentation),
+                    "label_stamp": _file_stamp(e.segmentation)} if self.condition_labels else {}),
             }
             for e in self.entries
         ]
-        transform = Compose([PreprocessItem(preprocessing)])
+        transform = Compose([PreprocessItem(preprocessing, with_labels=bool(self.condition_labels))])
         if cache not in CACHE_MODES:
             raise ConfigError(f"cache must be one of {', '.join(CACHE_MODES)}; got {cache!r}")
         if cache == "memory":
@@ -278,6 +298,28 @@ class PreprocessedDataset(torch.utils.data.Dataset):
             return {}
         return {"class_label": torch.tensor(self._labels[volume_index], dtype=torch.long)}
 
+    def label_map(self, volume_index: int) -> np.ndarray:
+        """The label map ``(X, Y, Z)`` uint8 of volume ``volume_index`` on the model grid
+        (values ``i + 1`` for ``condition_labels[i]``, see :mod:`medidiff.data.labels`)."""
+        from medidiff.data.labels import compose_label_map
+
+        if self.condition_labels is None:
+            raise ConfigError("this dataset serves no label maps (no condition_labels)")
+        item = self.volume(volume_index)
+        kind = self.entries[volume_index].extra.get("kind")
+        return compose_label_map(
+            self.condition_labels, brain=item["brain"].numpy(), lesion=item["lesion"].numpy(),
+            kind=None if kind is None else str(kind),
+        )
+
+    def _condition_item(self, label_map: np.ndarray) -> dict[str, torch.Tensor]:
+        """``condition``: the one-hot channels ``(L, *spatial)`` of a label map."""
+        from medidiff.data.labels import one_hot
+
+        if self.condition_labels is None:
+            return {}
+        return {"condition": torch.from_numpy(one_hot(label_map, len(self.condition_labels)))}
+
 
 class SliceDataset(PreprocessedDataset):
     """Axial slices of preprocessed volumes for 2D models.
@@ -311,12 +353,13 @@ class SliceDataset(PreprocessedDataset):
         class_names: Sequence[str] | None = None,
         cache_workers: int = 1,
         progress: bool = False,
+        condition_labels: Sequence[str] | None = None,
     ) -> None:
         if not 0 <= min_foreground <= 1:
             raise ConfigError(f"min_foreground must lie in [0, 1]; got {min_foreground}")
         super().__init__(
             entries, preprocessing, cache=cache, cache_dir=cache_dir, class_names=class_names,
-            cache_workers=cache_workers, progress=progress,
+            cache_workers=cache_workers, progress=progress, condition_labels=condition_labels,
         )
         self.min_foreground = float(min_foreground)
         volume_ids, slice_ids, intensity = [], [], []
@@ -336,7 +379,8 @@ class SliceDataset(PreprocessedDataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         v, z = int(self._volume_ids[index]), int(self._slice_ids[index])
         image = self.volume(v)["image"][:, :, z]
-        return {"image": image[None].clone(), "volume": v, "slice": z, **self._label_item(v)}
+        condition = self._condition_item(self.label_map(v)[:, :, z]) if self.condition_labels else {}
+        return {"image": image[None].clone(), "volume": v, "slice": z, **self._label_item(v), **condition}
 
 
 class VolumeDataset(PreprocessedDataset):
@@ -374,11 +418,12 @@ class VolumeDataset(PreprocessedDataset):
         class_names: Sequence[str] | None = None,
         cache_workers: int = 1,
         progress: bool = False,
+        condition_labels: Sequence[str] | None = None,
     ) -> None:
         self.patch_size = None if patch_size is None else _patch_size(patch_size, preprocessing.shape)
         super().__init__(
             entries, preprocessing, cache=cache, cache_dir=cache_dir, class_names=class_names,
-            cache_workers=cache_workers, progress=progress,
+            cache_workers=cache_workers, progress=progress, condition_labels=condition_labels,
         )
         self.seed = int(seed)
         self.epoch = 0
@@ -394,6 +439,7 @@ class VolumeDataset(PreprocessedDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = self.volume(index)["image"]
+        label_map = self.label_map(index) if self.condition_labels else None
         start = (0, 0, 0)
         if self.patch_size is not None:
             index = int(index)
@@ -401,10 +447,13 @@ class VolumeDataset(PreprocessedDataset):
             self._draws[index] += 1
             limits = np.asarray(image.shape) - np.asarray(self.patch_size)
             start = tuple(int(rng.integers(0, lim + 1)) for lim in limits)
-            image = image[tuple(slice(s, s + p) for s, p in zip(start, self.patch_size))]
+            window = tuple(slice(s, s + p) for s, p in zip(start, self.patch_size))
+            image = image[window]
+            label_map = None if label_map is None else label_map[window]
+        condition = self._condition_item(label_map) if label_map is not None else {}
         return {
             "image": image[None].clone(), "volume": int(index),
-            "patch_start": torch.tensor(start, dtype=torch.long), **self._label_item(index),
+            "patch_start": torch.tensor(start, dtype=torch.long), **self._label_item(index), **condition,
         }
 
 
@@ -432,6 +481,7 @@ def build_dataset(
     class_names: Sequence[str] | None = None,
     cache_workers: int = 1,
     progress: bool = False,
+    condition_labels: Sequence[str] | None = None,
 ) -> PreprocessedDataset:
     """The dataset a ``spatial_dims``-D model trains on.
 
@@ -448,13 +498,15 @@ def build_dataset(
             :func:`class_names_of`); ``None`` serves none.
         cache_workers: threads that fill the memory cache.
         progress: show MONAI's cache progress bar.
+        condition_labels: serve ``condition``, the one-hot label-map channels of a
+            mask-conditioned model (:mod:`medidiff.data.labels`), for these label names.
 
     Returns:
         A :class:`SliceDataset` or :class:`VolumeDataset`; both work with
         ``DataLoader`` and ``DistributedSampler`` (each rank caches every volume).
     """
     common = dict(cache=cache, cache_dir=cache_dir, class_names=class_names,
-                  cache_workers=cache_workers, progress=progress)
+                  cache_workers=cache_workers, progress=progress, condition_labels=condition_labels)
     if spatial_dims == 2:
         if patch_size is not None:
             raise ConfigError("patch_size applies to 3D models (spatial_dims=3); 2D models see whole slices")
@@ -514,7 +566,15 @@ def build_training_dataset(
         min_foreground=data.min_foreground, patch_size=data.patch_size,
         seed=int(getattr(config.train, "seed", 0)), cache=data.cache, cache_dir=cache_dir,
         class_names=class_names, progress=progress,
+        condition_labels=_condition_labels(config),
     )
+
+
+def _condition_labels(config: Any) -> list[str] | None:
+    conditioning = getattr(config, "conditioning", None)
+    if conditioning is None or conditioning.mask == "none":
+        return None
+    return list(conditioning.labels)
 
 
 __all__ = [

@@ -238,6 +238,46 @@ def preprocess(volume: Volume, preprocessing: Preprocessing, *, mask: Volume | N
     )
 
 
+def preprocess_label_map(volume: Volume, preprocessing: Preprocessing) -> Preprocessed:
+    """Bring a label map alone (no image) onto the model grid, as :func:`preprocess` would.
+
+    Orientation to RAS and resampling by nearest neighbour, then the window of
+    ``preprocessing.shape`` voxels centred on the labelled voxels' (value > 0) bounding
+    box: the steps :func:`preprocess` applies, with the labels as the foreground. For a
+    mask-conditioned model's map given without a scan (``medidiff synthesize --mask``).
+
+    Returns:
+        A :class:`Preprocessed` whose ``mask`` is the map on the model grid (its own
+        dtype), ``foreground`` the labelled voxels, ``image`` zeros and ``intensity``
+        empty; :func:`to_native` takes model-grid arrays back to the map's grid.
+
+    Raises:
+        VolumeContentError: not a 3D volume, or no labelled voxel.
+    """
+    source = str(volume.meta.get("source", "label map"))
+    _check_input(volume, None, source)
+    values = np.asarray(volume.array)
+    mapped = _orient_resample(_to_metatensor(values.astype(np.float32), volume.affine),
+                              preprocessing.spacing, "nearest")
+    resampled = mapped[0].numpy()
+    if not (resampled > 0).any():
+        raise VolumeContentError(f"{source}: the label map has no labelled voxel (all 0)")
+    lo, hi = model_window(resampled > 0, preprocessing.shape, source, stacklevel=3)
+    cropped = _crop_pad(mapped, lo, hi, 0.0)
+    model_map = _cast_like(cropped[0].numpy(), values.dtype)
+    return Preprocessed(
+        image=np.zeros(model_map.shape, np.float32),
+        mask=model_map,
+        foreground=model_map > 0,
+        affine=np.asarray(cropped.affine, dtype=np.float64),
+        intensity={},
+        native_affine=np.asarray(volume.affine, dtype=np.float64),
+        native_shape=tuple(int(s) for s in volume.shape),  # type: ignore[arg-type]
+        box_start=tuple(int(v) for v in lo),  # type: ignore[arg-type]
+        source=volume.meta.get("source"),
+    )
+
+
 def _check_input(volume: Volume, mask: Volume | None, source: str) -> None:
     if volume.array.ndim != 3:
         raise VolumeContentError(f"{source}: preprocessing needs a 3D volume; got shape {volume.shape}")
@@ -464,6 +504,7 @@ __all__ = [
     "intensity_to_model",
     "intensity_to_native",
     "preprocess",
+    "preprocess_label_map",
     "to_model",
     "to_native",
 ]

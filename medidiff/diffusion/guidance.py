@@ -1,5 +1,13 @@
 """Class conditioning and classifier-free guidance (Ho & Salimans 2022).
 
+Mask conditioning (label maps as one-hot channels, :mod:`medidiff.data.labels`) follows
+the same recipe with a **null condition**, every channel -1 (:func:`null_condition`):
+training replaces a sample's whole condition by it with probability
+``conditioning.dropout`` (:func:`drop_condition`), and :func:`mask_guided_model_fn`
+combines the conditional and null passes. :func:`concat_condition` is the input of a
+``concat`` model: ``[x_t, condition]`` along channels, the condition resized to x_t's grid
+by nearest neighbour (e.g. a latent grid).
+
 The "+1 null class" rule lives here and nowhere else: a model conditioned on ``n``
 classes is built with ``n + 1`` class embeddings (:func:`class_embeddings`); the extra,
 last row (index ``n``, :func:`null_class_index`) means "no class". Training drops labels
@@ -21,11 +29,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from collections.abc import Callable
+
+import torch.nn.functional as F
+
+from medidiff.data.labels import NULL_VALUE
 from medidiff.diffusion.sampling import ModelFn
 from medidiff.errors import ConfigError
 
+#: A mask-conditioned denoiser: ``(x_t (B, C, ...), t (B,), condition (B, L, ...)) -> output``.
+ConditionedFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
 __all__ = [
+    "ConditionedFn",
     "class_embeddings",
+    "concat_condition",
+    "drop_condition",
+    "mask_guided_model_fn",
+    "null_condition",
     "conditional_model_fn",
     "drop_labels",
     "guided_model_fn",
@@ -165,3 +186,69 @@ def conditional_model_fn(
     index = resolve_null_label(model) if label is None else int(label)
     labels = torch.full((batch,), index, dtype=torch.long, device=device)
     return guided_model_fn(model, labels, guidance if label is not None else 0.0)
+
+
+# ------------------------------------------------------------------------ mask conditioning
+
+
+def null_condition(condition: Tensor) -> Tensor:
+    """The null condition of classifier-free guidance, shaped like ``condition``: every
+    channel :data:`~medidiff.data.labels.NULL_VALUE` (-1), which no label map produces."""
+    return torch.full_like(condition, NULL_VALUE)
+
+
+def drop_condition(condition: Tensor, drop: Tensor) -> Tensor:
+    """Condition dropout for classifier-free guidance training.
+
+    Args:
+        condition: ``(B, L, *spatial)`` one-hot label channels.
+        drop: ``(B,)`` bool, which samples get the null condition.
+
+    Returns:
+        ``(B, L, *spatial)``: the null condition where ``drop``, else ``condition``.
+    """
+    where = drop.view(-1, *([1] * (condition.ndim - 1)))
+    return torch.where(where, null_condition(condition), condition)
+
+
+def concat_condition(x_t: Tensor, condition: Tensor) -> Tensor:
+    """The input of a ``concat`` model: ``(B, C + L, *spatial)``, x_t then the condition.
+
+    The condition is resized to x_t's grid by nearest neighbour when the grids differ (a
+    latent model's condition is given on the image grid).
+    """
+    if tuple(condition.shape[2:]) != tuple(x_t.shape[2:]):
+        condition = F.interpolate(condition.float(), size=tuple(x_t.shape[2:]), mode="nearest")
+    return torch.cat([x_t, condition.to(device=x_t.device, dtype=x_t.dtype)], dim=1)
+
+
+def mask_guided_model_fn(net: ConditionedFn, condition: Tensor, guidance: float) -> ModelFn:
+    """A ``model_fn(x_t, t)`` with classifier-free guidance over a label-map condition.
+
+    output = out_null + w (out_cond - out_null), with out_cond = net(x_t, t, condition) and
+    out_null = net(x_t, t, null condition). ``guidance = 1`` is exactly the conditional
+    model (one pass), ``0`` exactly the unconditional one (one pass on the null
+    condition); other values run one call on a batch of 2B.
+
+    Args:
+        net: the conditioned denoiser ``(x_t, t, condition) -> output``.
+        condition: ``(B, L, *spatial)`` one-hot label channels (on the image or network grid).
+        guidance: the guidance weight w >= 0.
+
+    Returns:
+        ``model_fn(x_t, t) -> output``.
+    """
+    cond = condition.float()
+    null = null_condition(cond)
+
+    def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
+        c = cond.to(x_t.device)
+        if guidance == 1:
+            return net(x_t, t, c)
+        if guidance == 0:
+            return net(x_t, t, null.to(x_t.device))
+        both = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null.to(x_t.device), c]))
+        out_null, out_cond = both.chunk(2)
+        return out_null + guidance * (out_cond - out_null)
+
+    return model_fn

@@ -133,8 +133,15 @@ def _build_latent_diffusion(kwargs: Mapping[str, Any]) -> nn.Module:
     return build_latent_network(kwargs)
 
 
+def _build_controlled_diffusion(kwargs: Mapping[str, Any]) -> nn.Module:
+    from medidiff.models.controlnet import build_controlled_network
+
+    return build_controlled_network(kwargs)
+
+
 NETWORK_BUILDERS = {
     "diffusion_unet": _build_diffusion_unet,
+    "controlled_diffusion": _build_controlled_diffusion,
     "autoencoder_kl": _build_autoencoder_kl,
     "autoencoder_vq": _build_autoencoder_vq,
     "latent_diffusion": _build_latent_diffusion,
@@ -438,7 +445,7 @@ def build_network(checkpoint: InferenceCheckpoint, device: str | torch.device = 
         ) from None
     load_state_dict_checked(model, checkpoint.state_dict, source=str(checkpoint.path))
     model = model.to(device)
-    if checkpoint.network in ("diffusion_unet", "latent_diffusion"):
+    if checkpoint.network in ("diffusion_unet", "latent_diffusion", "controlled_diffusion"):
         enable_flash_attention(model, device)
     model.eval()
     return model

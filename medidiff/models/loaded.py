@@ -70,11 +70,20 @@ class Conditioning:
     class_names: tuple[str, ...] = ()
     null_label: int | None = None
     cond_drop_prob: float = 0.0
+    mask: str = "none"
+    labels: tuple[str, ...] = ()
+    mask_dropout: float = 0.0
 
     @property
     def conditional(self) -> bool:
         """Whether the model takes class labels."""
         return self.num_classes is not None
+
+    @property
+    def mask_conditional(self) -> bool:
+        """Whether the model takes a label map (``mask`` is ``concat`` or ``controlnet``;
+        ``labels`` names the map's values 1, 2, ...)."""
+        return self.mask != "none"
 
     def default_guidance(self, label: int | None) -> float:
         """Guidance when none is asked for: 1 (plain conditional) with a label, else 0."""
@@ -112,7 +121,8 @@ class LoadedModel:
         schedule: the noise schedule (float64 on the CPU; cast it once where it is used).
         noise_spec: the noise the model was trained to remove.
         prediction_type: what the network outputs.
-        conditioning: classes, null label and label dropout.
+        conditioning: classes, null label and label dropout; the label-map conditioning
+            (``mask``, ``labels``, ``mask_dropout``) of a mask-conditioned model.
         provenance: path, sha256, version and training step.
         intensity_reference: the typical intensity map of the training scans
             (``a_min``/``a_max``, ...) when training recorded one, else ``None``.
@@ -147,7 +157,8 @@ class LoadedModel:
     def unet_kwargs(self) -> dict[str, Any]:
         """The ``DiffusionModelUNet`` kwargs (the ``unet`` part of a latent model's)."""
         kwargs = self.checkpoint.model_kwargs
-        return dict(kwargs["unet"]) if self.is_latent else dict(kwargs)
+        nested = self.is_latent or self.checkpoint.network == "controlled_diffusion"
+        return dict(kwargs["unet"]) if nested else dict(kwargs)
 
     @property
     def spatial_dims(self) -> int:
@@ -175,8 +186,35 @@ class LoadedModel:
 
     @property
     def channels(self) -> int:
-        """Channels of the network's input (1 for images, the latent channels otherwise)."""
-        return int(self.unet_kwargs.get("in_channels", 1))
+        """Channels of the image (or latent) the network denoises: 1 for images, the latent
+        channels otherwise (a ``concat`` model's label channels are not counted)."""
+        return int(self.unet_kwargs.get("out_channels", self.unet_kwargs.get("in_channels", 1)))
+
+    def conditioned_fn(self) -> Any:
+        """The mask-conditioned denoiser ``(x_t, t, condition) -> output`` (see
+        :func:`~medidiff.diffusion.guidance.mask_guided_model_fn`).
+
+        Raises:
+            ConfigError: the model takes no label map.
+        """
+        from medidiff.diffusion.guidance import concat_condition
+
+        mode = self.conditioning.mask
+        if mode == "concat":
+            model = self.model
+            return lambda x_t, t, condition: model(concat_condition(x_t, condition), timesteps=t)
+        if mode == "controlnet":
+            model = self.model
+            return lambda x_t, t, condition: model(x_t, timesteps=t, condition=condition)
+        raise ConfigError(f"{self.provenance.path} is not a mask-conditioned model (trained without conditioning.mask)")
+
+    def mask_model_fn(self, condition: torch.Tensor, *, guidance: float = 1.0) -> ModelFn:
+        """The ``model_fn(x_t, t)`` of a mask-conditioned model for a batch of label-map
+        conditions ``(B, L, *spatial)`` (one-hot channels, :mod:`medidiff.data.labels`),
+        with classifier-free guidance weight ``guidance`` (1: plain conditional)."""
+        from medidiff.diffusion.guidance import mask_guided_model_fn
+
+        return mask_guided_model_fn(self.conditioned_fn(), condition, guidance)
 
     def model_fn(
         self, batch: int, *, label: int | None = None, guidance: float = 0.0,
@@ -264,11 +302,15 @@ def checkpoint_records(checkpoint: InferenceCheckpoint) -> tuple[Config, Preproc
 
 def _conditioning(checkpoint: InferenceCheckpoint, config: Config, model: nn.Module) -> Conditioning:
     names = checkpoint.extra.get("class_names") or []
+    c = config.conditioning
     return Conditioning(
         num_classes=config.model.num_class_embeds or None,
         class_names=tuple(str(n) for n in names),
         null_label=resolve_null_label(model) if getattr(model, "num_class_embeds", None) else None,
         cond_drop_prob=float(config.train.cond_drop_prob),
+        mask=c.mask,
+        labels=tuple(c.labels),
+        mask_dropout=float(c.dropout) if c.mask != "none" else 0.0,
     )
 
 

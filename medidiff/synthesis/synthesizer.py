@@ -223,6 +223,12 @@ class Synthesizer:
             raise CheckpointError(
                 f"{self.checkpoint.path}: spatial_dims must be 2 or 3; got {self.spatial_dims}"
             )
+        if loaded.conditioning.mask_conditional:
+            legend = ", ".join(f"{i + 1}={n}" for i, n in enumerate(loaded.conditioning.labels))
+            raise ConfigError(
+                f"{self.checkpoint.path} is a mask-conditioned model: give --mask LABEL_MAPS "
+                f"(label maps with 0=background, {legend})"
+            )
         self.kind = KINDS[self.spatial_dims]
         #: the sample shape the network sees, without batch and channel: (X, Y) or (X, Y, Z)
         grid = self.preprocessing.shape

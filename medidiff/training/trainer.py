@@ -196,7 +196,8 @@ class Trainer:
             fmt = torch.channels_last if c.model.spatial_dims == 2 else torch.channels_last_3d
             self.model = self.model.to(memory_format=fmt)
         self._build_process()
-        self.optimizer = _adamw(self.model.parameters(), lr=c.train.lr, weight_decay=c.train.weight_decay)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # a frozen base stays out
+        self.optimizer = _adamw(trainable, lr=c.train.lr, weight_decay=c.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(s, c.train.warmup_steps, c.train.max_steps, c.train.min_lr_ratio),
@@ -231,10 +232,28 @@ class Trainer:
             if getattr(m, k) is not None
         }
         # One extra class embedding, the last row, is the null class of classifier-free guidance.
+        # A concat mask-conditioned model takes the label channels after the image channel.
         kwargs = model_kwargs(
-            m.spatial_dims, m.preset, num_class_embeds=class_embeddings(m.num_class_embeds), **overrides
+            m.spatial_dims, m.preset, num_class_embeds=class_embeddings(m.num_class_embeds),
+            in_channels=1 + self.num_condition_channels, out_channels=1, **overrides
         )
-        return kwargs, build_model_from_kwargs(kwargs)
+        model = build_model_from_kwargs(kwargs)
+        self._init_from_checkpoint(model, kwargs)
+        return kwargs, model
+
+    @property
+    def num_condition_channels(self) -> int:
+        """Label channels concatenated to the network input (``conditioning.mask: concat``)."""
+        c = self.config.conditioning
+        return len(c.labels) if c.mask == "concat" else 0
+
+    def _init_from_checkpoint(self, model: torch.nn.Module, kwargs: dict) -> None:
+        """``init.checkpoint``: start from a trained U-Net (extra input channels at zero)."""
+        if not self.config.init.checkpoint:
+            return
+        from medidiff.models.init_weights import load_init_weights
+
+        load_init_weights(model, kwargs, resolve_config_checkpoint(self.config.init.checkpoint, self.config_dir))
 
     def _build_process(self) -> None:
         """The forward process the network learns to undo: schedule and noise."""
@@ -269,7 +288,7 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------
     def _loss(self, batch: dict, step: int) -> torch.Tensor:
-        from medidiff.diffusion.guidance import drop_labels
+        from medidiff.diffusion.guidance import concat_condition, drop_condition, drop_labels
         from medidiff.diffusion.noise import sample_noise
         from medidiff.diffusion.prediction import training_target
         from medidiff.diffusion.schedules import q_sample
@@ -287,6 +306,18 @@ class Trainer:
             noise = sample_noise(self.noise_spec, tuple(x0.shape), generator=g, device=self.device)
             x_t = q_sample(self.schedule, x0, t, noise)
             target = training_target(self.schedule, x0, t, noise, prediction_type=c.diffusion.prediction_type)
+        condition = batch.get("condition")
+        extra = {}
+        if c.conditioning.mask != "none":
+            if condition is None:
+                raise DataError("a mask-conditioned model needs label maps: the dataset serves no 'condition'")
+            condition = condition.to(self.device, non_blocking=True).float()
+            drop = torch.rand(b, device=self.device, generator=g) < c.conditioning.dropout
+            condition = drop_condition(condition, drop)  # the null condition, for guidance
+            if c.conditioning.mask == "concat":
+                x_t = concat_condition(x_t, condition)
+            else:  # a ControlNet reads it
+                extra["condition"] = condition
         labels = batch.get("class_label")
         if labels is not None and c.model.num_class_embeds:
             labels = labels.to(self.device).long()
@@ -295,7 +326,7 @@ class Trainer:
         else:
             labels = None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            pred = self.ddp_model(x_t, timesteps=t, class_labels=labels)
+            pred = self.ddp_model(x_t, timesteps=t, class_labels=labels, **extra)
         return F.mse_loss(pred.float(), target.float())
 
     def _flow_inputs(
@@ -421,7 +452,7 @@ class Trainer:
             raise CheckpointError(f"{path}: no checkpoint to resume from; run without --resume first")
         state = load_training_state(path)
         saved = Config.from_dict(state["config"])
-        for section in ("stage", "model", "diffusion", "data", "autoencoder"):
+        for section in ("stage", "model", "diffusion", "data", "autoencoder", "conditioning", "base"):
             if getattr(saved, section) != getattr(self.config, section):
                 raise ConfigError(
                     f"--resume: the '{section}' section differs from the checkpoint's ({path}); "
@@ -447,13 +478,27 @@ class Trainer:
             return None
         from medidiff.diffusion.samplers import sampler_for
         from medidiff.diffusion.sampling import sample
-        from medidiff.models.unet import build_model_from_kwargs
         from medidiff.io.images import save_image_grid
 
-        model = build_model_from_kwargs(self.model_kwargs).to(self.device).eval()
+        model = self._fresh_network().to(self.device).eval()
         model.load_state_dict(self.inference_state_dict())
-        shape = (c.preview_samples, int(self.model_kwargs.get("in_channels", 1)), *self.dataset_spatial_shape())
+        unet_kwargs = self.model_kwargs.get("unet", self.model_kwargs)
+        channels = int(unet_kwargs.get("out_channels", 1))
+        shape = (c.preview_samples, channels, *self.dataset_spatial_shape())
         model_fn = lambda x, t: model(x, timesteps=t)  # noqa: E731
+        mode = self.config.conditioning.mask
+        if mode != "none":  # the label maps of training items spread over the set, guidance 1
+            from medidiff.diffusion.guidance import concat_condition, mask_guided_model_fn
+
+            step = max(1, len(self.dataset) // c.preview_samples)
+            conditions = torch.stack([
+                torch.as_tensor(self.dataset[i * step]["condition"]) for i in range(c.preview_samples)
+            ]).to(self.device)
+            if mode == "concat":
+                net = lambda x, t, cond: model(concat_condition(x, cond), timesteps=t)  # noqa: E731
+            else:
+                net = lambda x, t, cond: model(x, timesteps=t, condition=cond)  # noqa: E731
+            model_fn = mask_guided_model_fn(net, conditions, 1.0)
         n_classes = self.config.model.num_class_embeds
         if n_classes:  # one sample per class in turn, plain conditional (guidance 1)
             from medidiff.diffusion.guidance import guided_model_fn
@@ -472,6 +517,12 @@ class Trainer:
         images = self.decode_preview(result.sample)
         save_image_grid(images.float().cpu().numpy(), path, title=f"step {self.step}")
         return path
+
+    def _fresh_network(self) -> torch.nn.Module:
+        """A new network of this run's architecture (for previews from the EMA weights)."""
+        from medidiff.models.unet import build_model_from_kwargs
+
+        return build_model_from_kwargs(self.model_kwargs)
 
     def decode_preview(self, samples: torch.Tensor) -> torch.Tensor:
         """What a preview shows of the sampled network outputs: the samples themselves
@@ -567,6 +618,26 @@ class Trainer:
         )
 
 
+def resolve_config_checkpoint(value: str, config_dir: Path | None) -> Path:
+    """A checkpoint named in a config (``init.checkpoint``, ``base.checkpoint``): a shipped
+    model's name, a path relative to the config's folder (when it exists there), or a path
+    as given.
+
+    Raises:
+        CheckpointError: the file does not exist.
+    """
+    from medidiff.models.pretrained import MODELS, pretrained_path
+
+    if value in MODELS:
+        return pretrained_path(value)
+    path = Path(os.path.expanduser(value))
+    if config_dir is not None and not path.is_absolute() and (config_dir / path).exists():
+        path = config_dir / path
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint named in the config not found")
+    return path
+
+
 def _adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
     """AdamW with the fused kernel where this torch build has one for the device (one
     kernel per step instead of several foreach passes), else the foreach implementation."""
@@ -583,6 +654,8 @@ def _collate(items: list) -> dict:
         out = {"image": torch.stack([torch.as_tensor(i["image"]) for i in items]).float()}
         if items[0].get("class_label") is not None:
             out["class_label"] = torch.as_tensor([int(i["class_label"]) for i in items])
+        if items[0].get("condition") is not None:
+            out["condition"] = torch.stack([torch.as_tensor(i["condition"]) for i in items]).float()
         return out
     return {"image": torch.stack([torch.as_tensor(i) for i in items]).float()}
 

@@ -24,10 +24,21 @@ Class-conditional models: --label NAME|INDEX picks the class (names from the tra
 datalist's label column); --guidance W is classifier-free guidance (0 = unconditional,
 1 = conditional (the default with --label), > 1 = stronger).
 
+Mask-conditioned models (trained with conditioning.mask): --mask FILE_OR_FOLDER gives label
+maps (0 = background, i = the model's i-th label, e.g. 1=brain 2=tumor 3=ms 4=stroke for
+configs/brain_mri_2d_lesions.yaml); each map yields MAP_synth.nii.gz (a scan generated to
+match it, on the map's own grid: every labelled axial slice for a 2D model, the whole
+volume for a 3D one, background left at 0) and MAP_label.nii.gz (its lesion voxels, uint8),
+with manifest.csv and montage.png as for `medidiff inpaint`. --num (default: one per map)
+cycles through the maps with seeds seed + i; sampling is strided DDPM (--steps, default 50);
+--guidance W is classifier-free guidance on the map (default 1). A mask-conditioned model
+needs --mask and an unconditional one refuses it.
+
 Examples:
   medidiff synthesize --checkpoint runs/brain_mri_2d/model.safetensors --num 64 --out synth/
   medidiff synthesize --checkpoint model.safetensors --num 16 --out s/ --sampler dpm++2m --steps 20
   medidiff synthesize --checkpoint cond.safetensors --num 8 --out s/ --label tumor --guidance 3
+  medidiff synthesize --checkpoint lesions.safetensors --mask label_maps/ --out pairs/ --guidance 2
   torchrun --nproc_per_node 4 -m -- medidiff synthesize --checkpoint model.safetensors --num 1000 --out s/
 
 (With torchrun, put "--" before "medidiff": torchrun's own parser would otherwise take
@@ -47,7 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model.safetensors written by `medidiff train`, or a shipped model's name: "
                         "brain_mri_3d (default: whole brains at 2 mm, latent rectified flow), brain_mri_3d_5mm "
                         "(3D volumes at 5 mm) or brain_mri_2d (2D slices)")
-    p.add_argument("--num", type=int, required=True, help="number of samples the folder should hold")
+    p.add_argument("--num", type=int, default=None,
+                   help="number of samples the folder should hold (required without --mask)")
+    p.add_argument("--mask", default=None, metavar="FILE_OR_FOLDER",
+                   help="label maps for a mask-conditioned model (one pair per map by default)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--sampler", default=None, choices=GENERATIVE_SAMPLERS,
                    help="ddim (default, deterministic), dpm++2m (DPM-Solver++ 2M), ddpm (ancestral) "
@@ -72,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
     from medidiff.models.pretrained import DEFAULT_3D, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.checkpoint, DEFAULT_3D)
+    if args.mask is not None:
+        return _run_masks(args, checkpoint)
+    if args.num is None:
+        raise ConfigError("--num is required (the number of samples), unless --mask gives label maps")
     if args.num < 1:
         raise ConfigError(f"--num must be >= 1; got {args.num}")
     if args.batch_size < 1:
@@ -109,4 +127,45 @@ def run(args: argparse.Namespace) -> int:
             f"{len(summary.skipped)} already present ({summary.kind}, {synth.sampler} {synth.steps} steps"
             f"{label}); {summary.num_files} samples in {summary.out_dir}/ with {extras}"
         )
+    return 0
+
+
+def _run_masks(args: argparse.Namespace, checkpoint: object) -> int:
+    """``--mask``: scans generated from label maps by a mask-conditioned model."""
+    from medidiff.errors import ConfigError
+    from medidiff.runtime.distributed import cleanup, init_distributed
+    from medidiff.synthesis.inpaint import Inpainter
+    from medidiff.synthesis.lesion_pairs import LabelMapPairMaker, label_map_jobs
+    from medidiff.synthesis.pairs import read_pairs_manifest, write_pairs
+
+    if args.sampler not in (None, "ddpm"):
+        raise ConfigError(f"--sampler {args.sampler}: with --mask sampling is strided DDPM; drop --sampler")
+    if args.label is not None:
+        raise ConfigError("--label is for class-conditional models; with --mask the label map conditions")
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0; got {args.seed}")
+    info = init_distributed(args.device)
+    try:
+        inpainter = Inpainter(checkpoint, device=info.device, steps=args.steps or 50, resample=1,
+                              guidance=1.0 if args.guidance is None else args.guidance,
+                              batch_size=max(args.batch_size, 1))
+        if not inpainter.conditioning.mask_conditional:
+            raise ConfigError(
+                f"--mask: {inpainter.loaded.provenance.path} is an unconditional model (trained without "
+                "conditioning.mask); drop --mask, or use `medidiff inpaint` to paint into scans"
+            )
+        jobs = label_map_jobs(args.mask, seed=args.seed, num=args.num)
+        settings = {**inpainter.settings(), "seed": args.seed, "masks": str(args.mask), "num": len(jobs)}
+        summary = write_pairs(jobs, LabelMapPairMaker(inpainter), args.out, settings=settings, info=info,
+                              overwrite=args.overwrite, progress=not args.no_progress)
+    finally:
+        cleanup(info)
+    if info.is_main:
+        from medidiff.viz.pairs import save_pair_montage
+
+        montage = save_pair_montage(summary.out_dir, read_pairs_manifest(summary.manifest),
+                                    summary.out_dir / "montage.png")
+        print(f"{len(summary.generated)} scan(s) generated from label maps, {len(summary.skipped)} already "
+              f"present (DDPM {inpainter.steps} steps, guidance {inpainter.guidance:g}); {len(jobs)} pairs in "
+              f"{summary.out_dir}/ with manifest.csv" + (f", {montage.name}" if montage else ""))
     return 0

@@ -1,0 +1,44 @@
+"""The downstream-utility benchmark's pieces: Dice, the fixed segmenter recipe, W1 table."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parents[1] / "pipelines" / "benchmark_utility.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("benchmark_utility", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark_utility"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dice_and_w1_table() -> None:
+    b = _module()
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    assert b.dice(a, a) == 1.0 and b.dice(a, ~a) == 0.0 and b.dice(a * 0, a * 0) == 1.0
+    real = {"tumor": np.array([0.1, 0.2, 0.3])}
+    table = b.w1_table({"tumor": real["tumor"] + 0.5}, {"tumor": real["tumor"]}, real, {})
+    assert np.isclose(table["tumor"]["inpainted"], 0.5) and table["tumor"]["healthy_before"] == 0.0
+
+
+def test_segmenter_recipe_is_seeded_and_learns() -> None:
+    b = _module()
+    rng = np.random.default_rng(0)
+    labels = np.zeros((8, 1, 16, 16), np.float32)
+    labels[:, :, 4:9, 5:10] = 1
+    images = (0.2 + 0.6 * labels + 0.05 * rng.standard_normal(labels.shape)).astype(np.float32)
+    data = b.SliceSet(images, labels)
+    nets = [b.train_segmenter(data, seed=1, iterations=30, batch=4) for _ in range(2)]
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        assert np.array_equal(p.detach().numpy(), q.detach().numpy())
+    volume = b.EvalVolume("v", "tumor", np.moveaxis(images[:, 0], 0, -1), np.moveaxis(labels[:, 0] > 0, 0, -1),
+                          np.ones(8, bool))
+    assert b.evaluate_segmenter(nets[0], [volume])["mean"] > 0.5
