@@ -490,7 +490,7 @@ def test_a_detector_is_composed_from_any_reconstructor(tiny_checkpoint_2d):
     assert grid.network_evaluations == 7 and seen == [7]
     np.testing.assert_allclose(grid.anomaly_map[mask], 0.5 * image[mask], atol=1e-6)
     assert vars(det).keys() == {"reconstructor", "checkpoint", "preprocessing", "spatial_dims",
-                                "postprocess", "input_profile", "input_check"}
+                                "postprocess", "input_profile", "input_check", "volume_index"}
     with pytest.raises(ConfigError, match="not both"):
         AnomalyDetector(tiny_checkpoint_2d, MethodConfig("x0"), reconstructor=Halve())
 

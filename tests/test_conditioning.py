@@ -139,6 +139,12 @@ def test_trainer_concat_records_conditioning(tmp_path: Path) -> None:
     cond = torch.from_numpy(one_hot(np.ones((16, 16), int), 3))[None]
     out = loaded.mask_model_fn(cond, guidance=2.0)(torch.randn(1, 1, 16, 16), torch.tensor([10]))
     assert out.shape == (1, 1, 16, 16)
+    # anomaly scoring needs a healthy model without masks: one clear refusal
+    from medidiff.anomaly.detector import AnomalyDetector
+    from medidiff.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mask-conditioned"):
+        AnomalyDetector(result.model_path)
 
 
 def test_trainer_concat_3d(tmp_path: Path) -> None:

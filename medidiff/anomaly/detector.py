@@ -149,6 +149,12 @@ def diffusion_reconstructor(
     spatial_dims, input_shape = loaded.spatial_dims, loaded.input_shape
     d = loaded.config.diffusion
     schedule = loaded.schedule.to(device)
+    if loaded.conditioning.mask_conditional:
+        raise ConfigError(
+            f"{loaded.provenance.path} is a mask-conditioned model (conditioning.mask: "
+            f"{loaded.conditioning.mask}): it needs a label map for every input, which anomaly "
+            "scoring has not; score with a model trained on healthy scans without masks"
+        )
     method = method or MethodConfig("latent" if loaded.is_latent else "ddim")
     if method.method == "latent" and not loaded.is_latent:
         raise ConfigError(

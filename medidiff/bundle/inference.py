@@ -83,13 +83,6 @@ def _flag(value: Any, name: str) -> bool:
     raise DataError(f"--{name} must be True or False; got {value!r}")
 
 
-def _overlay(result: Any, entry: Any, out: Path, *, map_max: float | None) -> dict[str, Any]:
-    """``on_result`` of the runner: ``NAME_overlay.png``, as ``medidiff anomaly`` draws it."""
-    from medidiff.viz.overlay import save_result_overlay
-
-    return {"files": {"overlay": save_result_overlay(result, out, map_max=map_max)}}
-
-
 class AnomalyEvaluator:
     """The ``evaluator`` of a bundle: scores ``dataset`` into ``output_dir``.
 
@@ -136,9 +129,12 @@ class AnomalyEvaluator:
         """
         on_result = None
         if self.overlays:
-            from medidiff.viz.overlay import map_scale
+            from medidiff.viz.overlay import map_scale, write_overlay
 
-            on_result = functools.partial(_overlay, map_max=map_scale(self.thresholds))
+            on_result = functools.partial(
+                write_overlay,
+                scale=map_scale(self.thresholds, self.detector.postprocess.residual),
+            )
         done = score_folder(
             self.detector, self.dataset, self.output_dir, thresholds=self.thresholds,
             thresholds_path=self.thresholds_path, overwrite=self.overwrite, on_result=on_result,

@@ -382,3 +382,10 @@ def save_result_overlay(
         scale=scale, affine=pre.affine, native_affine=pre.native_affine, grid_note=note,
         title=f"{result.name}  score {result.score:.4g}{flag}{legend}",
     )
+
+
+def write_overlay(result: Any, entry: Any, out: str | os.PathLike, *, scale: MapScale) -> dict[str, Any]:
+    """``on_result`` of :func:`medidiff.anomaly.runner.score_folder`: ``NAME_overlay.png``
+    (``scale``: the run's colour scale, :func:`map_scale`); used by ``medidiff anomaly`` and
+    MONAI bundles alike."""
+    return {"files": {"overlay": save_result_overlay(result, out, scale=scale)}}

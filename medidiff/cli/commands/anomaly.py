@@ -405,11 +405,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, split_default=f"{SCORING_SPLIT}; the split read is printed")
 
 
-def write_overlay(result: Any, entry: Any, out: Path, *, scale: Any) -> dict[str, Any]:
-    """``on_result`` of the runner: ``NAME_overlay.png`` (``scale``: the run's colour scale)."""
-    from medidiff.viz.overlay import save_result_overlay
-
-    return {"files": {"overlay": save_result_overlay(result, out, scale=scale)}}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -430,9 +425,9 @@ def run(args: argparse.Namespace) -> int:
         detector = build_detector(args, checkpoint, method, post, info)
         overlay = None
         if not args.no_overlay:
-            from medidiff.viz.overlay import map_scale
+            from medidiff.viz.overlay import map_scale, write_overlay
 
-            overlay = functools.partial(write_overlay, scale=map_scale(thresholds, args.residual))
+            overlay = functools.partial(write_overlay, scale=map_scale(thresholds, post.residual))
         done = score_folder(
             detector, entries, args.out, thresholds=thresholds, thresholds_path=args.thresholds,
             overwrite=args.overwrite, on_result=overlay, workers=args.workers, info=info,
