@@ -121,12 +121,13 @@ def test_report_shows_every_number_and_verdict(metrics):
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     # the summary: method, calibration, counts, cards, bars, timing, notes
     assert ("The default anomaly method (ddim: noise to t = 50 with simplex noise, 3 ddim steps "
-            "back) of the 2D model was calibrated on 3 healthy validation scans at a 5% "
-            "false-positive rate (voxel threshold 0.1118, scan threshold 0.122), then scored 3 "
-            "test scans (1 tumor, 1 ms, 1 healthy).") in text
+            "back) of the 2D model was calibrated on 3 healthy validation scans (5% voxel FPR; "
+            "voxel threshold 0.1118, scan threshold 0.122 at a 5% scan false-positive rate), "
+            "then scored 3 scans of the test split (1 tumor, 1 ms, 1 healthy), which no setting "
+            "was tuned on") in text
     for card in ("0.923 voxel AUROC (default)", "0.801 voxel AUROC (baseline)",
                  "0.301 voxel AUPRC (default)", "0.101 voxel AUPRC (baseline)",
-                 "0.299 Dice at 5% FPR (default)", "0.750 scan AUROC (default)",
+                 "0.299 Dice at the calibrated threshold (default; 5% voxel FPR)", "0.750 scan AUROC (default)",
                  "40 s total time"):
         assert card in text, card
     assert "Quality bars: 2 of 4 passed" in text
