@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print("\nstage times:")
     print(format_timings(result.timings, result.seconds))
-    print("\nquality bars (thresholds calibrated on the healthy validation scans at 5 % FPR):")
+    print("\nquality bars (test split; thresholds calibrated on the healthy validation scans):")
     for q in result.quality:
         print(f"  {q.detail}")
     for note in result.notes:
