@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.calibrate_on:
         healthy = model_grid_scans(loaded, load_datalist(a.data, split=a.calibrate_on))
         hrecon = reconstructions(a, loaded, healthy)
-        voxel_ml = float(np.prod(loaded.preprocessing.spacing)) / 1000.0
+        voxel_ml = float(np.prod(loaded.preprocessing.spacing)) / 1000.0  # a LoadedModel, not a detector
         calib = calibration_rows(a, rows, scans, recon, healthy, hrecon, voxel_ml)
         chead = ["t", "K", "residual", "median", "erode", "target", "value", "min_component_ml",
                  "dice", "oracle_dice", "healthy_fp_ml"]

@@ -30,7 +30,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,7 +152,7 @@ def fp_volume_threshold(
 
 def held_out_rates(
     maps: Sequence[HealthyMap],
-    threshold_of: "callable",  # type: ignore[valid-type]
+    threshold_of: Callable[[Sequence[HealthyMap]], float],
     voxel_ml: float,
     min_component: int = 0,
 ) -> dict[str, float | int]:

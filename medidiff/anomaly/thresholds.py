@@ -29,6 +29,7 @@ from medidiff.anomaly.calibration import (
     scan_fpr_interval,
     voxel_fpr_threshold,
 )
+from medidiff.anomaly.calibration import voxel_ml as voxel_volume_ml
 from medidiff.anomaly.postprocess import threshold_at_fpr
 from medidiff.errors import CheckpointError, ConfigError
 from medidiff.io.atomic import write_json_atomic
@@ -152,7 +153,7 @@ class Thresholds:
             else np.zeros(0, np.float32)
         )
         min_component = int(min_component)
-        voxel_ml = float(np.prod(detector.preprocessing.spacing)) / 1000.0
+        voxel_ml = voxel_volume_ml(detector)
         if target == "fp-volume":
             if max_fp_ml is None or not maps:
                 raise ConfigError(

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from medidiff.errors import OutputError
+from medidiff.synthesis.folder import read_manifest
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -108,16 +109,9 @@ def pair_file_names(name: str) -> tuple[str, str]:
     return f"{name}_synth.nii.gz", f"{name}_label.nii.gz"
 
 
-def read_pairs_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
-    """The rows of a pairs ``manifest.csv`` (``[]`` when missing or unreadable)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            return [dict(row) for row in csv.DictReader(f)]
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return []
+#: The rows of a pairs ``manifest.csv`` (``[]`` when missing or unreadable): the same reader
+#: as the sample folders' manifests.
+read_pairs_manifest = read_manifest
 
 
 def _write_manifest(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
