@@ -300,18 +300,22 @@ def anoddpm_comparison(runs: dict[str, MethodRun], results: dict[str, Any], spli
     fast = [s for label, _, s in sub_rows if label.split(" ")[0] == "ddim"]
     if not fast:
         return None
-    a = next(s for label, _, s in sub_rows if label.split(" ")[0] == "anoddpm")
+    slow = [s for label, _, s in sub_rows if label.split(" ")[0] == "anoddpm"]
+    a_auprc = float(np.mean([s["voxel_auprc"] for s in slow]))
     d_auprc = float(np.mean([s["voxel_auprc"] for s in fast]))
+    a_evals = float(np.mean([s["network_evaluations_per_volume"] for s in slow]))
     d_evals = float(np.mean([s["network_evaluations_per_volume"] for s in fast]))
-    ratio = a["network_evaluations_per_volume"] / max(d_evals, 1)
-    ok = ratio >= 20 and d_auprc >= a["voxel_auprc"] - 0.02
+    ratio = a_evals / max(d_evals, 1)
+    ok = ratio >= 20 and d_auprc >= a_auprc - 0.02
     print(
-        f"\nddim ({len(fast)} seed(s)) uses {ratio:.1f}x fewer network evaluations than anoddpm; "
-        f"voxel AUPRC {_f(d_auprc)} (ddim, mean) vs {_f(a['voxel_auprc'])} (anoddpm): target "
-        f"(>= 20x fewer, within 0.02 AUPRC) {'MET' if ok else 'NOT met'}"
+        f"\nddim ({len(fast)} seed(s)) uses {ratio:.1f}x fewer network evaluations than anoddpm "
+        f"({len(slow)} seed(s)); voxel AUPRC {_f(d_auprc)} (ddim, mean) vs {_f(a_auprc)} "
+        f"(anoddpm, mean): target (>= 20x fewer, within 0.02 AUPRC) {'MET' if ok else 'NOT met'}"
     )
-    return {"nfe_ratio_anoddpm_over_ddim": ratio, "auprc_anoddpm": a["voxel_auprc"],
-            "auprc_ddim_mean": d_auprc, "target_met": bool(ok)}
+    return {"nfe_ratio_anoddpm_over_ddim": ratio, "auprc_anoddpm_mean": a_auprc,
+            "auprc_anoddpm": [s["voxel_auprc"] for s in slow],
+            "auprc_ddim_mean": d_auprc, "auprc_ddim": [s["voxel_auprc"] for s in fast],
+            "seeds": len(fast), "target_met": bool(ok)}
 
 
 def main(argv: list[str] | None = None) -> int:

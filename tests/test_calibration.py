@@ -120,3 +120,59 @@ def test_cli_default_target_is_the_volume_target_and_fpr_alone_the_classic(
     classic = json.loads((tmp_path / "b.json").read_text())
     assert classic["target"] == "voxel-fpr" and classic["fpr"] == 0.1
     assert classic["min_component"] == 0 and classic["max_fp_ml"] is None
+
+
+def test_thresholds_follow_the_weights_not_the_file_bytes(tiny_checkpoint_2d, tmp_path):
+    """Rewriting a checkpoint's metadata (as adding an input profile did to the shipped
+    models) keeps its thresholds valid; other weights are still refused."""
+    import shutil
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file, save_file
+
+    from medidiff.anomaly.thresholds import Thresholds
+    from medidiff.errors import CheckpointError
+    from medidiff.models.checkpoint import load_inference, replace_extra, tensors_sha256
+
+    original = load_inference(tiny_checkpoint_2d)
+    assert original.tensors_sha256 == tensors_sha256(tiny_checkpoint_2d)
+    thr = Thresholds(
+        voxel_threshold=0.1, scan_threshold=0.2, fpr=0.05, num_scans=6, num_voxels=100,
+        checkpoint_sha256=original.sha256, checkpoint_tensors_sha256=original.tensors_sha256,
+        checkpoint_path=str(tiny_checkpoint_2d), method={}, postprocess={},
+    )
+    thr.save(tmp_path / "thr.json")
+    thr = Thresholds.load(tmp_path / "thr.json")
+    assert thr.checkpoint_tensors_sha256 == original.tensors_sha256
+
+    def detector(path):
+        return SimpleNamespace(
+            checkpoint=load_inference(path),
+            method=SimpleNamespace(to_dict=dict),
+            postprocess=SimpleNamespace(to_dict=dict),
+        )
+
+    relabelled = tmp_path / "relabelled.safetensors"
+    shutil.copy(tiny_checkpoint_2d, relabelled)
+    replace_extra(relabelled, {**original.extra, "note": "metadata only"})
+    assert load_inference(relabelled).sha256 != original.sha256
+    thr.check(detector(relabelled))  # same tensors: accepted
+
+    # the same file with one weight changed: refused
+    tensors = load_file(str(tiny_checkpoint_2d))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_checkpoint_2d), "pt") as f:
+        metadata = f.metadata()
+    changed = tmp_path / "changed.safetensors"
+    save_file(tensors, str(changed), metadata=metadata)
+    with pytest.raises(CheckpointError, match="calibrated for checkpoint"):
+        thr.check(detector(changed))
+
+    # a thresholds file from before tensors were recorded still needs the same file
+    old = Thresholds.load(tmp_path / "thr.json")
+    object.__setattr__(old, "checkpoint_tensors_sha256", "")
+    with pytest.raises(CheckpointError):
+        old.check(detector(relabelled))

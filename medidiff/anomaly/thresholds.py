@@ -64,6 +64,9 @@ class Thresholds:
         num_scans: healthy scans used.
         num_voxels: healthy voxels pooled.
         checkpoint_sha256: SHA-256 of the checkpoint file.
+        checkpoint_tensors_sha256: SHA-256 of its tensors only (empty in files written
+            before it was recorded): thresholds stay valid for the same weights whose
+            metadata was rewritten (e.g. an input profile added), and for nothing else.
         checkpoint_path: where the checkpoint was (informative only).
         method: the resolved method config (dict).
         postprocess: the post-processing config (dict).
@@ -98,6 +101,7 @@ class Thresholds:
     target: str = "voxel-fpr"
     max_fp_ml: float | None = None
     min_component: int = 0
+    checkpoint_tensors_sha256: str = ""
     voxel_ml: float = 0.0
     held_out: Mapping[str, Any] = field(default_factory=dict)
     scan_fpr: Mapping[str, float] = field(default_factory=dict)
@@ -173,6 +177,7 @@ class Thresholds:
             num_scans=len(names),
             num_voxels=int(pooled.size),
             checkpoint_sha256=detector.checkpoint.sha256,
+            checkpoint_tensors_sha256=getattr(detector.checkpoint, "tensors_sha256", ""),
             checkpoint_path=str(detector.checkpoint.path),
             method=detector.method.to_dict(),
             postprocess=detector.postprocess.to_dict(),
@@ -210,7 +215,8 @@ class Thresholds:
             "fpr": self.fpr,
             "num_scans": self.num_scans,
             "num_voxels": self.num_voxels,
-            "checkpoint": {"path": self.checkpoint_path, "sha256": self.checkpoint_sha256},
+            "checkpoint": {"path": self.checkpoint_path, "sha256": self.checkpoint_sha256,
+                           "tensors_sha256": self.checkpoint_tensors_sha256},
             "method": dict(self.method),
             "postprocess": dict(self.postprocess),
             "seed": self.seed,
@@ -272,6 +278,7 @@ class Thresholds:
                 num_scans=int(raw["num_scans"]),
                 num_voxels=int(raw["num_voxels"]),
                 checkpoint_sha256=str(ckpt["sha256"]),
+                checkpoint_tensors_sha256=str(ckpt.get("tensors_sha256") or ""),
                 checkpoint_path=str(ckpt.get("path", "")),
                 method=dict(raw["method"]),
                 postprocess=dict(raw["postprocess"]),
@@ -294,11 +301,16 @@ class Thresholds:
     def check(self, detector: Any) -> None:
         """Refuse thresholds calibrated with another checkpoint or another config.
 
+        The checkpoint matches when its file SHA-256 does, or when both record the SHA-256
+        of the tensors and those agree (same weights, metadata rewritten).
+
         Raises:
-            CheckpointError: another checkpoint (SHA-256 differs).
+            CheckpointError: another checkpoint (weights differ).
             ConfigError: another method or post-processing config (differing keys named).
         """
-        if self.checkpoint_sha256 != detector.checkpoint.sha256:
+        mine = getattr(detector.checkpoint, "tensors_sha256", "")
+        same_weights = bool(mine) and mine == self.checkpoint_tensors_sha256
+        if self.checkpoint_sha256 != detector.checkpoint.sha256 and not same_weights:
             raise CheckpointError(
                 f"the thresholds were calibrated for checkpoint {self.checkpoint_path} "
                 f"(sha256 {self.checkpoint_sha256[:12]}...), not {detector.checkpoint.path} "

@@ -90,6 +90,9 @@ class InferenceCheckpoint:
         sha256: hex SHA-256 of the file's bytes; ties e.g. anomaly thresholds to these
             exact weights.
         stored_dtype: ``"float16"`` when saved with ``half=True``, else ``"float32"``.
+        tensors_sha256: hex SHA-256 over the tensors only (see :func:`tensors_sha256`): the
+            same for two files holding the same weights with different metadata, e.g. after
+            :func:`replace_extra` added an input profile.
         network: which MONAI network ``model_kwargs`` build (a key of
             :data:`NETWORK_BUILDERS`: ``diffusion_unet``, ``autoencoder_kl``,
             ``autoencoder_vq`` or ``latent_diffusion``, the U-Net and autoencoder of a
@@ -107,6 +110,7 @@ class InferenceCheckpoint:
     sha256: str
     stored_dtype: str
     network: str = "diffusion_unet"
+    tensors_sha256: str = ""
 
 
 def _build_diffusion_unet(kwargs: Mapping[str, Any]) -> nn.Module:
@@ -266,6 +270,7 @@ def load_inference(path: str | os.PathLike) -> InferenceCheckpoint:
         sha256=hashlib.sha256(data).hexdigest(),
         stored_dtype=str(metadata.get("stored_dtype", "float32")),
         network=_network_name(path, metadata),
+        tensors_sha256=_tensors_digest(data),
     )
 
 
@@ -299,6 +304,11 @@ def tensors_sha256(path: str | os.PathLike) -> str:
     path = Path(path)
     data = _read_bytes(path)
     _medidiff_metadata(path, data)
+    return _tensors_digest(data)
+
+
+def _tensors_digest(data: bytes) -> str:
+    """:func:`tensors_sha256` of a file's bytes already read and checked."""
     size = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + size].decode("utf-8"))
     body = memoryview(data)[8 + size :]
