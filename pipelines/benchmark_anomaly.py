@@ -111,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", default=CALIBRATION_DEFAULTS["target"], choices=["voxel-fpr", "fp-volume"])
     p.add_argument("--max-fp-ml", type=float, default=CALIBRATION_DEFAULTS["max_fp_ml"])
     p.add_argument("--min-component-ml", type=float, default=CALIBRATION_DEFAULTS["min_component_ml"])
+    p.add_argument("--median-size", type=int, default=None,
+                   help="median filter edge in model voxels for every method (default 9; the "
+                   "2 mm model was tuned to 11 on validation_lesions)")
+    p.add_argument("--erode", type=int, default=None, help="mask erosion in model voxels (default 2)")
     p.add_argument("--residual", default=None,
                    help="residual for every method (default: each method's own, see DEFAULT_RESIDUALS)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -134,16 +138,26 @@ def make_detector(method: str, args: argparse.Namespace, calib: list[Any], loade
     from medidiff.anomaly.detector import AnomalyDetector, MethodConfig
     from medidiff.anomaly.baseline import IntensityBaseline
 
-    if method == "baseline":
-        return IntensityBaseline.from_healthy(loaded.checkpoint, calib)
     from medidiff.anomaly.postprocess import PostprocessConfig
 
+    if method == "baseline":
+        sizes = {k: v for k, v in (("median_size", getattr(args, "median_size", None)),
+                                   ("erode", getattr(args, "erode", None))) if v is not None}
+        return IntensityBaseline.from_healthy(loaded.checkpoint, calib,
+                                              PostprocessConfig(**sizes) if sizes else None)
+
     t_start = args.anoddpm_t if method == "anoddpm" else None
+    from medidiff.constants import DEFAULT_RESIDUALS
+
+    given = {k: v for k, v in (("median_size", getattr(args, "median_size", None)),
+                               ("erode", getattr(args, "erode", None))) if v is not None}
     residual = getattr(args, "residual", None)
+    if residual or given:
+        given["residual"] = residual or DEFAULT_RESIDUALS.get(method, "l1")
     return AnomalyDetector(
         loaded,
         MethodConfig(method, t_start=t_start),
-        PostprocessConfig(residual=residual) if residual else None,
+        PostprocessConfig(**given) if given else None,
         device=args.device,
         batch_size=args.batch_size,
         seed=args.seed,

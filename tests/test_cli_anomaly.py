@@ -415,3 +415,36 @@ def test_torchrun_shards_inputs(tiny_checkpoint_2d, tmp_path):
     a = np.asarray(nib.load(out / "tumor-001_anomaly.nii.gz").dataobj)
     b = np.asarray(nib.load(single / "tumor-001_anomaly.nii.gz").dataobj)
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_a_model_carries_its_tuned_filter_sizes(run_cli, tiny_checkpoint_2d, tmp_path):
+    """Filter sizes tuned for a model (checkpoint extra 'anomaly_postprocess') are its
+    defaults in the CLI and the library; options given on the command line still win."""
+    import shutil
+
+    from medidiff.anomaly.detector import AnomalyDetector
+    from medidiff.anomaly.postprocess import tuned_postprocess
+    from medidiff.errors import ConfigError
+    from medidiff.models.checkpoint import load_inference, replace_extra
+
+    ckpt = tmp_path / "tuned.safetensors"
+    shutil.copy(tiny_checkpoint_2d, ckpt)
+    replace_extra(ckpt, {**load_inference(ckpt).extra, "anomaly_postprocess": {"median_size": 3, "erode": 1}})
+    det = AnomalyDetector(ckpt)
+    assert (det.postprocess.median_size, det.postprocess.erode) == (3, 1)
+    assert AnomalyDetector(tiny_checkpoint_2d).postprocess.median_size == 9
+
+    base = ["anomaly", "--checkpoint", ckpt, "--input", RAS, *FAST, "--no-overlay"]
+    res = run_cli([*base, "--out", tmp_path / "a"])
+    assert res.rc == 0, res.err
+    post = json.loads((tmp_path / "a" / "anomaly_config.json").read_text(encoding="utf-8"))["postprocess"]
+    assert (post["median_size"], post["erode"]) == (3, 1)
+    res = run_cli([*base, "--out", tmp_path / "b", "--median-size", "5"])
+    assert res.rc == 0, res.err
+    post = json.loads((tmp_path / "b" / "anomaly_config.json").read_text(encoding="utf-8"))["postprocess"]
+    assert (post["median_size"], post["erode"]) == (5, 1)
+
+    for bad in ({"median_size": -1}, {"residual": "l2"}, [3]):
+        with pytest.raises(ConfigError):
+            tuned_postprocess({"anomaly_postprocess": bad})
+    assert tuned_postprocess({}) == {}

@@ -52,7 +52,13 @@ import torch
 import medidiff
 from medidiff.anomaly.methods import METHODS, MethodConfig
 from medidiff.constants import DEFAULT_RESIDUALS
-from medidiff.anomaly.postprocess import PostprocessConfig, anomaly_map, segment, top_fraction_mean
+from medidiff.anomaly.postprocess import (
+    PostprocessConfig,
+    anomaly_map,
+    segment,
+    top_fraction_mean,
+    tuned_postprocess,
+)
 from medidiff.anomaly.reconstructor import DiffusionReconstructor, LatentReconstructor, ProgressFn, Reconstructor
 from medidiff.anomaly.results import AnomalyResult, GridScore, scan_output_paths
 from medidiff.anomaly.thresholds import Thresholds
@@ -260,9 +266,10 @@ class AnomalyDetector:
         self.checkpoint = inference_checkpoint(checkpoint)
         config, self.preprocessing = checkpoint_records(self.checkpoint)
         self.spatial_dims = int(config.model.spatial_dims)
-        if postprocess is None:
+        if postprocess is None:  # the method's residual, the sizes tuned for this model
             name = getattr(self.reconstructor.method, "method", None)
-            postprocess = PostprocessConfig(residual=DEFAULT_RESIDUALS.get(name, "l1"))
+            postprocess = PostprocessConfig(residual=DEFAULT_RESIDUALS.get(name, "l1"),
+                                            **tuned_postprocess(self.checkpoint.extra))
         self.postprocess = postprocess
         self.input_profile = InputProfile.from_dict(self.checkpoint.extra.get("input_profile"))
         self.input_check = input_check

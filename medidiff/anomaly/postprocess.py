@@ -55,6 +55,7 @@ __all__ = [
     "segment",
     "threshold_at_fpr",
     "top_fraction_mean",
+    "tuned_postprocess",
 ]
 
 
@@ -120,6 +121,37 @@ class PostprocessConfig:
             if key not in known:
                 raise ConfigError(f"postprocess.{key} is unknown; known keys: {', '.join(known)}")
         return cls(**raw)
+
+
+#: the ``extra`` key of a checkpoint holding the post-processing tuned for that model
+#: (e.g. ``{"median_size": 11}`` for a 2 mm model), used wherever none is given
+TUNED_POSTPROCESS_KEY = "anomaly_postprocess"
+
+
+def tuned_postprocess(extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The post-processing settings a checkpoint recommends (``extra["anomaly_postprocess"]``,
+    written when the model was exported after tuning on validation scans); ``{}`` when none.
+
+    Only the filter sizes are taken (``erode``, ``median_size``): the residual follows the
+    method, the component rule the thresholds.
+
+    Raises:
+        ConfigError: the record is not a mapping or holds an unknown key or bad value.
+    """
+    raw = (extra or {}).get(TUNED_POSTPROCESS_KEY)
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"checkpoint extra {TUNED_POSTPROCESS_KEY!r} must be a mapping; got {raw!r}")
+    allowed = ("erode", "median_size")
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"checkpoint extra {TUNED_POSTPROCESS_KEY!r} has unknown keys {', '.join(unknown)}; "
+            f"known: {', '.join(allowed)}"
+        )
+    PostprocessConfig(**raw)  # validates the values
+    return dict(raw)
 
 
 def residual_map(

@@ -328,6 +328,21 @@ def checkpoint_network(path: str | os.PathLike) -> str:
         CheckpointError: the file cannot be read or is not medidiff safetensors.
     """
     path = Path(path)
+    return _network_name(path, _header_metadata(path))
+
+
+def checkpoint_extra(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``extra`` record of an inference file (training step, input profile, tuned
+    anomaly post-processing, ...), read from its header only (no weights).
+
+    Raises:
+        CheckpointError: the file cannot be read or is not medidiff safetensors.
+    """
+    path = Path(path)
+    return _metadata_fields(path, _header_metadata(path))["extra"]
+
+
+def _header_metadata(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -335,7 +350,7 @@ def checkpoint_network(path: str | os.PathLike) -> str:
             header = f.read(size) if 0 < size < 100_000_000 else b""
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot be read ({exc.strerror})") from None
-    return _network_name(path, _medidiff_metadata(path, head + header))
+    return _medidiff_metadata(path, head + header)
 
 
 def _network_name(path: Path, metadata: Mapping[str, Any]) -> str:

@@ -249,15 +249,16 @@ def _add_postprocess_arguments(q: Any) -> None:
     q.add_argument(
         "--erode",
         type=int,
-        default=2,
-        help="erode the brain mask by this many model voxels (default 2; 0 disables)",
+        default=None,
+        help="erode the brain mask by this many model voxels (default: the model's tuned value, "
+        "else 2; 0 disables)",
     )
     q.add_argument(
         "--median-size",
         type=int,
-        default=9,
-        help="3D median filter edge in model voxels (default 9, tuned for the default model; "
-        "3-5 keeps lesions a few voxels wide; 0 or 1 disables)",
+        default=None,
+        help="3D median filter edge in model voxels (default: the model's tuned value, else 9, "
+        "tuned for the default model; 3-5 keeps lesions a few voxels wide; 0 or 1 disables)",
     )
     q.add_argument(
         "--min-component",
@@ -308,10 +309,15 @@ def configs_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     )
     from medidiff.constants import DEFAULT_RESIDUALS
 
+    from medidiff.anomaly.postprocess import tuned_postprocess
+    from medidiff.models.checkpoint import checkpoint_extra
+
+    tuned = {**{"erode": 2, "median_size": 9},
+             **tuned_postprocess(checkpoint_extra(require_checkpoint(args)))}
     post = PostprocessConfig(
         residual=args.residual or DEFAULT_RESIDUALS.get(args.method, "l1"),
-        erode=args.erode,
-        median_size=args.median_size,
+        erode=tuned["erode"] if args.erode is None else args.erode,
+        median_size=tuned["median_size"] if args.median_size is None else args.median_size,
         min_component=args.min_component,
         top_fraction=args.top_fraction,
     )
