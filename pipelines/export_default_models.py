@@ -537,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo-metrics", type=Path, default=None,
                    help="a `medidiff demo` metrics.json: its anomaly results go into the card")
     p.add_argument("--note", default="", help="a sentence on how the run went (stopped early, resumed, ...)")
+    p.add_argument("--anomaly-postprocess", nargs="+", default=None, metavar="KEY=N",
+                   help="filter sizes tuned for this model on validation scans (median_size=N, "
+                   "erode=N), stored in the file as the defaults of anomaly scoring")
     p.add_argument("--samples", type=int, default=4,
                    help="samples in <name>_samples.png (seeds 0.., the model's default sampler and "
                    "steps; 0: none)")
@@ -575,6 +578,16 @@ def main(argv: list[str] | None = None) -> int:
     extra = dict(ckpt.extra)
     if not extra.get("input_profile"):  # a run from before profiles were recorded
         extra["input_profile"] = training_profile(ckpt)
+    if a.anomaly_postprocess:
+        from medidiff.anomaly.postprocess import TUNED_POSTPROCESS_KEY, tuned_postprocess
+
+        pairs = dict(item.split("=", 1) for item in a.anomaly_postprocess if "=" in item)
+        try:
+            tuned = {k: int(v) for k, v in pairs.items()}
+            extra[TUNED_POSTPROCESS_KEY] = tuned
+            tuned_postprocess(extra)
+        except Exception as exc:  # noqa: BLE001 - one line for any bad value
+            raise SystemExit(f"--anomaly-postprocess: {exc}") from None
     save_inference(dst, ckpt.state_dict, model_kwargs=ckpt.model_kwargs, config=ckpt.config,
                    preprocessing=ckpt.preprocessing, extra=extra, half=True,
                    network=ckpt.network)

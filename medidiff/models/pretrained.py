@@ -32,6 +32,8 @@ DEFAULT_2D = "brain_mri_2d"
 DEFAULT_3D = "brain_mri_3d"
 #: the small pixel-space 3D model at 5 mm (the earlier 3D default)
 PIXEL_3D_5MM = "brain_mri_3d_5mm"
+#: the 2D model at sample_data's own 2 mm grid (small lesions; about twice the cost per scan)
+FINE_2D = "brain_mri_2d_2mm"
 #: every shipped model, with a one-line description
 MODELS: dict[str, str] = {
     DEFAULT_2D: "2D axial slices of brain T1 MRI at 2.5 mm (64x80), simplex noise; the default "
@@ -39,6 +41,8 @@ MODELS: dict[str, str] = {
     DEFAULT_3D: "3D brain T1 MRI whole volumes at 2 mm (96x112x96), latent diffusion "
     "(autoencoder 4x per axis, 4 x 24 x 28 x 24 latent), rectified flow; the default for "
     "whole-volume synthesis and 3D anomaly scoring",
+    FINE_2D: "2D axial slices of brain T1 MRI at 2 mm (80x100), simplex noise, fine-tuned from "
+    "brain_mri_2d; anomaly detection on a finer grid (small lesions), about twice the cost",
     PIXEL_3D_5MM: "3D brain T1 MRI volumes at 5 mm (32x40x36), pixel-space diffusion, Gaussian "
     "noise, v-prediction; small and fast whole-volume synthesis at a coarse resolution",
 }
