@@ -138,26 +138,18 @@ def make_detector(method: str, args: argparse.Namespace, calib: list[Any], loade
     from medidiff.anomaly.detector import AnomalyDetector, MethodConfig
     from medidiff.anomaly.baseline import IntensityBaseline
 
-    from medidiff.anomaly.postprocess import PostprocessConfig
+    from medidiff.anomaly.postprocess import postprocess_for
 
-    if method == "baseline":
-        sizes = {k: v for k, v in (("median_size", getattr(args, "median_size", None)),
-                                   ("erode", getattr(args, "erode", None))) if v is not None}
+    sizes = {"median_size": getattr(args, "median_size", None), "erode": getattr(args, "erode", None)}
+    if method == "baseline":  # no reconstructions: --residual does not apply
         return IntensityBaseline.from_healthy(loaded.checkpoint, calib,
-                                              PostprocessConfig(**sizes) if sizes else None)
-
+                                              postprocess_for(loaded.checkpoint.extra, method, **sizes))
     t_start = args.anoddpm_t if method == "anoddpm" else None
-    from medidiff.constants import DEFAULT_RESIDUALS
-
-    given = {k: v for k, v in (("median_size", getattr(args, "median_size", None)),
-                               ("erode", getattr(args, "erode", None))) if v is not None}
-    residual = getattr(args, "residual", None)
-    if residual or given:
-        given["residual"] = residual or DEFAULT_RESIDUALS.get(method, "l1")
+    post = postprocess_for(loaded.checkpoint.extra, method, residual=getattr(args, "residual", None), **sizes)
     return AnomalyDetector(
         loaded,
         MethodConfig(method, t_start=t_start),
-        PostprocessConfig(**given) if given else None,
+        post,
         device=args.device,
         batch_size=args.batch_size,
         seed=args.seed,

@@ -51,13 +51,12 @@ import torch
 
 import medidiff
 from medidiff.anomaly.methods import METHODS, MethodConfig
-from medidiff.constants import DEFAULT_RESIDUALS
 from medidiff.anomaly.postprocess import (
     PostprocessConfig,
     anomaly_map,
+    postprocess_for,
     segment,
     top_fraction_mean,
-    tuned_postprocess,
 )
 from medidiff.anomaly.reconstructor import DiffusionReconstructor, LatentReconstructor, ProgressFn, Reconstructor
 from medidiff.anomaly.results import AnomalyResult, GridScore, scan_output_paths
@@ -268,8 +267,7 @@ class AnomalyDetector:
         self.spatial_dims = int(config.model.spatial_dims)
         if postprocess is None:  # the method's residual, the sizes tuned for this model
             name = getattr(self.reconstructor.method, "method", None)
-            postprocess = PostprocessConfig(residual=DEFAULT_RESIDUALS.get(name, "l1"),
-                                            **tuned_postprocess(self.checkpoint.extra))
+            postprocess = postprocess_for(self.checkpoint.extra, name)
         self.postprocess = postprocess
         self.input_profile = InputProfile.from_dict(self.checkpoint.extra.get("input_profile"))
         self.input_check = input_check

@@ -54,6 +54,7 @@ __all__ = [
     "scoring_mask",
     "segment",
     "threshold_at_fpr",
+    "postprocess_for",
     "top_fraction_mean",
     "tuned_postprocess",
 ]
@@ -152,6 +153,21 @@ def tuned_postprocess(extra: Mapping[str, Any] | None) -> dict[str, Any]:
         )
     PostprocessConfig(**raw)  # validates the values
     return dict(raw)
+
+
+def postprocess_for(extra: Mapping[str, Any] | None, method: str | None, **given: Any) -> PostprocessConfig:
+    """The post-processing of ``method`` on a checkpoint with ``extra``: the settings
+    ``given`` (``None`` = not given), else the filter sizes tuned for the model
+    (:func:`tuned_postprocess`), else the method's residual and the class defaults.
+
+    Raises:
+        ConfigError: a bad setting or tuned record.
+    """
+    from medidiff.constants import DEFAULT_RESIDUALS
+
+    chosen = {k: v for k, v in given.items() if v is not None}
+    chosen.setdefault("residual", DEFAULT_RESIDUALS.get(method, "l1"))
+    return PostprocessConfig(**{**tuned_postprocess(extra), **chosen})
 
 
 def residual_map(

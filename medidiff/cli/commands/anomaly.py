@@ -278,7 +278,6 @@ def configs_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     """The (MethodConfig, PostprocessConfig) the options describe."""
     from medidiff.anomaly.methods import MethodConfig
     from medidiff.errors import ConfigError
-    from medidiff.anomaly.postprocess import PostprocessConfig
 
     if args.method is None:
         from medidiff.models.checkpoint import checkpoint_network
@@ -307,17 +306,15 @@ def configs_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
         patch_stride=tuple(args.patch_stride) if args.patch_stride else None,
         window_overlap=args.window_overlap,
     )
-    from medidiff.constants import DEFAULT_RESIDUALS
-
-    from medidiff.anomaly.postprocess import tuned_postprocess
+    from medidiff.anomaly.postprocess import postprocess_for
     from medidiff.models.checkpoint import checkpoint_extra
 
-    tuned = {**{"erode": 2, "median_size": 9},
-             **tuned_postprocess(checkpoint_extra(require_checkpoint(args)))}
-    post = PostprocessConfig(
-        residual=args.residual or DEFAULT_RESIDUALS.get(args.method, "l1"),
-        erode=tuned["erode"] if args.erode is None else args.erode,
-        median_size=tuned["median_size"] if args.median_size is None else args.median_size,
+    post = postprocess_for(
+        checkpoint_extra(require_checkpoint(args)),
+        args.method,
+        residual=args.residual,
+        erode=args.erode,
+        median_size=args.median_size,
         min_component=args.min_component,
         top_fraction=args.top_fraction,
     )
