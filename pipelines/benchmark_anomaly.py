@@ -63,8 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--checkpoint",
-        default=str(ROOT / "medidiff" / "weights" / "brain_mri_2d.safetensors"),
-        help="model trained on healthy scans (default: the shipped brain_mri_2d)",
+        default=None,
+        help="model trained on healthy scans, a path or a shipped model's name (default: the "
+        "shipped default 2D model, brain_mri_2d_2mm)",
     )
     p.add_argument(
         "--data",
@@ -331,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     from medidiff.data.datalist import load_datalist, stratified_by_kind
     from medidiff.runtime.distributed import resolve_device
     from medidiff.io import write_json_atomic
+    from medidiff.models.pretrained import resolve_checkpoint
 
+    args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     # loaded once: every method uses the same weights even if training rewrites the file
     loaded = build_model_from_checkpoint(args.checkpoint, resolve_device(args.device))
     ckpt = loaded.checkpoint

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="default: the shipped brain_mri_2d model")
+    p.add_argument("--checkpoint", default=None, help="default: the shipped default 2D model (brain_mri_2d_2mm)")
     p.add_argument("--data", default=str(ROOT / "sample_data" / "dataset.json"))
     p.add_argument("--split", default="validation",
                    help="the scans to calibrate on (default: the 6 healthy validation scans; "

@@ -13,8 +13,8 @@ Writes into ``--out`` (default ``docs/figures/``):
   ``RUNS/brain_mri_2d/metrics.csv`` and ``RUNS/brain_mri_3d/metrics.csv`` when present.
 
 All of it comes from :func:`medidiff.viz.figures.save_how_it_works_figures` and
-:func:`medidiff.viz.figures.loss_curve`. The default checkpoint is the shipped 2D model
-(:func:`medidiff.models.pretrained.resolve_checkpoint`).
+:func:`medidiff.viz.figures.loss_curve`. The default checkpoint is the shipped 2.5 mm 2D model
+``brain_mri_2d`` (the base of the default anomaly model, ``brain_mri_2d_2mm``).
 
 Usage:
     python pipelines/make_figures.py                        # shipped model -> docs/figures/
@@ -39,7 +39,8 @@ MAX_BYTES = 300 * 1024
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None,
-                   help="model.safetensors or a shipped model name (default: the shipped 2D model)")
+                   help="model.safetensors or a shipped model name (default: brain_mri_2d, the 2.5 mm "
+                   "model the figures of docs/how_it_works.md were made with)")
     p.add_argument("--sample-data", default=str(ROOT / "sample_data"),
                    help="the sample_data folder or its dataset.json")
     p.add_argument("--out", default=str(ROOT / "docs" / "figures"), help="output folder")
@@ -73,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     from medidiff.io.images import save_figure
     from medidiff.viz.curves import loss_curve
     from medidiff.viz.figures import save_how_it_works_figures
-    from medidiff.models.pretrained import resolve_checkpoint
+    from medidiff.models.pretrained import COARSE_2D, resolve_checkpoint
 
     start = time.perf_counter()
     try:
-        checkpoint = resolve_checkpoint(args.checkpoint)
+        checkpoint = resolve_checkpoint(args.checkpoint, COARSE_2D)
         print(f"checkpoint: {checkpoint}")
         out = Path(args.out)
         detector = AnomalyDetector(checkpoint, device=args.device, seed=args.seed)

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="default: the shipped brain_mri_2d model")
+    p.add_argument("--checkpoint", default=None, help="default: the shipped default 2D model (brain_mri_2d_2mm)")
     p.add_argument("--data", default=str(ROOT / "sample_data" / "dataset.json"))
     p.add_argument("--method", default="ddim",
                    choices=["ddim", "anoddpm", "x0", "patched", "latent", "multi", "ensemble", "thor"])

@@ -57,7 +57,7 @@ def test_model_card_describes_the_shipped_file(name):
 
 
 def test_resolve_checkpoint_defaults_names_and_paths(tmp_path):
-    assert pretrained.resolve_checkpoint(None) == pretrained.pretrained_path("brain_mri_2d")
+    assert pretrained.resolve_checkpoint(None) == pretrained.pretrained_path("brain_mri_2d_2mm")
     assert pretrained.resolve_checkpoint("", "brain_mri_3d") == pretrained.pretrained_path("brain_mri_3d")
     assert pretrained.resolve_checkpoint("brain_mri_3d") == pretrained.pretrained_path("brain_mri_3d")
     assert pretrained.resolve_checkpoint(str(tmp_path / "m.safetensors")) == tmp_path / "m.safetensors"
@@ -79,7 +79,7 @@ def test_commands_fall_back_to_the_shipped_models():
     from medidiff.cli.commands.anomaly import require_checkpoint
 
     ns = argparse.Namespace(checkpoint=None)
-    assert require_checkpoint(ns) == pretrained.pretrained_path("brain_mri_2d")
+    assert require_checkpoint(ns) == pretrained.pretrained_path("brain_mri_2d_2mm")
     ns.checkpoint = "x/model.safetensors"
     assert require_checkpoint(ns) == Path("x/model.safetensors")
 

@@ -71,13 +71,14 @@ class PostprocessConfig:
             ``"l1ssim"`` (structure-aware) or ``"mahalanobis"`` (several
             reconstructions); see :mod:`medidiff.anomaly.residuals`.
         erode: erode the brain/foreground mask by this many voxels of the model grid
-            (default 2, i.e. 5 mm on the default 2.5 mm grid) before scoring, to drop rim
-            artefacts; 0 disables.
+            (default 2, i.e. 4-5 mm on the shipped 2-2.5 mm grids) before scoring, to drop
+            rim artefacts; 0 disables.
         median_size: edge of the cubic 3D median filter in model-grid voxels (default 9,
-            i.e. 22.5 mm on the default 2.5 mm grid: tuned on sample_data with the default
-            model, where 9 beat the Behrendt protocol's 5^3 on voxel AUROC (0.907 vs 0.82)
-            but erases lesions a few voxels wide (the MS-like ones); use 3-5 for small
-            lesions or finer grids); 0 or 1 disables.
+            i.e. 22.5 mm on the 2.5 mm grid of ``brain_mri_2d``: tuned on sample_data, where
+            9 beat the Behrendt protocol's 5^3 on voxel AUROC (0.907 vs 0.82) but erases
+            lesions a few voxels wide (the MS-like ones); a model can carry its own size,
+            :func:`tuned_postprocess`: 11 for the 2 mm default ``brain_mri_2d_2mm``); 0 or 1
+            disables.
         min_component: remove connected components (26-connected) of the segmentation
             with fewer voxels than this (model grid); 0 (default) keeps all.
         top_fraction: the per-scan score is the mean of this top fraction of voxel scores

@@ -8,7 +8,8 @@ to end, on the repository's ``sample_data/`` and writes one folder with an HTML 
    healthy; ``label`` the lesion mask, ``mask`` the brain mask);
 2. builds an :class:`~medidiff.anomaly.detector.AnomalyDetector` with the default method
    (``MethodConfig()``: DDIM, t = 50, 3 steps) on the default 2D model and calibrates it
-   on the healthy validation scans at a 5 % false-positive rate -> ``DIR/thresholds.json``;
+   on the healthy validation scans at the default target (1 ml of false positives per
+   healthy scan, components under 0.5 ml dropped) -> ``DIR/thresholds.json``;
 3. scores every test scan -> ``DIR/anomaly/NAME_anomaly.nii.gz``, ``NAME_recon.nii.gz``,
    ``NAME_seg.nii.gz`` (on the scan's own grid), ``NAME_overlay.png`` and ``scores.csv``,
    the same files ``medidiff anomaly`` writes;
@@ -341,7 +342,7 @@ def run_demo(
             an earlier demo's output and ``overwrite`` is set (then the demo's own outputs
             are removed first; other files are left alone).
         checkpoint_2d: the 2D model for anomaly detection and slice synthesis (default:
-            the shipped ``brain_mri_2d``, :func:`medidiff.models.pretrained.resolve_checkpoint`).
+            the shipped ``brain_mri_2d_2mm``, :func:`medidiff.models.pretrained.resolve_checkpoint`).
         checkpoint_3d: the 3D model for volume synthesis and, when it is a latent model,
             3D latent anomaly scoring (default: the shipped ``brain_mri_3d``).
         sample_data: the folder holding ``dataset.json`` (default

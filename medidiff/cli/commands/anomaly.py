@@ -119,8 +119,8 @@ def add_model_arguments(p: argparse.ArgumentParser, *, split_default: str = "tra
     p.add_argument(
         "--checkpoint",
         help="model.safetensors written by 'medidiff train', or the name of a shipped model "
-        "(default: brain_mri_2d, the 2D brain T1 model inside the package; its model card is "
-        "medidiff/weights/brain_mri_2d.md)",
+        "(default: brain_mri_2d_2mm, the 2D brain T1 model at 2 mm inside the package; its model "
+        "card is medidiff/weights/brain_mri_2d_2mm.md; brain_mri_2d is the faster 2.5 mm model)",
     )
     p.add_argument(
         "--split",

@@ -5,7 +5,8 @@ Steps (each timed, with progress):
      sample data (sample_data/dataset.json: healthy 'validation' scans, 'test' scans of
      kinds tumor / ms / stroke / healthy with lesion and brain masks);
   2. calibrate the default anomaly method (ddim: noise to t=50, 3 DDIM steps back) on
-     the healthy validation scans at 5 % false-positive rate  -> DIR/thresholds.json
+     the healthy validation scans (at most 1 ml of false positives per healthy scan,
+     components under 0.5 ml dropped: the default target)  -> DIR/thresholds.json
   3. score every test scan -> DIR/anomaly/ (NAME_anomaly, NAME_recon, NAME_seg .nii.gz on
      the scan's own grid, NAME_overlay.png, scores.csv: as 'medidiff anomaly')
   4. the same for a no-network baseline (|x - median healthy intensity|, same
@@ -41,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--checkpoint-2d", default=None, metavar="CKPT",
                    help="2D model for anomaly detection and slice synthesis (default: the "
-                   "shipped brain_mri_2d)")
+                   "shipped brain_mri_2d_2mm)")
     p.add_argument("--checkpoint-3d", default=None, metavar="CKPT",
                    help="3D model for volume synthesis and, if a latent model, 3D anomaly "
                    "scoring (default: the shipped brain_mri_3d)")

@@ -1,7 +1,7 @@
 """Export a checkpoint as a MONAI bundle that scores scans as 'medidiff anomaly' does.
 
 CHECKPOINT is a model.safetensors written by 'medidiff train' or the name of a shipped model
-(brain_mri_2d, brain_mri_3d, brain_mri_3d_5mm). OUT is the bundle folder to create; its name
+(brain_mri_2d_2mm, brain_mri_2d, brain_mri_3d, brain_mri_3d_5mm). OUT is the bundle folder to create; its name
 is the bundle's name. The method and post-processing options are those of 'medidiff anomaly'
 and are resolved against the checkpoint and written out in full, with the seed, so a bundle
 run reproduces the medidiff run exactly; --thresholds (from 'medidiff calibrate' with the
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "checkpoint",
         metavar="CHECKPOINT",
-        help="model.safetensors from 'medidiff train', or a shipped model's name (brain_mri_2d, "
+        help="model.safetensors from 'medidiff train', or a shipped model's name (brain_mri_2d_2mm, brain_mri_2d, "
         "brain_mri_3d, brain_mri_3d_5mm)",
     )
     p.add_argument("out", metavar="OUT", help="the bundle folder to create (its name is the bundle's)")

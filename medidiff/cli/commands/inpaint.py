@@ -82,7 +82,7 @@ def default_lesion_datalist() -> str:
 def run(args: argparse.Namespace) -> int:
     from medidiff.data.datalist import load_datalist
     from medidiff.errors import ConfigError
-    from medidiff.models.pretrained import DEFAULT_2D, resolve_checkpoint
+    from medidiff.models.pretrained import COARSE_2D, resolve_checkpoint
     from medidiff.runtime.distributed import cleanup, init_distributed
     from medidiff.synthesis.inpaint import Inpainter
     from medidiff.synthesis.lesion_pairs import InpaintPairMaker, inpaint_jobs
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     info = init_distributed(args.device)
     try:
         inpainter = Inpainter(
-            resolve_checkpoint(args.checkpoint, DEFAULT_2D), device=info.device, steps=args.steps,
+            resolve_checkpoint(args.checkpoint, COARSE_2D), device=info.device, steps=args.steps,
             resample=args.resample, guidance=args.guidance, margin=args.margin,
             batch_size=args.batch_size,
         )
