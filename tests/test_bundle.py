@@ -290,9 +290,11 @@ def test_bundle_run_without_input_says_how(run_cli, tiny_checkpoint_2d, tmp_path
 @pytest.mark.slow
 def test_shipped_default_model_bundle_on_a_sample_scan(run_cli, tmp_path):
     """The shipped 2D default model with its default method, on one sample_data scan."""
-    cli, bundle, out = tmp_path / "cli", tmp_path / "brain_mri_2d", tmp_path / "out"
+    from medidiff.models.pretrained import DEFAULT_2D
+
+    cli, bundle, out = tmp_path / "cli", tmp_path / DEFAULT_2D, tmp_path / "out"
     assert run_cli(["anomaly", "--input", RAS, "--out", cli, "--no-overlay"]).rc == 0
-    res = run_cli(["export-bundle", "brain_mri_2d", bundle, "--no-overlay"])
+    res = run_cli(["export-bundle", DEFAULT_2D, bundle, "--no-overlay"])
     assert res.rc == 0, res.err
     assert (bundle / "docs" / "model_card.md").is_file()
     assert "medidiff contributors" in (bundle / "configs" / "metadata.json").read_text()
