@@ -116,11 +116,13 @@ EXIT_SOME_FAILED = 4
 def add_model_arguments(p: argparse.ArgumentParser, *, split_default: str = "training") -> None:
     """--checkpoint, method and post-processing options, batch size, device, seed, masks
     (``split_default``: the --split a datalist is read with when none is given)."""
+    from medidiff.models.pretrained import COARSE_2D, DEFAULT_2D
+
     p.add_argument(
         "--checkpoint",
         help="model.safetensors written by 'medidiff train', or the name of a shipped model "
-        "(default: brain_mri_2d_2mm, the 2D brain T1 model at 2 mm inside the package; its model "
-        "card is medidiff/weights/brain_mri_2d_2mm.md; brain_mri_2d is the faster 2.5 mm model)",
+        f"(default: {DEFAULT_2D}, the 2D brain T1 model inside the package; its model card is "
+        f"medidiff/weights/{DEFAULT_2D}.md; {COARSE_2D} is the faster 2.5 mm model)",
     )
     p.add_argument(
         "--split",

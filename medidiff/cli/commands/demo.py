@@ -39,10 +39,12 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from medidiff.models.pretrained import DEFAULT_2D
+
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--checkpoint-2d", default=None, metavar="CKPT",
                    help="2D model for anomaly detection and slice synthesis (default: the "
-                   "shipped brain_mri_2d_2mm)")
+                   f"shipped {DEFAULT_2D})")
     p.add_argument("--checkpoint-3d", default=None, metavar="CKPT",
                    help="3D model for volume synthesis and, if a latent model, 3D anomaly "
                    "scoring (default: the shipped brain_mri_3d)")

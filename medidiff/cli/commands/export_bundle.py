@@ -1,8 +1,8 @@
 """Export a checkpoint as a MONAI bundle that scores scans as 'medidiff anomaly' does.
 
 CHECKPOINT is a model.safetensors written by 'medidiff train' or the name of a shipped model
-(brain_mri_2d_2mm, brain_mri_2d, brain_mri_3d, brain_mri_3d_5mm). OUT is the bundle folder to create; its name
-is the bundle's name. The method and post-processing options are those of 'medidiff anomaly'
+(see 'medidiff export-bundle --help' for their names). OUT is the bundle folder to create;
+its name is the bundle's name. The method and post-processing options are those of 'medidiff anomaly'
 and are resolved against the checkpoint and written out in full, with the seed, so a bundle
 run reproduces the medidiff run exactly; --thresholds (from 'medidiff calibrate' with the
 same checkpoint and options) is copied in and enables segmentations.
@@ -38,11 +38,13 @@ from medidiff.cli.commands.anomaly import _add_method_arguments, _add_postproces
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from medidiff.models.pretrained import MODELS
+
     p.add_argument(
         "checkpoint",
         metavar="CHECKPOINT",
-        help="model.safetensors from 'medidiff train', or a shipped model's name (brain_mri_2d_2mm, brain_mri_2d, "
-        "brain_mri_3d, brain_mri_3d_5mm)",
+        help="model.safetensors from 'medidiff train', or a shipped model's name "
+        f"({', '.join(MODELS)})",
     )
     p.add_argument("out", metavar="OUT", help="the bundle folder to create (its name is the bundle's)")
     p.add_argument(
