@@ -33,6 +33,11 @@ Usage:
     python pipelines/benchmark_anomaly.py --methods ddim multi thor baseline
     python pipelines/benchmark_anomaly.py --methods ddim x0 --splits test --limit 8
     python pipelines/benchmark_anomaly.py --methods ddim --seeds 0 1 2   # seed spread
+    python pipelines/benchmark_anomaly.py --from-json a.json b.json      # one table of runs
+
+Slow methods can run as separate processes (one ``--out`` each, side by side on several
+cores); ``--from-json`` then prints their rows as one table, refusing files that used
+different weights, data or calibration settings.
 
 Prints Markdown tables and writes JSON (``--out``).
 """
@@ -113,8 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-fp-ml", type=float, default=CALIBRATION_DEFAULTS["max_fp_ml"])
     p.add_argument("--min-component-ml", type=float, default=CALIBRATION_DEFAULTS["min_component_ml"])
     p.add_argument("--median-size", type=int, default=None,
-                   help="median filter edge in model voxels for every method (default 9; the "
-                   "2 mm model was tuned to 11 on validation_lesions)")
+                   help="median filter edge in model voxels for every method (default: the size "
+                   "stored in the model file, e.g. 11 for brain_mri_2d_2mm, else 9)")
     p.add_argument("--erode", type=int, default=None, help="mask erosion in model voxels (default 2)")
     p.add_argument("--residual", default=None,
                    help="residual for every method (default: each method's own, see DEFAULT_RESIDUALS)")
@@ -129,6 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out", default=str(ROOT / "runs" / "benchmark_anomaly.json"), help="JSON results"
     )
+    p.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: print one table from the JSON files of earlier runs "
+                   "(same checkpoint, data and calibration settings)")
     return p.parse_args(argv)
 
 
@@ -325,8 +333,76 @@ def anoddpm_comparison(runs: dict[str, MethodRun], results: dict[str, Any], spli
             "seeds": len(fast), "target_met": bool(ok)}
 
 
+# settings that must agree for rows of different runs to share one table
+SHARED_SETTINGS = ("data", "calib_limit", "fpr", "target", "max_fp_ml", "min_component_ml",
+                   "median_size", "erode", "residual")
+
+
+def merged_rows(paths: list[str]) -> tuple[list[tuple[str, str, dict[str, Any]]], dict[str, Any]]:
+    """The rows of earlier runs' JSON files, in file order, and their common settings.
+
+    A method may come from several files (e.g. one per split); rows are grouped by method.
+    Raises ``ValueError`` when the files used different weights (sha256), data or
+    calibration settings, or when two files hold the same method on the same split."""
+    import json
+
+    rows: list[tuple[str, str, dict[str, Any]]] = []
+    first: dict[str, Any] | None = None
+    seen: dict[tuple[str, str], str] = {}
+    for path in paths:
+        try:
+            run = json.loads(Path(path).read_text())
+            sha, settings, methods = run["checkpoint"]["sha256"], run["settings"], run["methods"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a benchmark_anomaly JSON ({e})") from None
+        if first is None:
+            first = {"sha256": sha, "step": run["checkpoint"].get("step"), "settings": settings,
+                     "calibration_scans": run.get("calibration_scans", [])}
+        elif sha != first["sha256"]:
+            raise ValueError(f"{path}: checkpoint sha256 {sha[:12]} differs from "
+                             f"{first['sha256'][:12]} of {paths[0]}")
+        else:
+            for key in SHARED_SETTINGS:
+                if settings.get(key) != first["settings"].get(key):
+                    raise ValueError(f"{path}: setting {key}={settings.get(key)!r} differs from "
+                                     f"{first['settings'].get(key)!r} of {paths[0]}")
+        for label, result in methods.items():
+            for split, s in result["splits"].items():
+                if (label, split) in seen:
+                    raise ValueError(f"{path}: method {label!r} on {split} also in {seen[label, split]}")
+                seen[label, split] = path
+                names = s.get("scans")
+                rows.append((label, split, {**s, "scans": len(names) if isinstance(names, list) else names,
+                                            "_calibrated_on": result.get("calibration_scans")}))
+    assert first is not None
+    order = list(dict.fromkeys(label for label, _, _ in rows))
+    rows.sort(key=lambda row: order.index(row[0]))  # grouped by method, stable within
+    full = {split: max(s["scans"] for _, sp, s in rows if sp == split) for _, split, _ in rows}
+    healthy = len(first["calibration_scans"])
+    named = []
+    for label, split, s in rows:
+        calibrated_on = s.pop("_calibrated_on")
+        if s["scans"] < full[split] or (calibrated_on is not None and calibrated_on < healthy):
+            label = f"{label} (subset, calibrated on {calibrated_on})"
+        named.append((label, split, s))
+    return named, first
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        try:
+            rows, common = merged_rows(args.from_json)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for key in ("fpr", "target", "max_fp_ml", "min_component_ml"):
+            setattr(args, key, common["settings"][key])
+        print(f"## Anomaly methods (native grid, inside brain masks; checkpoint step {common['step']}, "
+              f"sha256 {common['sha256'][:12]}; thresholds from {len(common['calibration_scans'])} "
+              f"healthy validation scans; {len(args.from_json)} runs)\n")
+        print(table(rows, args))
+        return 0
     torch.set_num_threads(args.threads)
     from medidiff.models.checkpoint import build_model_from_checkpoint
     from medidiff.data.datalist import load_datalist, stratified_by_kind

@@ -3,8 +3,9 @@
 Segmentation utility (the field's test of a paired synthetic dataset; Med-DDPM, Dorjsembe
 et al. 2024, report Dice 0.621 synthetic-only vs 0.653 real-only and 0.668 for both):
 the same MONAI ``UNet`` (2D, channels 8-16-32-64, one residual unit per level, batch norm), the same
-recipe (batch Dice + cross-entropy on sigmoid outputs, Adam 5e-3, ``--iterations`` steps (300) of
-batch 16, half of each batch from slices with lesion, left-right flips) and the same seeds
+recipe (batch Dice + cross-entropy on sigmoid outputs, Adam 5e-3 with cosine decay, ``--iterations``
+steps (1000) of batch 16, half of each batch from slices with lesion with every lesion kind
+drawn equally often, left-right flips) and the same seeds
 are trained on
 
   (a) real:        sample_data ``training_lesions`` (24 labelled lesion scans),
@@ -63,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="RePaint steps (default 20)")
     p.add_argument("--resample", type=int, default=2, help="RePaint jumps per step (default 2)")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance on the label map (default 1)")
-    p.add_argument("--iterations", type=int, default=300, help="segmenter training steps (default 300)")
+    p.add_argument("--iterations", type=int, default=1000, help="segmenter training steps (default 1000)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="segmenter seeds (default 0 1 2)")
     p.add_argument("--anomaly-limit", type=int, default=None,
                    help="score at most this many inpainted and real scans for the AUPRC (default all)")
@@ -85,9 +86,16 @@ class SliceSet:
 
     images: np.ndarray
     labels: np.ndarray
+    kinds: np.ndarray | None = None  # (N,) the lesion kind of each slice's scan
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def __add__(self, other: "SliceSet") -> "SliceSet":
+        kinds = (np.concatenate([self.kinds, other.kinds])
+                 if self.kinds is not None and other.kinds is not None else None)
+        return SliceSet(np.concatenate([self.images, other.images]),
+                        np.concatenate([self.labels, other.labels]), kinds)
 
 
 @dataclass
@@ -117,14 +125,17 @@ def model_grid(image_path: str, label_path: str | None, mask_path: str | None, p
     return pre, label, keep
 
 
-def slices_of(cases: list[tuple[str, str | None, str | None]], preprocessing: Any) -> SliceSet:
-    images, labels = [], []
-    for image, label, mask in cases:
+def slices_of(cases: list[tuple[str, str | None, str | None]], preprocessing: Any,
+              kinds: list[str] | None = None) -> SliceSet:
+    images, labels, slice_kinds = [], [], []
+    for i, (image, label, mask) in enumerate(cases):
         pre, lab, keep = model_grid(image, label, mask, preprocessing)
         for z in np.flatnonzero(keep):
             images.append(pre.image[None, :, :, z])
             labels.append(lab[None, :, :, z])
-    return SliceSet(np.stack(images).astype(np.float32), np.stack(labels).astype(np.float32))
+            slice_kinds.append(kinds[i] if kinds else "")
+    return SliceSet(np.stack(images).astype(np.float32), np.stack(labels).astype(np.float32),
+                    np.array(slice_kinds) if kinds else None)
 
 
 def datalist(split: str) -> list[Any]:
@@ -163,6 +174,12 @@ def make_pairs(args: argparse.Namespace) -> Path:
     return Path(args.pairs)
 
 
+def source_of(row: dict[str, str], healthy: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
+    """The healthy scan a pair was painted into and its brain mask, found by file name among
+    sample_data's ``training`` scans (else the manifest's path, without a mask)."""
+    return healthy.get(Path(row["source_scan"]).name, (row["source_scan"], None))
+
+
 def pair_cases(folder: Path) -> list[dict[str, str]]:
     from medidiff.synthesis.pairs import read_pairs_manifest
 
@@ -181,24 +198,31 @@ def build_segmenter() -> torch.nn.Module:
 
 def train_segmenter(data: SliceSet, *, seed: int, iterations: int, device: str = "cpu",
                     batch: int = 16) -> torch.nn.Module:
-    """The fixed recipe: batch DiceCE (sigmoid), Adam 5e-3, half of each batch lesion slices, LR flips."""
+    """The fixed recipe: batch DiceCE (sigmoid), Adam 5e-3 with cosine decay, half of each
+    batch lesion slices (kind-balanced when the slices' kinds are known), LR flips."""
     from monai.losses import DiceCELoss
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = build_segmenter().to(device)
     opt = torch.optim.Adam(net.parameters(), lr=5e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, iterations))
     # batch Dice (one Dice over the whole batch, as nnU-Net): per-sample Dice of the slices
     # without lesion punishes any foreground and keeps a short run predicting nothing
     loss_fn = DiceCELoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    positive = np.flatnonzero(data.labels.reshape(len(data), -1).any(axis=1))
+    positive = data.labels.reshape(len(data), -1).any(axis=1)
     everything = np.arange(len(data))
+    # lesion slices by kind: tumour slices outnumber MS and stroke ones (about 2:1 in
+    # sample_data), so each kind gets an equal share of the lesion half of every batch
+    kinds = data.kinds if data.kinds is not None else np.zeros(len(data), dtype="<U1")
+    groups = [np.flatnonzero(positive & (kinds == k)) for k in np.unique(kinds[positive])] or [everything]
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     net.train()
     for _ in range(iterations):
         half = batch // 2
+        which = rng.integers(0, len(groups), half)
         pick = np.concatenate([
-            rng.choice(positive if len(positive) else everything, half),
+            np.array([rng.choice(groups[g]) for g in which], dtype=np.int64),
             rng.choice(everything, batch - half),
         ])
         x, y = images[pick].clone(), labels[pick].clone()
@@ -208,6 +232,7 @@ def train_segmenter(data: SliceSet, *, seed: int, iterations: int, device: str =
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
     return net.eval()
 
 
@@ -300,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preprocessing = load_model(args.checkpoint).preprocessing
     folder = make_pairs(args)
     rows = pair_cases(folder)
-    healthy_masks = {str(e.image): str(e.mask) for e in datalist("training")}
+    # source scans by file name: a pairs folder made from another checkout still resolves
+    healthy_masks = {Path(e.image).name: (str(e.image), str(e.mask)) for e in datalist("training")}
 
     real_entries = datalist("training_lesions")
     result: dict[str, Any] = {
@@ -325,11 +351,11 @@ def utility_part(args: argparse.Namespace, preprocessing: Any, folder: Path, row
     test_entries = [e for e in datalist("test") if e.extra.get("kind") != "healthy"]
     if args.quick:
         test_entries = test_entries[::3]
-    real = slices_of(cases_of(real_entries), preprocessing)
-    synth_cases = [(str(folder / r["image"]), str(folder / r["label"]), healthy_masks.get(r["source_scan"]))
+    real = slices_of(cases_of(real_entries), preprocessing, [str(e.extra.get("kind")) for e in real_entries])
+    synth_cases = [(str(folder / r["image"]), str(folder / r["label"]), source_of(r, healthy_masks)[1])
                    for r in rows]
-    synth = slices_of(synth_cases, preprocessing)
-    both = SliceSet(np.concatenate([real.images, synth.images]), np.concatenate([real.labels, synth.labels]))
+    synth = slices_of(synth_cases, preprocessing, [r["kind"] for r in rows])
+    both = real + synth
     volumes = []
     for e in test_entries:
         pre, lab, keep = model_grid(str(e.image), str(e.segmentation), str(e.mask), preprocessing)
@@ -360,7 +386,8 @@ def utility_part(args: argparse.Namespace, preprocessing: Any, folder: Path, row
     print(f"\nsynthetic-only / real-only Dice: {ratio:.1%} (target >= 90 %); real+synthetic - real: {gain:+.3f} (target > 0)")
     return {
         "segmenter": {"network": "monai UNet 2D (8, 16, 32, 64), 1 res unit, batch norm", "loss": "batch DiceCE (sigmoid)",
-                      "optimizer": "Adam 5e-3", "iterations": args.iterations, "batch": 16, "seeds": args.seeds,
+                      "optimizer": "Adam 5e-3, cosine decay", "sampling": "half lesion slices, kind-balanced",
+                      "iterations": args.iterations, "batch": 16, "seeds": args.seeds,
                       "eval": "per-scan Dice on the model grid, test split lesion scans"},
         "utility": utility, "synthetic_over_real": float(ratio), "real_plus_synthetic_gain": float(gain),
     }
@@ -369,10 +396,10 @@ def utility_part(args: argparse.Namespace, preprocessing: Any, folder: Path, row
 def realism_part(args: argparse.Namespace, preprocessing: Any, folder: Path, rows: list, healthy_masks: dict,
                  real_entries: list) -> dict[str, Any]:
     """W1 of lesion intensities and the anomaly detector's AUPRC, inpainted vs real."""
-    synth_k = [(str(folder / r["image"]), str(folder / r["label"]), healthy_masks.get(r["source_scan"]), r["kind"])
+    synth_k = [(str(folder / r["image"]), str(folder / r["label"]), source_of(r, healthy_masks)[1], r["kind"])
                for r in rows]
-    before_k = [(r["source_scan"], str(folder / r["label"]), healthy_masks.get(r["source_scan"]), r["kind"])
-                for r in rows]
+    before_k = [(*source_of(r, healthy_masks), r["kind"]) for r in rows]
+    before_k = [(image, str(folder / r["label"]), mask, kind) for (image, mask, kind), r in zip(before_k, rows)]
     real_k = [(str(e.image), str(e.segmentation), str(e.mask), str(e.extra.get("kind"))) for e in real_entries]
     val_k = [(str(e.image), str(e.segmentation), str(e.mask), str(e.extra.get("kind")))
              for e in datalist("validation_lesions")]

@@ -42,3 +42,24 @@ def test_segmenter_recipe_is_seeded_and_learns() -> None:
     volume = b.EvalVolume("v", "tumor", np.moveaxis(images[:, 0], 0, -1), np.moveaxis(labels[:, 0] > 0, 0, -1),
                           np.ones(8, bool))
     assert b.evaluate_segmenter(nets[0], [volume])["mean"] > 0.5
+
+
+def test_kind_balanced_slices_and_moved_pairs() -> None:
+    b = _module()
+    labels = np.zeros((6, 1, 16, 16), np.float32)
+    labels[:4, :, 4:9, 5:10] = 1
+    images = (0.2 + 0.6 * labels).astype(np.float32)
+    a = b.SliceSet(images[:3], labels[:3], np.array(["tumor"] * 3))
+    c = b.SliceSet(images[3:], labels[3:], np.array(["ms"] * 3))
+    both = a + c
+    assert len(both) == 6 and list(both.kinds) == ["tumor"] * 3 + ["ms"] * 3
+    assert (a + b.SliceSet(images, labels)).kinds is None  # kinds only when both sides know them
+    net = b.train_segmenter(both, seed=0, iterations=80, batch=4)
+    volume = b.EvalVolume("v", "ms", np.moveaxis(images[:, 0], 0, -1), np.moveaxis(labels[:, 0] > 0, 0, -1),
+                          np.ones(6, bool))
+    assert b.evaluate_segmenter(net, [volume])["mean"] > 0.5
+    # a pairs manifest written in another checkout: the source scan is found by file name
+    healthy = {"sub-003.nii.gz": ("/here/train/images/sub-003.nii.gz", "/here/train/masks/sub-003.nii.gz")}
+    row = {"source_scan": "/elsewhere/sample_data/train/images/sub-003.nii.gz"}
+    assert b.source_of(row, healthy) == healthy["sub-003.nii.gz"]
+    assert b.source_of({"source_scan": "/x/other.nii.gz"}, healthy) == ("/x/other.nii.gz", None)

@@ -48,6 +48,11 @@ def test_config_conditioning_round_trip() -> None:
     ({"base": {"checkpoint": "x"}}, "stage: controlnet only"),
     ({"stage": "latent", "autoencoder": {"checkpoint": "a"},
       "conditioning": {"mask": "concat", "labels": ["a"]}}, "not implemented"),
+    ({"train": {"oversample": {"ms": 2}}}, "mask-conditioned 2D"),
+    ({"conditioning": {"mask": "concat", "labels": ["a"]}, "train": {"oversample": {"b": 2}}},
+     "not among conditioning.labels"),
+    ({"conditioning": {"mask": "concat", "labels": ["a"]}, "train": {"oversample": {"a": 0}}}, "integer >= 1"),
+    ({"conditioning": {"mask": "concat", "labels": ["a"]}, "train": {"oversample": {"a": 1.5}}}, "integer >= 1"),
 ])
 def test_config_conditioning_refusals(section: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -201,6 +206,21 @@ def test_slice_dataset_serves_label_maps(tmp_path: Path) -> None:
     item = ds[4]
     assert item["condition"].shape == (3, 16, 16)
     assert item["condition"][2].sum() > 0  # the lesion slice has the ms channel
+    # train.oversample: the two ms slices three times each, the other six once
+    order = ds.oversampled_indices({"ms": 3, "tumor": 5})
+    lesion_rows = [i for i in range(len(ds)) if ds[i]["condition"][2].sum() > 0]
+    assert lesion_rows == [3, 4] and len(order) == len(ds) + 2 * 2
+    assert [int((order == i).sum()) for i in range(len(ds))] == [1, 1, 1, 3, 3, 1, 1, 1]
+    with pytest.raises(ConfigError, match="stroke"):
+        ds.oversampled_indices({"stroke": 2})
+    # the trainer samples that order (2 steps) and refuses a dataset without label maps
+    from medidiff.training.trainer import Trainer
+
+    cfg = Config.from_dict(_cond_config(oversample={"ms": 3}))
+    assert Trainer(cfg, tmp_path / "run", dataset=ds, progress=False, device="cpu").fit().steps == 2
+    with pytest.raises(ConfigError, match="oversample"):
+        Trainer(cfg, tmp_path / "run2", dataset=_dataset(), progress=False, device="cpu")
+    assert not (tmp_path / "run2").exists()
 
 
 # ---- ControlNet ----------------------------------------------------------------------------

@@ -376,6 +376,27 @@ class SliceDataset(PreprocessedDataset):
     def __len__(self) -> int:
         return len(self._volume_ids)
 
+    def oversampled_indices(self, factors: Mapping[str, int]) -> np.ndarray:
+        """Slice indices with each slice that shows a label of ``factors`` repeated
+        ``factors[label]`` times (the largest factor among the labels it shows; 1 for the
+        others), in index order: the epoch of ``train.oversample``."""
+        if self.condition_labels is None:
+            raise ConfigError("oversampling needs label maps (conditioning.labels)")
+        unknown = set(factors) - set(self.condition_labels)
+        if unknown:
+            raise ConfigError(f"oversample: {sorted(unknown)} not among the condition labels {list(self.condition_labels)}")
+        value_factor = np.ones(len(self.condition_labels) + 1, np.int64)
+        for name, factor in factors.items():
+            value_factor[list(self.condition_labels).index(name) + 1] = int(factor)
+        repeats = np.ones(len(self), np.int64)
+        for v in np.unique(self._volume_ids):
+            rows = np.flatnonzero(self._volume_ids == v)
+            label_map = self.label_map(int(v))
+            for row in rows:
+                present = np.unique(label_map[:, :, self._slice_ids[row]])
+                repeats[row] = value_factor[present].max()
+        return np.repeat(np.arange(len(self)), repeats)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         v, z = int(self._volume_ids[index]), int(self._slice_ids[index])
         image = self.volume(v)["image"][:, :, z]

@@ -215,6 +215,8 @@ class Trainer:
         self.dataset = dataset if dataset is not None else self._build_dataset()
         if len(self.dataset) == 0:
             raise DataError("the training dataset is empty (no slices or volumes passed the filters)")
+        if self.config.train.oversample and not hasattr(self.dataset, "oversampled_indices"):
+            raise ConfigError("train.oversample needs a 2D slice dataset with label maps")
         self.step = 0
         self.preprocessing: dict = getattr(self.dataset, "preprocessing_dict", lambda: {})() if hasattr(
             self.dataset, "preprocessing_dict") else {}
@@ -271,7 +273,14 @@ class Trainer:
 
     def _batches(self, start_step: int) -> Iterator[dict]:
         bs = self.config.train.batch_size
-        sampler = ResumableSampler(len(self.dataset), self.config.train.seed, self.info)
+        dataset = self.dataset
+        if self.config.train.oversample:
+            indices = dataset.oversampled_indices(self.config.train.oversample)
+            if self.info.is_main:
+                print(f"oversample {self.config.train.oversample}: {len(indices)} slices per epoch "
+                      f"(from {len(dataset)})", flush=True)
+            dataset = torch.utils.data.Subset(dataset, indices.tolist())
+        sampler = ResumableSampler(len(dataset), self.config.train.seed, self.info)
         per_epoch = max(1, sampler.per_rank // bs) if sampler.per_rank >= bs else 1
         epoch, offset_batches = divmod(start_step, per_epoch)
         while True:
@@ -279,7 +288,7 @@ class Trainer:
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(epoch)  # 3D random patches: seeded by (seed, epoch, index)
             loader = torch.utils.data.DataLoader(
-                self.dataset, batch_size=bs, sampler=sampler, drop_last=sampler.per_rank >= bs,
+                dataset, batch_size=bs, sampler=sampler, drop_last=sampler.per_rank >= bs,
                 num_workers=self.config.data.num_workers, collate_fn=_collate,
             )
             for batch in loader:

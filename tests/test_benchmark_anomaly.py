@@ -1,0 +1,73 @@
+"""benchmark_anomaly's merge of separate runs into one table (``--from-json``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "pipelines" / "benchmark_anomaly.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("benchmark_anomaly", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark_anomaly"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _summary(auprc: float, scans: list[str]) -> dict:
+    groups = {k: {"voxel_auprc": auprc / 2, "voxel_auroc": 0.9, "dice_dataset_wise": 0.3,
+                  "oracle_dice": 0.4} for k in ("tumor", "ms", "stroke")}
+    return {"scans": scans, "nfe_per_slice": 3, "network_evaluations_per_volume": 180.0,
+            "seconds_per_volume": 12.5, "voxel_auroc": 0.91, "voxel_auprc": auprc,
+            "dice_dataset_wise": 0.4, "voxel_fpr": 0.001, "dice_classic": 0.1,
+            "oracle_dice": 0.5, "groups": groups}
+
+
+def _run(path: Path, methods: dict, sha: str = "abc123def4567890", median: int | None = None,
+         calibration: int = 6) -> str:
+    settings = {"data": "d.json", "calib_limit": None, "fpr": 0.05, "target": "fp-volume",
+                "max_fp_ml": 1.0, "min_component_ml": 0.5, "median_size": median, "erode": None,
+                "residual": None}
+    out = {"checkpoint": {"path": "m", "sha256": sha, "step": 1200}, "settings": settings,
+           "calibration_scans": [f"h{i}" for i in range(6)],
+           "methods": {label: {"calibration_scans": calibration,
+                               "splits": {split: _summary(a, names) for split, (a, names) in splits.items()}}
+                       for label, splits in methods.items()}}
+    path.write_text(json.dumps(out))
+    return str(path)
+
+
+def test_from_json_prints_one_table_of_all_runs(tmp_path: Path, capsys) -> None:
+    b = _module()
+    full = [f"s{i}" for i in range(4)]
+    a = _run(tmp_path / "a.json", {"ddim": {"validation_lesions": (0.61, full)}})
+    c = _run(tmp_path / "c.json", {"x0": {"test": (0.12, full)}, "anoddpm": {"test": (0.7, full[:1])}},
+             calibration=2)
+    d = _run(tmp_path / "d.json", {"ddim": {"test": (0.56, full)}})  # the same method, another split
+    assert b.main(["--from-json", a, c, d]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "method" not in line]
+    assert [r.split(" | ")[0:2] for r in rows] == [
+        ["| ddim", "validation_lesions"], ["| ddim", "test"], ["| x0 (subset, calibrated on 2)", "test"],
+        ["| anoddpm (subset, calibrated on 2)", "test"]]
+    assert "| 0.560 |" in rows[1] and "| 0.120 |" in rows[2] and "sha256 abc123def456" in out
+    assert "Dice @1 ml FP" in out
+
+
+def test_from_json_refuses_runs_that_do_not_belong_together(tmp_path: Path, capsys) -> None:
+    b = _module()
+    names = ["s0"]
+    a = _run(tmp_path / "a.json", {"ddim": {"test": (0.5, names)}})
+    other_weights = _run(tmp_path / "b.json", {"x0": {"test": (0.1, names)}}, sha="ffff00000000")
+    other_filter = _run(tmp_path / "c.json", {"x0": {"test": (0.1, names)}}, median=5)
+    same_label = _run(tmp_path / "d.json", {"ddim": {"test": (0.1, names)}})  # same method and split
+    broken = tmp_path / "e.json"
+    broken.write_text("{not json")
+    for bad, words in ((other_weights, "sha256"), (other_filter, "median_size"),
+                       (same_label, "also in"), (str(broken), "not a benchmark_anomaly JSON")):
+        assert b.main(["--from-json", a, bad]) == 2
+        assert words in capsys.readouterr().err
