@@ -251,8 +251,11 @@ def _retrain_lines(facts: dict) -> list[str]:
     run = facts.get("run") or f"runs/{n}"
     ae = facts.get("autoencoder")
     if not ae:
+        tuned = facts.get("anomaly_postprocess") or {}
+        post = (" --anomaly-postprocess " + " ".join(f"{k}={v}" for k, v in sorted(tuned.items()))
+                if tuned else "")
         return [f"medidiff train --config {config} --out {run}",
-                f"python pipelines/export_default_models.py --run {run} --name {n} --config {config}"]
+                f"python pipelines/export_default_models.py --run {run} --name {n} --config {config}{post}"]
     ae_run = ae.get("run") or "runs/AUTOENCODER_RUN"
     return [f"medidiff train --config {ae.get('config') or 'AUTOENCODER_CONFIG'} --out {ae_run}",
             f"medidiff train --config {config} --out {run}   # autoencoder.checkpoint: {ae_run}/model.safetensors",
@@ -364,6 +367,12 @@ def rewrite_card(a: argparse.Namespace) -> int:
                          "export it again without --card-only")
     facts.setdefault("run", f"runs/{facts.get('name', a.name)}")  # a renamed model keeps its run
     facts["name"], facts["description"] = a.name, MODELS[a.name]
+    from medidiff.anomaly.postprocess import TUNED_POSTPROCESS_KEY
+    from medidiff.models.checkpoint import checkpoint_extra
+
+    tuned = checkpoint_extra(weights).get(TUNED_POSTPROCESS_KEY)
+    if tuned:  # stored in the file at export: the retrain command repeats it
+        facts["anomaly_postprocess"] = tuned
     if a.metrics or a.demo_metrics:
         facts["metrics"] = card_metrics(a)
     if a.note:
@@ -628,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         "network": network,
         "diffusion": diffusion_text(cfg),
         "prediction_type": cfg.diffusion.prediction_type,
+        **({"anomaly_postprocess": extra["anomaly_postprocess"]} if extra.get("anomaly_postprocess") else {}),
         "parameters": int(params),
         "steps": step,
         "batch_size": t.batch_size,
