@@ -4,8 +4,8 @@ Segmentation utility (the field's test of a paired synthetic dataset; Med-DDPM, 
 et al. 2024, report Dice 0.621 synthetic-only vs 0.653 real-only and 0.668 for both):
 the same MONAI ``UNet`` (2D, channels 8-16-32-64, one residual unit per level, batch norm), the same
 recipe (batch Dice + cross-entropy on sigmoid outputs, Adam 5e-3 with cosine decay, ``--iterations``
-steps (1000) of batch 16, half of each batch from slices with lesion with every lesion kind
-drawn equally often, left-right flips) and the same seeds
+steps (1000) of batch 16, half of each batch from slices with lesion, left-right flips; chosen
+on ``validation_lesions``) and the same seeds
 are trained on
 
   (a) real:        sample_data ``training_lesions`` (24 labelled lesion scans),
@@ -33,6 +33,8 @@ Usage:
     python pipelines/benchmark_utility.py --checkpoint runs/lesions/model.safetensors \\
         --pairs runs/utility_pairs --out benchmarks/utility.json
     python pipelines/benchmark_utility.py ... --iterations 100 --seeds 0 --quick   # smoke run
+    python pipelines/benchmark_utility.py --checkpoint brain_mri_2d --training-data real \
+        --parts utility --eval-split validation_lesions --seeds 0 1   # choosing the recipe
 
 The pairs folder is made (or completed: the command resumes) with ``medidiff inpaint``'s
 own code; ``--steps``/``--resample`` set its RePaint cost. Prints Markdown tables, writes JSON.
@@ -53,13 +55,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT / "sample_data" / "dataset.json"
+TRAINING_DATA = ("real", "synthetic", "real+synthetic")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="mask-conditioned model that paints the pairs")
-    p.add_argument("--pairs", required=True, help="pairs folder (made or resumed here)")
+    p.add_argument("--pairs", default=None,
+                   help="pairs folder (made or resumed here; needed unless only --training-data real)")
     p.add_argument("--per-scan", type=int, default=1, help="pairs per healthy train scan (default 1)")
     p.add_argument("--steps", type=int, default=20, help="RePaint steps (default 20)")
     p.add_argument("--resample", type=int, default=2, help="RePaint jumps per step (default 2)")
@@ -68,13 +72,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="segmenter seeds (default 0 1 2)")
     p.add_argument("--anomaly-limit", type=int, default=None,
                    help="score at most this many inpainted and real scans for the AUPRC (default all)")
+    p.add_argument("--training-data", nargs="+", choices=TRAINING_DATA, default=list(TRAINING_DATA),
+                   help="segmenter training sets (default all three)")
+    p.add_argument("--eval-split", default="test", choices=("test", "validation_lesions"),
+                   help="real lesion scans the segmenters are scored on: test (report, default) or "
+                   "validation_lesions (choosing the recipe)")
     p.add_argument("--parts", nargs="+", choices=("utility", "realism"), default=["utility", "realism"],
                    help="what to measure (default both; run them as two processes to use two cores)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 test scans, 6 pairs")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--out", default=None, help="JSON to write")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if needs_pairs(args) and not args.pairs:
+        p.error("--pairs is needed for synthetic training data and for the realism part")
+    return args
+
+
+def needs_pairs(args: argparse.Namespace) -> bool:
+    return "realism" in args.parts or ("utility" in args.parts and args.training_data != ["real"])
 
 
 # ---------------------------------------------------------------------------------- data
@@ -86,16 +102,12 @@ class SliceSet:
 
     images: np.ndarray
     labels: np.ndarray
-    kinds: np.ndarray | None = None  # (N,) the lesion kind of each slice's scan
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __add__(self, other: "SliceSet") -> "SliceSet":
-        kinds = (np.concatenate([self.kinds, other.kinds])
-                 if self.kinds is not None and other.kinds is not None else None)
-        return SliceSet(np.concatenate([self.images, other.images]),
-                        np.concatenate([self.labels, other.labels]), kinds)
+        return SliceSet(np.concatenate([self.images, other.images]), np.concatenate([self.labels, other.labels]))
 
 
 @dataclass
@@ -125,17 +137,14 @@ def model_grid(image_path: str, label_path: str | None, mask_path: str | None, p
     return pre, label, keep
 
 
-def slices_of(cases: list[tuple[str, str | None, str | None]], preprocessing: Any,
-              kinds: list[str] | None = None) -> SliceSet:
-    images, labels, slice_kinds = [], [], []
-    for i, (image, label, mask) in enumerate(cases):
+def slices_of(cases: list[tuple[str, str | None, str | None]], preprocessing: Any) -> SliceSet:
+    images, labels = [], []
+    for image, label, mask in cases:
         pre, lab, keep = model_grid(image, label, mask, preprocessing)
         for z in np.flatnonzero(keep):
             images.append(pre.image[None, :, :, z])
             labels.append(lab[None, :, :, z])
-            slice_kinds.append(kinds[i] if kinds else "")
-    return SliceSet(np.stack(images).astype(np.float32), np.stack(labels).astype(np.float32),
-                    np.array(slice_kinds) if kinds else None)
+    return SliceSet(np.stack(images).astype(np.float32), np.stack(labels).astype(np.float32))
 
 
 def datalist(split: str) -> list[Any]:
@@ -199,7 +208,7 @@ def build_segmenter() -> torch.nn.Module:
 def train_segmenter(data: SliceSet, *, seed: int, iterations: int, device: str = "cpu",
                     batch: int = 16) -> torch.nn.Module:
     """The fixed recipe: batch DiceCE (sigmoid), Adam 5e-3 with cosine decay, half of each
-    batch lesion slices (kind-balanced when the slices' kinds are known), LR flips."""
+    batch lesion slices, LR flips (chosen on ``validation_lesions``: see RESULTS.md)."""
     from monai.losses import DiceCELoss
 
     torch.manual_seed(seed)
@@ -210,19 +219,14 @@ def train_segmenter(data: SliceSet, *, seed: int, iterations: int, device: str =
     # batch Dice (one Dice over the whole batch, as nnU-Net): per-sample Dice of the slices
     # without lesion punishes any foreground and keeps a short run predicting nothing
     loss_fn = DiceCELoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    positive = data.labels.reshape(len(data), -1).any(axis=1)
+    positive = np.flatnonzero(data.labels.reshape(len(data), -1).any(axis=1))
     everything = np.arange(len(data))
-    # lesion slices by kind: tumour slices outnumber MS and stroke ones (about 2:1 in
-    # sample_data), so each kind gets an equal share of the lesion half of every batch
-    kinds = data.kinds if data.kinds is not None else np.zeros(len(data), dtype="<U1")
-    groups = [np.flatnonzero(positive & (kinds == k)) for k in np.unique(kinds[positive])] or [everything]
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     net.train()
     for _ in range(iterations):
         half = batch // 2
-        which = rng.integers(0, len(groups), half)
         pick = np.concatenate([
-            np.array([rng.choice(groups[g]) for g in which], dtype=np.int64),
+            rng.choice(positive if len(positive) else everything, half),
             rng.choice(everything, batch - half),
         ])
         x, y = images[pick].clone(), labels[pick].clone()
@@ -321,16 +325,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     from medidiff.models.loaded import load_model
 
+    from medidiff.models.pretrained import resolve_checkpoint
+
     began = time.perf_counter()
+    args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # a path or a shipped model's name
     preprocessing = load_model(args.checkpoint).preprocessing
-    folder = make_pairs(args)
-    rows = pair_cases(folder)
+    folder = make_pairs(args) if needs_pairs(args) else None
+    rows = pair_cases(folder) if folder else []
     # source scans by file name: a pairs folder made from another checkout still resolves
     healthy_masks = {Path(e.image).name: (str(e.image), str(e.mask)) for e in datalist("training")}
 
     real_entries = datalist("training_lesions")
     result: dict[str, Any] = {
-        "checkpoint": str(args.checkpoint), "pairs": str(folder), "num_pairs": len(rows),
+        "checkpoint": str(args.checkpoint), "pairs": str(folder) if folder else None, "num_pairs": len(rows),
         "repaint": {"steps": args.steps, "resample": args.resample, "guidance": args.guidance},
         "quick": bool(args.quick),
     }
@@ -347,24 +354,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def utility_part(args: argparse.Namespace, preprocessing: Any, folder: Path, rows: list, healthy_masks: dict,
                  real_entries: list) -> dict[str, Any]:
-    """Segmenters on real / synthetic / both, Dice on the test lesion scans."""
-    test_entries = [e for e in datalist("test") if e.extra.get("kind") != "healthy"]
+    """Segmenters on real / synthetic / both, Dice on the lesion scans of ``--eval-split``."""
+    test_entries = [e for e in datalist(args.eval_split) if e.extra.get("kind") != "healthy"]
     if args.quick:
         test_entries = test_entries[::3]
-    real = slices_of(cases_of(real_entries), preprocessing, [str(e.extra.get("kind")) for e in real_entries])
-    synth_cases = [(str(folder / r["image"]), str(folder / r["label"]), source_of(r, healthy_masks)[1])
-                   for r in rows]
-    synth = slices_of(synth_cases, preprocessing, [r["kind"] for r in rows])
-    both = real + synth
+    sets: dict[str, SliceSet] = {}
+    if {"real", "real+synthetic"} & set(args.training_data):
+        sets["real"] = slices_of(cases_of(real_entries), preprocessing)
+    if {"synthetic", "real+synthetic"} & set(args.training_data):
+        sets["synthetic"] = slices_of(
+            [(str(folder / r["image"]), str(folder / r["label"]), source_of(r, healthy_masks)[1]) for r in rows],
+            preprocessing)
+    if "real+synthetic" in args.training_data:
+        sets["real+synthetic"] = sets["real"] + sets["synthetic"]
     volumes = []
     for e in test_entries:
         pre, lab, keep = model_grid(str(e.image), str(e.segmentation), str(e.mask), preprocessing)
         volumes.append(EvalVolume(e.name, str(e.extra.get("kind")), pre.image, lab, keep))
-    print(f"slices: real {len(real)} ({int(real.labels.any(axis=(1, 2, 3)).sum())} with lesion), synthetic "
-          f"{len(synth)} ({int(synth.labels.any(axis=(1, 2, 3)).sum())}), test scans {len(volumes)}", file=sys.stderr)
+    print("slices: " + ", ".join(f"{name} {len(d)} ({int(d.labels.any(axis=(1, 2, 3)).sum())} with lesion)"
+                                 for name, d in sets.items())
+          + f"; {len(volumes)} {args.eval_split} scans", file=sys.stderr)
 
     utility: dict[str, Any] = {}
-    for name, data in (("real", real), ("synthetic", synth), ("real+synthetic", both)):
+    for name in args.training_data:
+        data = sets[name]
         runs = []
         for seed in args.seeds:
             t0 = time.perf_counter()
@@ -375,21 +388,27 @@ def utility_part(args: argparse.Namespace, preprocessing: Any, folder: Path, row
         kinds = [k for k in runs[0] if k not in ("mean", "per_scan")]
         utility[name] = {"dice": [r["mean"] for r in runs],
                          **{k: [r[k] for r in runs] for k in kinds}, "slices": len(data)}
-    print("\n| training data | slices | Dice (mean +- std over seeds) | " +
-          " | ".join(k for k in utility["real"] if k not in ("dice", "slices")) + " |")
-    print("|---|---|---|" + "---|" * (len(utility["real"]) - 2))
+    first = next(iter(utility.values()))
+    print(f"\nDice on {args.eval_split} ({len(volumes)} lesion scans)\n")
+    print("| training data | slices | Dice (mean +- std over seeds) | " +
+          " | ".join(k for k in first if k not in ("dice", "slices")) + " |")
+    print("|---|---|---|" + "---|" * (len(first) - 2))
     for name, u in utility.items():
         extra = " | ".join(_fmt(u[k]) for k in u if k not in ("dice", "slices"))
         print(f"| {name} | {u['slices']} | {_fmt(u['dice'])} | {extra} |")
-    ratio = np.mean(utility["synthetic"]["dice"]) / max(np.mean(utility["real"]["dice"]), 1e-9)
-    gain = np.mean(utility["real+synthetic"]["dice"]) - np.mean(utility["real"]["dice"])
-    print(f"\nsynthetic-only / real-only Dice: {ratio:.1%} (target >= 90 %); real+synthetic - real: {gain:+.3f} (target > 0)")
+    ratio = gain = None
+    if {"real", "synthetic"} <= set(utility):
+        ratio = float(np.mean(utility["synthetic"]["dice"]) / max(np.mean(utility["real"]["dice"]), 1e-9))
+        print(f"\nsynthetic-only / real-only Dice: {ratio:.1%} (target >= 90 %)")
+    if {"real", "real+synthetic"} <= set(utility):
+        gain = float(np.mean(utility["real+synthetic"]["dice"]) - np.mean(utility["real"]["dice"]))
+        print(f"real+synthetic - real: {gain:+.3f} (target > 0)")
     return {
         "segmenter": {"network": "monai UNet 2D (8, 16, 32, 64), 1 res unit, batch norm", "loss": "batch DiceCE (sigmoid)",
-                      "optimizer": "Adam 5e-3, cosine decay", "sampling": "half lesion slices, kind-balanced",
+                      "optimizer": "Adam 5e-3, cosine decay", "sampling": "half lesion slices",
                       "iterations": args.iterations, "batch": 16, "seeds": args.seeds,
-                      "eval": "per-scan Dice on the model grid, test split lesion scans"},
-        "utility": utility, "synthetic_over_real": float(ratio), "real_plus_synthetic_gain": float(gain),
+                      "eval": f"per-scan Dice on the model grid, {args.eval_split} lesion scans"},
+        "utility": utility, "synthetic_over_real": ratio, "real_plus_synthetic_gain": gain,
     }
 
 

@@ -44,22 +44,30 @@ def test_segmenter_recipe_is_seeded_and_learns() -> None:
     assert b.evaluate_segmenter(nets[0], [volume])["mean"] > 0.5
 
 
-def test_kind_balanced_slices_and_moved_pairs() -> None:
+def test_slice_sets_add_and_moved_pairs() -> None:
     b = _module()
     labels = np.zeros((6, 1, 16, 16), np.float32)
     labels[:4, :, 4:9, 5:10] = 1
     images = (0.2 + 0.6 * labels).astype(np.float32)
-    a = b.SliceSet(images[:3], labels[:3], np.array(["tumor"] * 3))
-    c = b.SliceSet(images[3:], labels[3:], np.array(["ms"] * 3))
-    both = a + c
-    assert len(both) == 6 and list(both.kinds) == ["tumor"] * 3 + ["ms"] * 3
-    assert (a + b.SliceSet(images, labels)).kinds is None  # kinds only when both sides know them
-    net = b.train_segmenter(both, seed=0, iterations=80, batch=4)
-    volume = b.EvalVolume("v", "ms", np.moveaxis(images[:, 0], 0, -1), np.moveaxis(labels[:, 0] > 0, 0, -1),
-                          np.ones(6, bool))
-    assert b.evaluate_segmenter(net, [volume])["mean"] > 0.5
+    both = b.SliceSet(images[:3], labels[:3]) + b.SliceSet(images[3:], labels[3:])
+    assert len(both) == 6 and np.array_equal(both.images, images) and np.array_equal(both.labels, labels)
     # a pairs manifest written in another checkout: the source scan is found by file name
     healthy = {"sub-003.nii.gz": ("/here/train/images/sub-003.nii.gz", "/here/train/masks/sub-003.nii.gz")}
     row = {"source_scan": "/elsewhere/sample_data/train/images/sub-003.nii.gz"}
     assert b.source_of(row, healthy) == healthy["sub-003.nii.gz"]
     assert b.source_of({"source_scan": "/x/other.nii.gz"}, healthy) == ("/x/other.nii.gz", None)
+
+
+def test_pairs_are_needed_only_for_synthetic_data_or_realism(capsys) -> None:
+    import pytest
+
+    b = _module()
+    args = b.parse_args(["--checkpoint", "m", "--training-data", "real", "--parts", "utility",
+                         "--eval-split", "validation_lesions"])
+    assert not b.needs_pairs(args) and args.pairs is None and args.eval_split == "validation_lesions"
+    for argv in (["--checkpoint", "m"], ["--checkpoint", "m", "--training-data", "real"],
+                 ["--checkpoint", "m", "--parts", "utility", "--training-data", "real", "synthetic"]):
+        with pytest.raises(SystemExit) as exc:
+            b.parse_args(argv)
+        assert exc.value.code == 2 and "--pairs is needed" in capsys.readouterr().err
+    assert b.needs_pairs(b.parse_args(["--checkpoint", "m", "--pairs", "p"]))
