@@ -415,10 +415,10 @@ def utility_part(args: argparse.Namespace, preprocessing: Any, folder: Path, row
 def realism_part(args: argparse.Namespace, preprocessing: Any, folder: Path, rows: list, healthy_masks: dict,
                  real_entries: list) -> dict[str, Any]:
     """W1 of lesion intensities and the anomaly detector's AUPRC, inpainted vs real."""
-    synth_k = [(str(folder / r["image"]), str(folder / r["label"]), source_of(r, healthy_masks)[1], r["kind"])
-               for r in rows]
-    before_k = [(*source_of(r, healthy_masks), r["kind"]) for r in rows]
-    before_k = [(image, str(folder / r["label"]), mask, kind) for (image, mask, kind), r in zip(before_k, rows)]
+    sources = [source_of(r, healthy_masks) for r in rows]  # (healthy scan, its brain mask)
+    synth_k = [(str(folder / r["image"]), str(folder / r["label"]), mask, r["kind"])
+               for r, (_, mask) in zip(rows, sources)]
+    before_k = [(image, str(folder / r["label"]), mask, r["kind"]) for r, (image, mask) in zip(rows, sources)]
     real_k = [(str(e.image), str(e.segmentation), str(e.mask), str(e.extra.get("kind"))) for e in real_entries]
     val_k = [(str(e.image), str(e.segmentation), str(e.mask), str(e.extra.get("kind")))
              for e in datalist("validation_lesions")]

@@ -175,3 +175,20 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def load_pipeline() -> Callable[[str], Any]:
+    """Import a script of ``pipelines/`` by name (e.g. ``"benchmark_anomaly"``) as a module."""
+    import importlib.util
+    import sys
+
+    def load(name: str) -> Any:
+        path = Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+        return module
+
+    return load

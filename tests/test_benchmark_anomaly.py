@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "pipelines" / "benchmark_anomaly.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("benchmark_anomaly", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark_anomaly"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def _summary(auprc: float, scans: list[str]) -> dict:
@@ -41,8 +30,8 @@ def _run(path: Path, methods: dict, sha: str = "abc123def4567890", median: int |
     return str(path)
 
 
-def test_from_json_prints_one_table_of_all_runs(tmp_path: Path, capsys) -> None:
-    b = _module()
+def test_from_json_prints_one_table_of_all_runs(tmp_path: Path, capsys, load_pipeline) -> None:
+    b = load_pipeline("benchmark_anomaly")
     full = [f"s{i}" for i in range(4)]
     a = _run(tmp_path / "a.json", {"ddim": {"validation_lesions": (0.61, full)}})
     c = _run(tmp_path / "c.json", {"x0": {"test": (0.12, full)}, "anoddpm": {"test": (0.7, full[:1])}},
@@ -58,8 +47,8 @@ def test_from_json_prints_one_table_of_all_runs(tmp_path: Path, capsys) -> None:
     assert "Dice @1 ml FP" in out
 
 
-def test_from_json_refuses_runs_that_do_not_belong_together(tmp_path: Path, capsys) -> None:
-    b = _module()
+def test_from_json_refuses_runs_that_do_not_belong_together(tmp_path: Path, capsys, load_pipeline) -> None:
+    b = load_pipeline("benchmark_anomaly")
     names = ["s0"]
     a = _run(tmp_path / "a.json", {"ddim": {"test": (0.5, names)}})
     other_weights = _run(tmp_path / "b.json", {"x0": {"test": (0.1, names)}}, sha="ffff00000000")

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[1] / "pipelines" / "benchmark_utility.py"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("benchmark_utility", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark_utility"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_dice_and_w1_table() -> None:
-    b = _module()
+def test_dice_and_w1_table(load_pipeline) -> None:
+    b = load_pipeline("benchmark_utility")
     a = np.zeros((4, 4), bool)
     a[:2] = True
     assert b.dice(a, a) == 1.0 and b.dice(a, ~a) == 0.0 and b.dice(a * 0, a * 0) == 1.0
@@ -29,8 +17,8 @@ def test_dice_and_w1_table() -> None:
     assert np.isclose(table["tumor"]["inpainted"], 0.5) and table["tumor"]["healthy_before"] == 0.0
 
 
-def test_segmenter_recipe_is_seeded_and_learns() -> None:
-    b = _module()
+def test_segmenter_recipe_is_seeded_and_learns(load_pipeline) -> None:
+    b = load_pipeline("benchmark_utility")
     rng = np.random.default_rng(0)
     labels = np.zeros((8, 1, 16, 16), np.float32)
     labels[:, :, 4:9, 5:10] = 1
@@ -44,8 +32,8 @@ def test_segmenter_recipe_is_seeded_and_learns() -> None:
     assert b.evaluate_segmenter(nets[0], [volume])["mean"] > 0.5
 
 
-def test_slice_sets_add_and_moved_pairs() -> None:
-    b = _module()
+def test_slice_sets_add_and_moved_pairs(load_pipeline) -> None:
+    b = load_pipeline("benchmark_utility")
     labels = np.zeros((6, 1, 16, 16), np.float32)
     labels[:4, :, 4:9, 5:10] = 1
     images = (0.2 + 0.6 * labels).astype(np.float32)
@@ -58,10 +46,10 @@ def test_slice_sets_add_and_moved_pairs() -> None:
     assert b.source_of({"source_scan": "/x/other.nii.gz"}, healthy) == ("/x/other.nii.gz", None)
 
 
-def test_pairs_are_needed_only_for_synthetic_data_or_realism(capsys) -> None:
+def test_pairs_are_needed_only_for_synthetic_data_or_realism(capsys, load_pipeline) -> None:
     import pytest
 
-    b = _module()
+    b = load_pipeline("benchmark_utility")
     args = b.parse_args(["--checkpoint", "m", "--training-data", "real", "--parts", "utility",
                          "--eval-split", "validation_lesions"])
     assert not b.needs_pairs(args) and args.pairs is None and args.eval_split == "validation_lesions"
