@@ -60,3 +60,38 @@ def test_from_json_refuses_runs_that_do_not_belong_together(tmp_path: Path, caps
                        (same_label, "also in"), (str(broken), "not a benchmark_anomaly JSON")):
         assert b.main(["--from-json", a, bad]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_from_json_compares_ddim_with_anoddpm_on_the_same_scans(tmp_path: Path, capsys,
+                                                                  load_pipeline) -> None:
+    b = load_pipeline("benchmark_anomaly")
+    full = [f"s{i}" for i in range(8)]
+    four = full[:4]
+
+    def evals(path: str, value: float) -> str:  # anoddpm's chain costs 50x ddim's evaluations
+        run = json.loads(Path(path).read_text())
+        for result in run["methods"].values():
+            for s in result["splits"].values():
+                s["network_evaluations_per_volume"] = value
+        Path(path).write_text(json.dumps(run))
+        return path
+
+    slow0 = evals(_run(tmp_path / "a0.json", {"anoddpm": {"test": (0.50, four)}}, calibration=2), 9000.0)
+    slow1 = evals(_run(tmp_path / "a1.json", {"anoddpm (seed 1)": {"test": (0.54, four)}},
+                       calibration=2), 9000.0)
+    fast = _run(tmp_path / "d.json", {"ddim (seed 0)": {"test": (0.47, four)},
+                                      "ddim (seed 1)": {"test": (0.49, four)}})
+    whole = _run(tmp_path / "w.json", {"ddim": {"test": (0.90, full)}})  # other scans: not compared
+    assert b.main(["--from-json", whole, slow0, slow1, fast]) == 0
+    out = capsys.readouterr().out
+    assert "same 4 test scans (s0, s1, s2, s3)" in out
+    assert "ddim (2 seed(s)) uses 50.0x fewer" in out
+    assert "0.480 +- 0.010 (ddim) vs 0.520 +- 0.020 (anoddpm)" in out and "NOT met" in out
+    # within 0.02 once the fast rows reach 0.50
+    fast = _run(tmp_path / "d.json", {"ddim (seed 0)": {"test": (0.50, four)},
+                                      "ddim (seed 1)": {"test": (0.51, four)}})
+    assert b.main(["--from-json", slow0, slow1, fast]) == 0
+    assert "target (>= 20x fewer, within 0.02 AUPRC) MET" in capsys.readouterr().out
+    # without a ddim run on anoddpm's scans the reader is told what to run
+    assert b.main(["--from-json", whole, slow0]) == 0
+    assert "no ddim run scored exactly these scans" in capsys.readouterr().out
