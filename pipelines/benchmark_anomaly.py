@@ -458,6 +458,22 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     runs: dict[str, MethodRun] = {}
+    rows: list[tuple[str, str, dict[str, Any]]] = []
+    results: dict[str, Any] = {}
+
+    def output(comparison: dict[str, Any] | None, complete: bool) -> dict[str, Any]:
+        return {
+            "checkpoint": {"path": str(args.checkpoint), "sha256": ckpt.sha256, "step": step},
+            "settings": {k: v for k, v in vars(args).items()},
+            "splits": {k: [e.name for e in v] for k, v in splits.items()},
+            "calibration_scans": [e.name for e in val],
+            "methods": results,
+            "anoddpm_vs_ddim": comparison,
+            "complete": complete,
+            "baseline": "x_hat = median healthy brain intensity (model grid, global), "
+            "same post-processing",
+        }
+
     seeds = args.seeds or [args.seed]
     for method in args.methods:
         for seed in seeds if method != "baseline" else seeds[:1]:
@@ -465,26 +481,26 @@ def main(argv: list[str] | None = None) -> int:
             # a run with another seed than 0 says so, so its rows merge beside seed 0's
             plain = method == "baseline" or (len(seeds) == 1 and seed == 0)
             label = method if plain else f"{method} (seed {seed})"
-            runs[label] = run_method(method, args, val,
-                                     anoddpm_splits if method == "anoddpm" else splits, loaded)
+            run = runs[label] = run_method(method, args, val,
+                                           anoddpm_splits if method == "anoddpm" else splits, loaded)
+            results[label] = {
+                "config": run.config,
+                "thresholds": run.thresholds,
+                "classic_voxel_threshold": run.classic_threshold,
+                "calibration_scans": run.calib_scans,
+                "calibration_seconds": run.calib_seconds,
+                "splits": {},
+            }
+            for split in run.cases:
+                s = summarise(run, split)
+                name = label
+                if run.calib_scans < len(val) or len(run.cases[split]) < len(splits[split]):
+                    name = f"{label} (subset, calibrated on {run.calib_scans})"
+                rows.append((name, split, s))
+                results[label]["splits"][split] = {**s, "scans": [c.name for c in run.cases[split]]}
+            # every finished method is on disk at once: a run stopped later keeps it
+            write_json_atomic(args.out, _jsonable(output(None, complete=False)))
 
-    rows, results = [], {}
-    for label, run in runs.items():
-        results[label] = {
-            "config": run.config,
-            "thresholds": run.thresholds,
-            "classic_voxel_threshold": run.classic_threshold,
-            "calibration_scans": run.calib_scans,
-            "calibration_seconds": run.calib_seconds,
-            "splits": {},
-        }
-        for split in run.cases:
-            s = summarise(run, split)
-            name = label
-            if run.calib_scans < len(val) or len(run.cases[split]) < len(splits[split]):
-                name = f"{label} (subset, calibrated on {run.calib_scans})"
-            rows.append((name, split, s))
-            results[label]["splits"][split] = {**s, "scans": [c.name for c in run.cases[split]]}
     print()
     print(
         f"## Anomaly methods (native grid, inside brain masks; checkpoint step {step}; "
@@ -503,17 +519,7 @@ def main(argv: list[str] | None = None) -> int:
 
     comparison = (anoddpm_comparison(runs, results, last, args)
                   if any(r.name == "anoddpm" for r in runs.values()) else None)
-    out = {
-        "checkpoint": {"path": str(args.checkpoint), "sha256": ckpt.sha256, "step": step},
-        "settings": {k: v for k, v in vars(args).items()},
-        "splits": {k: [e.name for e in v] for k, v in splits.items()},
-        "calibration_scans": [e.name for e in val],
-        "methods": results,
-        "anoddpm_vs_ddim": comparison,
-        "baseline": "x_hat = median healthy brain intensity (model grid, global), "
-        "same post-processing",
-    }
-    write_json_atomic(args.out, _jsonable(out))
+    write_json_atomic(args.out, _jsonable(output(comparison, complete=True)))
     print(f"\nwrote {args.out}")
     return 0
 

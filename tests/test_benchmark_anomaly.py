@@ -95,3 +95,31 @@ def test_from_json_compares_ddim_with_anoddpm_on_the_same_scans(tmp_path: Path, 
     # without a ddim run on anoddpm's scans the reader is told what to run
     assert b.main(["--from-json", whole, slow0]) == 0
     assert "no ddim run scored exactly these scans" in capsys.readouterr().out
+
+
+def test_a_run_stopped_midway_keeps_the_methods_it_finished(tmp_path: Path, tiny_checkpoint_2d,
+                                                            load_pipeline, monkeypatch) -> None:
+    import pytest
+
+    b = load_pipeline("benchmark_anomaly")
+    data = Path(__file__).resolve().parents[1] / "sample_data" / "dataset.json"
+    out = tmp_path / "run.json"
+    common = ["--checkpoint", str(tiny_checkpoint_2d), "--data", str(data), "--splits", "test",
+              "--limit", "1", "--calib-limit", "1", "--out", str(out)]
+    finished = b.run_method
+
+    def stops_after_baseline(method, *a, **k):
+        if method != "baseline":
+            raise KeyboardInterrupt
+        return finished(method, *a, **k)
+
+    monkeypatch.setattr(b, "run_method", stops_after_baseline)
+    with pytest.raises(KeyboardInterrupt):
+        b.main(["--methods", "baseline", "ddim", *common])
+    kept = json.loads(out.read_text())
+    assert kept["complete"] is False and list(kept["methods"]) == ["baseline"]
+    assert len(kept["methods"]["baseline"]["splits"]["test"]["scans"]) == 1
+
+    monkeypatch.setattr(b, "run_method", finished)
+    assert b.main(["--methods", "baseline", *common]) == 0
+    assert json.loads(out.read_text())["complete"] is True
