@@ -315,12 +315,17 @@ def anoddpm_comparison(runs: dict[str, MethodRun], results: dict[str, Any], spli
     return gap_to_anoddpm(sub_rows)
 
 
+def method_of(label: str) -> str:
+    """The method of a row label such as ``ddim (seed 1) (subset, calibrated on 2)``."""
+    return label.split(" ")[0]
+
+
 def gap_to_anoddpm(rows: list[tuple[str, str, dict[str, Any]]]) -> dict[str, Any] | None:
     """The target on rows over one set of scans: the fast default (``ddim`` rows, one per
     seed) within 0.02 voxel AUPRC of ``anoddpm`` (mean over its seed rows) at >= 20x fewer
     network evaluations. Printed; ``None`` without rows of both methods."""
-    fast = [s for label, _, s in rows if label.split(" ")[0] == "ddim"]
-    slow = [s for label, _, s in rows if label.split(" ")[0] == "anoddpm"]
+    fast = [s for label, _, s in rows if method_of(label) == "ddim"]
+    slow = [s for label, _, s in rows if method_of(label) == "anoddpm"]
     if not fast or not slow:
         return None
     a_auprc = float(np.mean([s["voxel_auprc"] for s in slow]))
@@ -349,7 +354,7 @@ def merged_gap_to_anoddpm(rows: list[tuple[str, str, dict[str, Any]]]) -> None:
     """``gap_to_anoddpm`` for merged runs: per split, the anoddpm rows and the ddim rows
     that scored exactly anoddpm's scans (e.g. a ``--limit 4 --seeds 0 1 2`` ddim run)."""
     for split in dict.fromkeys(sp for _, sp, _ in rows):
-        slow = [r for r in rows if r[1] == split and r[0].split(" ")[0] == "anoddpm"]
+        slow = [r for r in rows if r[1] == split and method_of(r[0]) == "anoddpm"]
         if not slow:
             continue
         names = set(slow[0][2]["_names"] or [])
@@ -512,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             for split in args.splits:
                 vals = [s["voxel_auprc"] for name, sp, s in rows
-                        if name.split(" ")[0] == method and sp == split]
+                        if method_of(name) == method and sp == split]
                 if len(vals) > 1:
                     print(f"{method} / {split}: AUPRC {np.mean(vals):.3f} +- {np.std(vals):.3f} "
                           f"({len(vals)} seeds)")
